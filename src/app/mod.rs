@@ -1,0 +1,3 @@
+//! The shell: everything that does IO around the core.
+
+pub mod simulate;

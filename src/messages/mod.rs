@@ -1,0 +1,19 @@
+//! The wire contract: decoding input messages from raw bytes into domain types, the reason
+//! codes a message is parked with, and the outcome message.
+//!
+//! Invariants: no IO and no clock (the decoder is given `now`); details of a rejection never
+//! echo a value from the message.
+
+mod decode;
+mod outcome;
+mod rejection;
+
+pub use decode::{
+    EARLIEST_CLAIM_START, EARLIEST_REGISTRATION_START, Input, MAX_BODY_BYTES, MAX_CLOCK_SKEW,
+    decode,
+};
+pub use outcome::{
+    CauseMessage, InductionPeriodMessage, OutcomeMessage, RegistrationMessage, ResolvedMessage,
+    UnreadableOutcome,
+};
+pub use rejection::{ReasonCode, Rejection};
