@@ -60,7 +60,7 @@ impl SchoolUrn {
     pub fn new(value: u64) -> Option<Self> {
         (100_000..=999_999)
             .contains(&value)
-            .then(|| Self(value as u32))
+            .then_some(Self(value as u32))
     }
 
     /// The URN as a number.
@@ -132,7 +132,7 @@ pub struct Terms(u8);
 impl Terms {
     /// Builds a value from tenths of a term, returning `None` above 160 (16 terms).
     pub fn from_tenths(tenths: u32) -> Option<Self> {
-        (tenths <= 160).then(|| Self(tenths as u8))
+        (tenths <= 160).then_some(Self(tenths as u8))
     }
 
     /// The number of tenths of a term.

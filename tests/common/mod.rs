@@ -1,0 +1,75 @@
+//! Builders of valid input messages for tests, and a fixed clock.
+#![allow(dead_code)]
+
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::macros::datetime;
+
+/// The clock every decoding test runs at.
+pub const NOW: OffsetDateTime = datetime!(2026-01-15 12:00 UTC);
+
+/// A message id made from a number, so that tests can control the tie-break order.
+pub fn mid(n: u64) -> String {
+    format!("00000000-0000-4000-8000-{n:012x}")
+}
+
+/// A valid, open, provider-led school registration.
+pub fn registration(n: u64, registration_id: &str, trn: &str) -> Value {
+    json!({
+        "message_id": mid(n),
+        "message_type": "school_registration",
+        "schema_version": 1,
+        "occurred_at": "2025-09-01T09:00:00Z",
+        "payload": {
+            "registration_id": registration_id,
+            "trn": trn,
+            "school_urn": 123456,
+            "started_on": "2025-09-01",
+            "appropriate_body_id": "AB-1",
+            "training_programme": "provider_led",
+            "lead_provider_id": "LP-1"
+        }
+    })
+}
+
+/// A valid, open AB claim that reports no programme.
+pub fn claim(n: u64, induction_period_id: &str, trn: &str) -> Value {
+    json!({
+        "message_id": mid(n),
+        "message_type": "ab_claim",
+        "schema_version": 1,
+        "occurred_at": "2025-09-10T09:00:00Z",
+        "payload": {
+            "induction_period_id": induction_period_id,
+            "trn": trn,
+            "appropriate_body_id": "AB-1",
+            "started_on": "2025-09-01"
+        }
+    })
+}
+
+/// Sets a field by a dotted path (`payload.trn`, `occurred_at`).
+pub fn set(mut message: Value, path: &str, value: Value) -> Value {
+    let (object, name) = locate(&mut message, path);
+    object.insert(name.to_owned(), value);
+    message
+}
+
+/// Removes a field by a dotted path.
+pub fn without(mut message: Value, path: &str) -> Value {
+    let (object, name) = locate(&mut message, path);
+    object.remove(name);
+    message
+}
+
+fn locate<'a>(message: &'a mut Value, path: &'a str) -> (&'a mut serde_json::Map<String, Value>, &'a str) {
+    match path.split_once('.') {
+        Some((parent, name)) => (message[parent].as_object_mut().expect("object"), name),
+        None => (message.as_object_mut().expect("object"), path),
+    }
+}
+
+/// The message's bytes as a producer would send them.
+pub fn bytes(message: &Value) -> Vec<u8> {
+    serde_json::to_vec(message).expect("serialisable")
+}
