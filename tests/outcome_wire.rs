@@ -28,15 +28,38 @@ fn wire(outcome: &Outcome) -> Value {
 
 #[test]
 fn provisional_outcome_json() {
-    let (_, all) = outcomes(&[set(registration(1, "r1", "1234567"), "correlation_id", json!("corr-9"))]);
+    let (_, all) = outcomes(&[set(
+        registration(1, "r1", "1234567"),
+        "correlation_id",
+        json!("corr-9"),
+    )]);
     insta::assert_json_snapshot!("provisional", wire(&all[0]));
 }
 
 #[test]
 fn conflict_outcome_json() {
-    let school = set(set(registration(1, "r1", "1234567"), "payload.training_programme", json!("diy")), "payload.lead_provider_id", json!(null));
-    let ab = set(set(claim(2, "ip1", "1234567"), "payload.appropriate_body_id", json!("AB-2")), "payload.induction_programme", json!("fip"));
-    let (_, all) = outcomes(&[school, set(ab, "occurred_at", json!("2025-09-10T10:00:00+01:00"))]);
+    let school = set(
+        set(
+            registration(1, "r1", "1234567"),
+            "payload.training_programme",
+            json!("diy"),
+        ),
+        "payload.lead_provider_id",
+        json!(null),
+    );
+    let ab = set(
+        set(
+            claim(2, "ip1", "1234567"),
+            "payload.appropriate_body_id",
+            json!("AB-2"),
+        ),
+        "payload.induction_programme",
+        json!("fip"),
+    );
+    let (_, all) = outcomes(&[
+        school,
+        set(ab, "occurred_at", json!("2025-09-10T10:00:00+01:00")),
+    ]);
     insta::assert_json_snapshot!("conflict", wire(&all[1]));
 }
 
@@ -55,7 +78,15 @@ fn overdue_and_closed_outcome_json() {
     let (mut ledger, _) = outcomes(&[registration(1, "r1", "1234567")]);
     let overdue = ledger.sweep(NOW + Duration::days(31), Duration::days(30));
     insta::assert_json_snapshot!("overdue", wire(&overdue[0]));
-    let left = set(set(registration(2, "r1", "1234567"), "payload.finished_on", json!("2025-12-01")), "occurred_at", json!("2025-12-01T09:00:00Z"));
+    let left = set(
+        set(
+            registration(2, "r1", "1234567"),
+            "payload.finished_on",
+            json!("2025-12-01"),
+        ),
+        "occurred_at",
+        json!("2025-12-01T09:00:00Z"),
+    );
     let input = decode(&bytes(&left), NOW).unwrap();
     let closed = ledger.apply(input.snapshot, input.cause, NOW).outcomes;
     insta::assert_json_snapshot!("closed", wire(&closed[0]));
@@ -65,7 +96,11 @@ fn overdue_and_closed_outcome_json() {
 fn the_wire_form_reads_back_into_the_same_outcome() {
     let (mut ledger, mut all) = outcomes(&[
         registration(1, "r1", "1234567"),
-        set(claim(2, "ip1", "1234567"), "payload.appropriate_body_id", json!("AB-2")),
+        set(
+            claim(2, "ip1", "1234567"),
+            "payload.appropriate_body_id",
+            json!("AB-2"),
+        ),
         registration(3, "r2", "7654321"),
     ]);
     all.extend(ledger.sweep(NOW + Duration::days(40), Duration::days(30)));
@@ -73,6 +108,9 @@ fn the_wire_form_reads_back_into_the_same_outcome() {
         let text = serde_json::to_string(&OutcomeMessage::new(OUTCOME_ID, &outcome)).unwrap();
         let back: OutcomeMessage = serde_json::from_str(&text).unwrap();
         assert_eq!(back.to_domain().unwrap(), outcome);
-        assert_eq!(back.routing_key(), format!("outcome.{}", outcome.reconciliation.status.as_str()));
+        assert_eq!(
+            back.routing_key(),
+            format!("outcome.{}", outcome.reconciliation.status.as_str())
+        );
     }
 }

@@ -29,10 +29,43 @@ struct Spec {
 }
 
 fn spec() -> impl Strategy<Value = Spec> {
-    (any::<bool>(), 0u8..4, 0..TRNS.len(), 0..ABS.len(), 0u8..3, 1u8..4, prop::bool::weighted(0.3), 0u8..3, prop::bool::weighted(0.1), 0u8..3)
-        .prop_map(|(claim, record, trn, ab, programme, start_day, finished, outcome, deleted, occurred_hour)| Spec {
-            claim, record, trn, ab, programme, start_day, finished, outcome, deleted, occurred_hour,
-        })
+    (
+        any::<bool>(),
+        0u8..4,
+        0..TRNS.len(),
+        0..ABS.len(),
+        0u8..3,
+        1u8..4,
+        prop::bool::weighted(0.3),
+        0u8..3,
+        prop::bool::weighted(0.1),
+        0u8..3,
+    )
+        .prop_map(
+            |(
+                claim,
+                record,
+                trn,
+                ab,
+                programme,
+                start_day,
+                finished,
+                outcome,
+                deleted,
+                occurred_hour,
+            )| Spec {
+                claim,
+                record,
+                trn,
+                ab,
+                programme,
+                start_day,
+                finished,
+                outcome,
+                deleted,
+                occurred_hour,
+            },
+        )
 }
 
 fn message(n: u64, s: &Spec) -> Value {
@@ -78,7 +111,10 @@ fn inputs(specs: &[Spec]) -> Vec<Input> {
     specs
         .iter()
         .enumerate()
-        .map(|(n, s)| decode(&serde_json::to_vec(&message(n as u64, s)).unwrap(), NOW).expect("generated messages are valid"))
+        .map(|(n, s)| {
+            decode(&serde_json::to_vec(&message(n as u64, s)).unwrap(), NOW)
+                .expect("generated messages are valid")
+        })
         .collect()
 }
 
@@ -87,8 +123,14 @@ fn inputs(specs: &[Spec]) -> Vec<Input> {
 fn replay(ledger: &mut Ledger, inputs: &[Input]) -> BTreeMap<Trn, Vec<u64>> {
     let mut versions: BTreeMap<Trn, Vec<u64>> = BTreeMap::new();
     for input in inputs {
-        for outcome in ledger.apply(input.snapshot.clone(), input.cause.clone(), NOW).outcomes {
-            versions.entry(outcome.trn.clone()).or_default().push(outcome.version);
+        for outcome in ledger
+            .apply(input.snapshot.clone(), input.cause.clone(), NOW)
+            .outcomes
+        {
+            versions
+                .entry(outcome.trn.clone())
+                .or_default()
+                .push(outcome.version);
         }
     }
     versions
@@ -98,7 +140,9 @@ fn finals(ledger: &Ledger) -> BTreeMap<String, (Reconciliation, Status)> {
     TRNS.iter()
         .map(|t| {
             let trn = Trn::parse(t).unwrap();
-            let emitted = ledger.last_outcome(&trn).map_or(Status::Closed, |o| o.reconciliation.status);
+            let emitted = ledger
+                .last_outcome(&trn)
+                .map_or(Status::Closed, |o| o.reconciliation.status);
             (t.to_string(), (ledger.reconcile(&trn), emitted))
         })
         .collect()
@@ -106,7 +150,10 @@ fn finals(ledger: &Ledger) -> BTreeMap<String, (Reconciliation, Status)> {
 
 /// A permutation of the indices `0..n` plus some repeated indices.
 fn arrival(n: usize) -> impl Strategy<Value = Vec<usize>> {
-    (Just((0..n).collect::<Vec<_>>()).prop_shuffle(), prop::collection::vec((0..n, 0..=n), 0..n))
+    (
+        Just((0..n).collect::<Vec<_>>()).prop_shuffle(),
+        prop::collection::vec((0..n, 0..=n), 0..n),
+    )
         .prop_map(|(mut order, dups)| {
             for (which, at) in dups {
                 let at = at.min(order.len());

@@ -62,7 +62,10 @@ pub fn without(mut message: Value, path: &str) -> Value {
     message
 }
 
-fn locate<'a>(message: &'a mut Value, path: &'a str) -> (&'a mut serde_json::Map<String, Value>, &'a str) {
+fn locate<'a>(
+    message: &'a mut Value,
+    path: &'a str,
+) -> (&'a mut serde_json::Map<String, Value>, &'a str) {
     match path.split_once('.') {
         Some((parent, name)) => (message[parent].as_object_mut().expect("object"), name),
         None => (message.as_object_mut().expect("object"), path),
