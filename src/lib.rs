@@ -11,4 +11,6 @@
 pub mod app;
 pub mod cli;
 pub mod domain;
+pub mod config;
 pub mod messages;
+pub mod store;

@@ -1,0 +1,307 @@
+//! Settings: the defaults in `config/default.toml` (compiled in), then an optional file, then
+//! environment variables (`INDUCTION__SECTION__KEY`, plus `DATABASE_URL` and `AMQP_URL`).
+//!
+//! Secrets (the URLs, which may carry passwords) are held as `SecretString` and are redacted
+//! wherever settings are printed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Every setting of the worker.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// PostgreSQL.
+    pub database: DatabaseSettings,
+    /// RabbitMQ.
+    pub amqp: AmqpSettings,
+    /// Exchange, queue and routing-key names.
+    pub topology: Topology,
+    /// Message handling.
+    pub worker: WorkerSettings,
+    /// The outbox relay.
+    pub relay: RelaySettings,
+    /// The overdue sweep.
+    pub sweep: SweepSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// PostgreSQL settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    /// Connection URL; may contain a password.
+    pub url: SecretString,
+    /// A file holding the password, used instead of one in the URL.
+    pub password_file: Option<PathBuf>,
+    /// Pool size.
+    pub max_connections: u32,
+    /// Run migrations when `run` starts.
+    pub migrate_on_start: bool,
+    /// Seconds to wait for a pooled connection.
+    pub acquire_timeout_seconds: u64,
+}
+
+/// RabbitMQ settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmqpSettings {
+    /// Connection URL (`amqp://` or `amqps://`); may contain a password.
+    pub url: SecretString,
+    /// A file holding the password, used instead of one in the URL.
+    pub password_file: Option<PathBuf>,
+    /// Consumer prefetch.
+    pub prefetch: u16,
+    /// Deliveries processed at once.
+    pub concurrency: usize,
+    /// Declare topology at start.
+    pub declare_topology: bool,
+}
+
+/// Names of exchanges, queues and routing keys (CONTRACT.md section 2).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Topology {
+    /// Input exchange (topic).
+    pub input_exchange: String,
+    /// Routing key of school registrations.
+    pub registration_routing_key: String,
+    /// Routing key of AB claims.
+    pub claim_routing_key: String,
+    /// The worker's input queue (quorum).
+    pub inbox_queue: String,
+    /// Outcome exchange (topic).
+    pub outcome_exchange: String,
+    /// Parking queue (quorum).
+    pub parking_queue: String,
+    /// Alternate exchange of the outcome exchange.
+    pub unrouted_exchange: String,
+    /// Queue that keeps outcomes no consumer queue was bound for.
+    pub unrouted_queue: String,
+    /// Broker-side delivery limit of the inbox queue.
+    pub delivery_limit: u32,
+}
+
+/// Message handling settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSettings {
+    /// Attempts before parking a message as `processing_failed`.
+    pub max_attempts: u32,
+    /// Shortest retry delay.
+    pub retry_min_millis: u64,
+    /// Longest retry delay.
+    pub retry_max_millis: u64,
+    /// Bound on a graceful shutdown.
+    pub shutdown_timeout_seconds: u64,
+}
+
+/// Outbox relay settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RelaySettings {
+    /// Run the relay in this process.
+    pub enabled: bool,
+    /// Outcomes per round.
+    pub batch_size: i64,
+    /// Fallback poll interval.
+    pub poll_interval_millis: u64,
+}
+
+/// Overdue sweep settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SweepSettings {
+    /// Run the sweep in this process.
+    pub enabled: bool,
+    /// Age of a provisional spell that makes it overdue.
+    pub overdue_after_seconds: u64,
+    /// How often the sweep runs.
+    pub interval_seconds: u64,
+    /// Teachers examined per round.
+    pub batch_size: i64,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    /// `compact` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter directive.
+    pub filter: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, one line per event.
+    Compact,
+    /// One JSON object per event.
+    Json,
+}
+
+impl Settings {
+    /// Loads the defaults, then `file` (or `config/local.toml` if present), then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        match file {
+            Some(path) => {
+                builder = builder.add_source(config::File::from(path).required(true));
+            }
+            None => {
+                builder = builder.add_source(config::File::with_name("config/local").required(false));
+            }
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("INDUCTION")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            builder = builder.set_override("database.url", url)?;
+        }
+        if let Ok(url) = std::env::var("AMQP_URL") {
+            builder = builder.set_override("amqp.url", url)?;
+        }
+        let settings: Settings = builder
+            .build()
+            .context("cannot read the settings")?
+            .try_deserialize()
+            .context("the settings are not valid")?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.amqp.concurrency >= 1, "amqp.concurrency must be at least 1");
+        anyhow::ensure!(self.amqp.prefetch >= 1, "amqp.prefetch must be at least 1");
+        anyhow::ensure!(self.worker.max_attempts >= 1, "worker.max_attempts must be at least 1");
+        anyhow::ensure!(self.relay.batch_size >= 1, "relay.batch_size must be at least 1");
+        anyhow::ensure!(self.sweep.interval_seconds >= 1, "sweep.interval_seconds must be at least 1");
+        anyhow::ensure!(
+            self.database.max_connections as usize >= self.amqp.concurrency + 2,
+            "database.max_connections must be at least amqp.concurrency + 2 (the relay and the sweep)"
+        );
+        Ok(())
+    }
+
+    /// The database URL with the password from `password_file` applied, if one is configured.
+    pub fn database_url(&self) -> anyhow::Result<SecretString> {
+        with_password_file(&self.database.url, self.database.password_file.as_deref())
+    }
+
+    /// The AMQP URL with the password from `password_file` applied, if one is configured.
+    pub fn amqp_url(&self) -> anyhow::Result<SecretString> {
+        with_password_file(&self.amqp.url, self.amqp.password_file.as_deref())
+    }
+
+    /// The settings as TOML-like text with every secret redacted, for `check-config`.
+    pub fn redacted(&self) -> String {
+        format!(
+            "[database]\nurl = {:?}\npassword_file = {:?}\nmax_connections = {}\nmigrate_on_start = {}\n\
+             acquire_timeout_seconds = {}\n\n[amqp]\nurl = {:?}\npassword_file = {:?}\nprefetch = {}\n\
+             concurrency = {}\ndeclare_topology = {}\n\n{:#?}\n\n{:#?}\n\n{:#?}\n\n{:#?}\n\n{:#?}\n",
+            redact_url(self.database.url.expose_secret()),
+            self.database.password_file,
+            self.database.max_connections,
+            self.database.migrate_on_start,
+            self.database.acquire_timeout_seconds,
+            redact_url(self.amqp.url.expose_secret()),
+            self.amqp.password_file,
+            self.amqp.prefetch,
+            self.amqp.concurrency,
+            self.amqp.declare_topology,
+            self.topology,
+            self.worker,
+            self.relay,
+            self.sweep,
+            self.log,
+        )
+    }
+}
+
+impl WorkerSettings {
+    /// Bound on a graceful shutdown.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_seconds)
+    }
+}
+
+/// Replaces the password of a URL, if it has one, with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_owned() };
+            format!("{scheme}://{masked}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+fn with_password_file(url: &SecretString, file: Option<&Path>) -> anyhow::Result<SecretString> {
+    let Some(file) = file else {
+        return Ok(url.clone());
+    };
+    let password = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the password file {}", file.display()))?;
+    let password = password.trim_end_matches(['\n', '\r']);
+    let url = url.expose_secret();
+    let (scheme, rest) = url
+        .split_once("://")
+        .context("a URL with a password file must have the form scheme://user@host/...")?;
+    let at = rest
+        .find('@')
+        .context("a URL with a password file must name a user (scheme://user@host/...)")?;
+    let user = rest[..at].split(':').next().unwrap_or_default();
+    let encoded: String = password
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    Ok(SecretString::from(format!("{scheme}://{user}:{encoded}@{}", &rest[at + 1..])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(redact_url("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+        assert_eq!(redact_url("postgres://root@127.0.0.1/db"), "postgres://root@127.0.0.1/db");
+        assert_eq!(redact_url("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("garbage"), "***");
+    }
+
+    #[test]
+    fn password_file_is_percent_encoded_into_the_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "p@ss word\n").unwrap();
+        let url = with_password_file(&SecretString::from("postgres://app@db:5432/x"), Some(&path)).unwrap();
+        assert_eq!(url.expose_secret(), "postgres://app:p%40ss%20word@db:5432/x");
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let settings: Settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        settings.check().unwrap();
+        assert_eq!(settings.topology.inbox_queue, "induction-reconciler.inbox");
+        assert!(!settings.redacted().contains("guest:guest"));
+    }
+}

@@ -1,0 +1,248 @@
+//! Postgres: the latest snapshot of every record, per-teacher state, the inbox of accepted
+//! message ids, the transactional outbox and the per-teacher history.
+//!
+//! Invariants: never imports `broker`; every effect of one input message is written in one
+//! transaction; locks are taken in one order (the record, then its teachers by TRN) so that any
+//! number of workers can run at once.
+
+mod error;
+mod outbox;
+mod records;
+mod teachers;
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+pub use error::StoreError;
+pub use outbox::{OutboxBatch, OutboxRow, OutboxStatus};
+pub use teachers::{Explanation, HistoryEntry};
+
+use crate::domain::{Admission, Outcome, RecordKey, Trn, admit, emit, reconcile, sweep};
+use crate::messages::{Input, OutcomeMessage};
+
+/// The Postgres channel the outbox relay listens on.
+pub const OUTBOX_CHANNEL: &str = "induction_reconciler_outbox";
+
+/// The embedded migrations.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// What the store did with one accepted input message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// Recorded; `emitted` outcomes were written to the outbox.
+    Applied {
+        /// How the snapshot was admitted (`Latest`, or `Stale` for an older snapshot).
+        admission: Admission,
+        /// Outcomes written to the outbox.
+        emitted: usize,
+    },
+    /// This exact message was processed before.
+    Duplicate,
+    /// The `message_id` was accepted before with a different body.
+    Reused,
+}
+
+/// A handle on the database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects a pool. Fails fast when the database cannot be reached.
+    pub async fn connect(
+        url: &SecretString,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url.expose_secret().parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(acquire_timeout)
+            .connect_with(options.application_name("induction-reconciler"))
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// Wraps an existing pool (tests).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool, for the relay's listener and for tests.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await.map_err(sqlx::Error::from)?;
+        Ok(())
+    }
+
+    /// True when a trivial query succeeds.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("select 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Records one accepted input and everything it causes, in one transaction.
+    ///
+    /// `digest` is the SHA-256 of the body; `now` is the decision time; `traceparent` is copied
+    /// onto the outcomes it causes.
+    pub async fn apply(
+        &self,
+        input: &Input,
+        digest: &[u8; 32],
+        now: OffsetDateTime,
+        traceparent: Option<&str>,
+    ) -> Result<Handled, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let message_id = input.message_id();
+        let inserted = sqlx::query(
+            "insert into inbox (message_id, body_sha256, message_type, admission, received_at)
+             values ($1, $2, $3, 'latest', $4) on conflict (message_id) do nothing",
+        )
+        .bind(message_id)
+        .bind(&digest[..])
+        .bind(input.cause.message_type.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            let seen: Vec<u8> = sqlx::query_scalar("select body_sha256 from inbox where message_id = $1")
+                .bind(message_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.rollback().await?;
+            return Ok(if seen == digest { Handled::Duplicate } else { Handled::Reused });
+        }
+
+        let key = input.snapshot.record.key();
+        lock_record(&mut tx, &key).await?;
+        let held = records::load(&mut tx, &key).await?;
+        let admission = admit(held.as_ref(), &input.snapshot);
+        let trn = input.snapshot.record.trn();
+        let Admission::Latest { affected } = &admission else {
+            sqlx::query("update inbox set admission = $2 where message_id = $1")
+                .bind(message_id)
+                .bind(match admission {
+                    Admission::Stale => "stale",
+                    _ => "duplicate",
+                })
+                .execute(&mut *tx)
+                .await?;
+            teachers::record_history(&mut tx, trn, now, "stale", Some(input), None).await?;
+            tx.commit().await?;
+            return Ok(Handled::Applied {
+                admission,
+                emitted: 0,
+            });
+        };
+
+        for teacher in affected {
+            lock_teacher(&mut tx, teacher).await?;
+        }
+        records::upsert(&mut tx, &input.snapshot).await?;
+        if let Some(previous) = held.as_ref().map(|h| h.record.trn()).filter(|t| *t != trn) {
+            teachers::record_history(&mut tx, previous, now, "moved_away", Some(input), None).await?;
+        }
+        teachers::record_history(&mut tx, trn, now, "applied", Some(input), None).await?;
+
+        let mut emitted = 0;
+        for teacher in affected {
+            let snapshots = records::for_teacher(&mut tx, teacher).await?;
+            let reconciliation = reconcile(&snapshots);
+            let last = teachers::last_outcome(&mut tx, teacher).await?;
+            if let Some(outcome) = emit(teacher, last.as_ref(), reconciliation, input.cause.clone(), now) {
+                write_outcome(&mut tx, &outcome, now, traceparent, "emitted").await?;
+                emitted += 1;
+            }
+        }
+        if emitted > 0 {
+            notify_outbox(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(Handled::Applied { admission, emitted })
+    }
+
+    /// Re-emits every provisional spell older than `max_age` once with `overdue: true`, up to
+    /// `limit` teachers. Safe with several workers: each teacher is re-checked under its lock.
+    pub async fn sweep_overdue(
+        &self,
+        now: OffsetDateTime,
+        max_age: time::Duration,
+        limit: i64,
+    ) -> Result<usize, StoreError> {
+        let due: Vec<String> = sqlx::query_scalar(
+            "select trn from teachers where status = 'provisional' and not overdue
+             and provisional_since < $1 order by provisional_since limit $2",
+        )
+        .bind(now - max_age)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut swept = 0;
+        for text in due {
+            let trn = Trn::parse(&text).ok_or_else(|| StoreError::corrupt("a stored TRN is invalid"))?;
+            let mut tx = self.pool.begin().await?;
+            lock_teacher(&mut tx, &trn).await?;
+            let last = teachers::last_outcome(&mut tx, &trn).await?;
+            if let Some(outcome) = last.as_ref().and_then(|l| sweep(l, now, max_age)) {
+                write_outcome(&mut tx, &outcome, now, None, "swept").await?;
+                notify_outbox(&mut tx).await?;
+                swept += 1;
+            }
+            tx.commit().await?;
+        }
+        Ok(swept)
+    }
+}
+
+/// Serialises every transaction that touches one record.
+async fn lock_record(conn: &mut PgConnection, key: &RecordKey) -> Result<(), StoreError> {
+    sqlx::query("select pg_advisory_xact_lock(1, hashtext($1))")
+        .bind(format!("{}:{}", key.kind(), key.id()))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Serialises every transaction that touches one teacher. A TRN is seven digits, so it is its
+/// own lock key: no collisions, and callers lock in TRN order.
+async fn lock_teacher(conn: &mut PgConnection, trn: &Trn) -> Result<(), StoreError> {
+    let key: i32 = trn.as_str().parse().expect("a TRN is seven digits");
+    sqlx::query("select pg_advisory_xact_lock(2, $1)")
+        .bind(key)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn notify_outbox(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("select pg_notify($1, '')")
+        .bind(OUTBOX_CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Writes an outcome to the teacher's state, the outbox and the history.
+async fn write_outcome(
+    tx: &mut Transaction<'_, Postgres>,
+    outcome: &Outcome,
+    now: OffsetDateTime,
+    traceparent: Option<&str>,
+    event: &str,
+) -> Result<(), StoreError> {
+    let message = OutcomeMessage::new(Uuid::new_v4(), outcome);
+    teachers::save(tx, outcome, &message, now).await?;
+    outbox::insert(tx, &message, now, traceparent).await?;
+    teachers::record_history(tx, &outcome.trn, now, event, None, Some(&message)).await?;
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! The transactional outbox: outcomes are written in the same transaction as the state that
+//! caused them, and published by the relay afterwards.
+
+use sqlx::{PgConnection, Postgres, Row, Transaction};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::error::StoreError;
+use crate::messages::OutcomeMessage;
+
+/// One outcome waiting to be published.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// The row id.
+    pub id: i64,
+    /// The outcome id, also the AMQP `message_id`.
+    pub outcome_id: Uuid,
+    /// `outcome.<status>`.
+    pub routing_key: String,
+    /// The exact JSON bytes to publish.
+    pub body: Vec<u8>,
+    /// The W3C trace context of the input that caused it.
+    pub traceparent: Option<String>,
+    /// When it was committed.
+    pub created_at: OffsetDateTime,
+}
+
+/// The outbox at a glance, for `outbox status` and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxStatus {
+    /// Outcomes not yet published.
+    pub pending: i64,
+    /// When the oldest pending outcome was committed.
+    pub oldest_pending: Option<OffsetDateTime>,
+    /// When an outcome was last published.
+    pub last_published: Option<OffsetDateTime>,
+    /// Outcomes published in all.
+    pub published: i64,
+}
+
+/// Adds an outcome to the outbox.
+pub async fn insert(
+    conn: &mut PgConnection,
+    message: &OutcomeMessage,
+    now: OffsetDateTime,
+    traceparent: Option<&str>,
+) -> Result<(), StoreError> {
+    let body = serde_json::to_vec(message).map_err(|e| StoreError::corrupt(e.to_string()))?;
+    sqlx::query(
+        "insert into outbox (outcome_id, trn, version, routing_key, body, traceparent, created_at)
+         values ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(message.outcome_id)
+    .bind(&message.trn)
+    .bind(message.version as i64)
+    .bind(message.routing_key())
+    .bind(body)
+    .bind(traceparent)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A batch of outbox rows locked by one relay until it commits or rolls back.
+pub struct OutboxBatch {
+    tx: Transaction<'static, Postgres>,
+    /// The rows, oldest first.
+    pub rows: Vec<OutboxRow>,
+}
+
+impl OutboxBatch {
+    /// Marks the given rows published and releases the batch.
+    pub async fn complete(mut self, published: &[i64], now: OffsetDateTime) -> Result<(), StoreError> {
+        if !published.is_empty() {
+            sqlx::query("update outbox set published_at = $2 where id = any($1)")
+                .bind(published)
+                .bind(now)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl super::Store {
+    /// Locks up to `limit` publishable outcomes: for each teacher, only the lowest unpublished
+    /// version, so that versions go out in order even with several relays. Rows another relay
+    /// holds are skipped.
+    pub async fn claim_outbox(&self, limit: i64) -> Result<OutboxBatch, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let rows = sqlx::query(
+            "select o.id, o.outcome_id, o.routing_key, o.body, o.traceparent, o.created_at
+             from outbox o
+             where o.published_at is null
+               and not exists (select 1 from outbox e where e.trn = o.trn and e.published_at is null and e.version < o.version)
+             order by o.id
+             limit $1
+             for update skip locked",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(OutboxRow {
+                id: row.try_get("id")?,
+                outcome_id: row.try_get("outcome_id")?,
+                routing_key: row.try_get("routing_key")?,
+                body: row.try_get("body")?,
+                traceparent: row.try_get("traceparent")?,
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(OutboxBatch { tx, rows })
+    }
+
+    /// The outbox at a glance.
+    pub async fn outbox_status(&self) -> Result<OutboxStatus, StoreError> {
+        let row = sqlx::query(
+            "select count(*) filter (where published_at is null) as pending,
+                    min(created_at) filter (where published_at is null) as oldest_pending,
+                    max(published_at) as last_published,
+                    count(*) filter (where published_at is not null) as published
+             from outbox",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(OutboxStatus {
+            pending: row.try_get("pending")?,
+            oldest_pending: row.try_get("oldest_pending")?,
+            last_published: row.try_get("last_published")?,
+            published: row.try_get("published")?,
+        })
+    }
+}

@@ -1,0 +1,214 @@
+//! Reading and writing the latest snapshot of each source record.
+
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Row};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::error::StoreError;
+use crate::domain::{
+    Claim, InductionResult, Programme, Record, RecordKey, Registration, SchoolUrn, Snapshot,
+    SourceId, Stamp, Terms, Trn,
+};
+
+macro_rules! registration_columns {
+    () => {
+        "registration_id, trn, school_urn, started_on, finished_on, appropriate_body_id, \
+         training_programme, lead_provider_id, deleted, occurred_at, occurred_at_ns, message_id"
+    };
+}
+macro_rules! claim_columns {
+    () => {
+        "induction_period_id, trn, appropriate_body_id, started_on, finished_on, training_programme, \
+         number_of_terms_tenths, outcome, deleted, occurred_at, occurred_at_ns, message_id"
+    };
+}
+
+/// Splits a timestamp into what Postgres keeps (microseconds) and the nanoseconds beyond.
+pub(crate) fn split_instant(at: OffsetDateTime) -> (OffsetDateTime, i16) {
+    let nanos = at.nanosecond();
+    let sub_micro = nanos % 1000;
+    let truncated = at
+        .replace_nanosecond(nanos - sub_micro)
+        .expect("a smaller nanosecond is valid");
+    (truncated, sub_micro as i16)
+}
+
+fn join_instant(at: OffsetDateTime, sub_micro: i16) -> OffsetDateTime {
+    at + time::Duration::nanoseconds(i64::from(sub_micro))
+}
+
+/// The held snapshot of one record, if any.
+pub async fn load(conn: &mut PgConnection, key: &RecordKey) -> Result<Option<Snapshot>, StoreError> {
+    let row = match key {
+        RecordKey::Registration(id) => {
+            sqlx::query(concat!("select ", registration_columns!(), " from registrations where registration_id = $1"))
+                .bind(id.as_str())
+                .fetch_optional(&mut *conn)
+                .await?
+                .map(|r| registration_from_row(&r))
+        }
+        RecordKey::Claim(id) => {
+            sqlx::query(concat!("select ", claim_columns!(), " from induction_periods where induction_period_id = $1"))
+                .bind(id.as_str())
+                .fetch_optional(&mut *conn)
+                .await?
+                .map(|r| claim_from_row(&r))
+        }
+    };
+    row.transpose()
+}
+
+/// The held snapshots of every record that counts for a teacher.
+pub async fn for_teacher(conn: &mut PgConnection, trn: &Trn) -> Result<Vec<Snapshot>, StoreError> {
+    let mut snapshots = Vec::new();
+    for row in sqlx::query(concat!("select ", registration_columns!(), " from registrations where trn = $1"))
+        .bind(trn.as_str())
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        snapshots.push(registration_from_row(&row)?);
+    }
+    for row in sqlx::query(concat!("select ", claim_columns!(), " from induction_periods where trn = $1"))
+        .bind(trn.as_str())
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        snapshots.push(claim_from_row(&row)?);
+    }
+    Ok(snapshots)
+}
+
+/// Stores a snapshot as its record's latest.
+pub async fn upsert(conn: &mut PgConnection, snapshot: &Snapshot) -> Result<(), StoreError> {
+    let (occurred_at, occurred_at_ns) = split_instant(snapshot.stamp.occurred_at);
+    match &snapshot.record {
+        Record::Registration(r) => {
+            sqlx::query(concat!(
+                "insert into registrations (",
+                registration_columns!(),
+                ") values ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)
+                 on conflict (registration_id) do update set trn = excluded.trn, school_urn = excluded.school_urn,
+                   started_on = excluded.started_on, finished_on = excluded.finished_on,
+                   appropriate_body_id = excluded.appropriate_body_id, training_programme = excluded.training_programme,
+                   lead_provider_id = excluded.lead_provider_id, deleted = excluded.deleted,
+                   occurred_at = excluded.occurred_at, occurred_at_ns = excluded.occurred_at_ns,
+                   message_id = excluded.message_id"
+            ))
+            .bind(r.registration_id.as_str())
+            .bind(r.trn.as_str())
+            .bind(r.school_urn.get() as i32)
+            .bind(r.started_on)
+            .bind(r.finished_on)
+            .bind(r.appropriate_body_id.as_str())
+            .bind(r.training_programme.as_str())
+            .bind(r.lead_provider_id.as_ref().map(SourceId::as_str))
+            .bind(r.deleted)
+            .bind(occurred_at)
+            .bind(occurred_at_ns)
+            .bind(snapshot.stamp.message_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Record::Claim(c) => {
+            sqlx::query(concat!(
+                "insert into induction_periods (",
+                claim_columns!(),
+                ") values ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)
+                 on conflict (induction_period_id) do update set trn = excluded.trn,
+                   appropriate_body_id = excluded.appropriate_body_id, started_on = excluded.started_on,
+                   finished_on = excluded.finished_on, training_programme = excluded.training_programme,
+                   number_of_terms_tenths = excluded.number_of_terms_tenths, outcome = excluded.outcome,
+                   deleted = excluded.deleted, occurred_at = excluded.occurred_at,
+                   occurred_at_ns = excluded.occurred_at_ns, message_id = excluded.message_id"
+            ))
+            .bind(c.induction_period_id.as_str())
+            .bind(c.trn.as_str())
+            .bind(c.appropriate_body_id.as_str())
+            .bind(c.started_on)
+            .bind(c.finished_on)
+            .bind(c.training_programme.map(Programme::as_str))
+            .bind(c.number_of_terms.map(|t| i16::from(t.tenths())))
+            .bind(c.outcome.map(InductionResult::as_str))
+            .bind(c.deleted)
+            .bind(occurred_at)
+            .bind(occurred_at_ns)
+            .bind(snapshot.stamp.message_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::corrupt(format!("a stored record has an invalid {what}"))
+}
+
+fn id(row: &PgRow, column: &str) -> Result<SourceId, StoreError> {
+    SourceId::parse(row.try_get::<&str, _>(column)?).ok_or_else(|| corrupt(column))
+}
+
+fn opt_id(row: &PgRow, column: &str) -> Result<Option<SourceId>, StoreError> {
+    row.try_get::<Option<&str>, _>(column)?
+        .map(|v| SourceId::parse(v).ok_or_else(|| corrupt(column)))
+        .transpose()
+}
+
+fn stamp(row: &PgRow) -> Result<Stamp, StoreError> {
+    Ok(Stamp {
+        occurred_at: join_instant(row.try_get("occurred_at")?, row.try_get("occurred_at_ns")?),
+        message_id: row.try_get::<Uuid, _>("message_id")?,
+    })
+}
+
+fn trn(row: &PgRow) -> Result<Trn, StoreError> {
+    Trn::parse(row.try_get::<&str, _>("trn")?).ok_or_else(|| corrupt("trn"))
+}
+
+fn registration_from_row(row: &PgRow) -> Result<Snapshot, StoreError> {
+    let urn: i32 = row.try_get("school_urn")?;
+    let record = Registration {
+        registration_id: id(row, "registration_id")?,
+        trn: trn(row)?,
+        school_urn: SchoolUrn::new(urn as u64).ok_or_else(|| corrupt("school_urn"))?,
+        started_on: row.try_get("started_on")?,
+        finished_on: row.try_get("finished_on")?,
+        appropriate_body_id: id(row, "appropriate_body_id")?,
+        training_programme: Programme::parse(row.try_get("training_programme")?)
+            .ok_or_else(|| corrupt("training_programme"))?,
+        lead_provider_id: opt_id(row, "lead_provider_id")?,
+        deleted: row.try_get("deleted")?,
+    };
+    Ok(Snapshot {
+        record: Record::Registration(record),
+        stamp: stamp(row)?,
+    })
+}
+
+fn claim_from_row(row: &PgRow) -> Result<Snapshot, StoreError> {
+    let terms: Option<i16> = row.try_get("number_of_terms_tenths")?;
+    let record = Claim {
+        induction_period_id: id(row, "induction_period_id")?,
+        trn: trn(row)?,
+        appropriate_body_id: id(row, "appropriate_body_id")?,
+        started_on: row.try_get("started_on")?,
+        finished_on: row.try_get("finished_on")?,
+        training_programme: row
+            .try_get::<Option<&str>, _>("training_programme")?
+            .map(|p| Programme::parse(p).ok_or_else(|| corrupt("training_programme")))
+            .transpose()?,
+        number_of_terms: terms
+            .map(|t| Terms::from_tenths(t as u32).ok_or_else(|| corrupt("number_of_terms")))
+            .transpose()?,
+        outcome: row
+            .try_get::<Option<&str>, _>("outcome")?
+            .map(|o| InductionResult::parse(o).ok_or_else(|| corrupt("outcome")))
+            .transpose()?,
+        deleted: row.try_get("deleted")?,
+    };
+    Ok(Snapshot {
+        record: Record::Claim(record),
+        stamp: stamp(row)?,
+    })
+}
