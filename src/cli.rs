@@ -1,7 +1,7 @@
 //! The command line: one binary, one subcommand per job.
 
 use std::fs::File;
-use std::io::{self, BufReader};
+use std::io::{self, BufRead, BufReader};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -10,11 +10,15 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::app::simulate::simulate;
+use crate::config::Settings;
 
 /// Reconciles ECT induction reports from schools and appropriate bodies.
 #[derive(Debug, Parser)]
 #[command(name = "induction-reconciler", version, about)]
 pub struct Cli {
+    /// A settings file layered over the defaults (default: config/local.toml if it exists).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -23,6 +27,24 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the worker: migrate, declare the topology, then consume, relay the outbox and sweep
+    /// overdue provisionals until SIGTERM or SIGINT.
+    Run {
+        /// Do not run database migrations at start.
+        #[arg(long)]
+        no_migrate: bool,
+        /// Do not declare exchanges and queues (they are managed elsewhere).
+        #[arg(long)]
+        no_declare: bool,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Publish input messages (JSON lines) to the input exchange, with publisher confirms.
+    /// The routing key follows each message's `message_type`.
+    Publish {
+        /// The file of messages; `-` or nothing reads standard input.
+        file: Option<PathBuf>,
+    },
     /// Run input messages (JSON lines) through the reconciler in memory and print every outcome
     /// and parked message as JSON lines, without a broker or database.
     Simulate {
@@ -38,21 +60,67 @@ fn parse_now(text: &str) -> Result<OffsetDateTime, String> {
     OffsetDateTime::parse(text, &Rfc3339).map_err(|e| format!("not an RFC 3339 timestamp: {e}"))
 }
 
+fn open_input(file: Option<PathBuf>) -> anyhow::Result<Box<dyn BufRead>> {
+    Ok(match file {
+        Some(path) if path.as_os_str() != "-" => Box::new(BufReader::new(
+            File::open(&path).with_context(|| format!("cannot open {}", path.display()))?,
+        )),
+        _ => Box::new(io::stdin().lock()),
+    })
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Simulate { file, now } => {
-            let stdout = io::stdout().lock();
-            match file {
-                Some(path) if path.as_os_str() != "-" => {
-                    let file = File::open(&path)
-                        .with_context(|| format!("cannot open {}", path.display()))?;
-                    simulate(BufReader::new(file), stdout, now)
-                }
-                _ => simulate(io::stdin().lock(), stdout, now),
-            }
-            .context("simulate failed to read its input or write its output")?;
+            simulate(open_input(file)?, io::stdout().lock(), now)
+                .context("simulate failed to read its input or write its output")?;
             Ok(())
         }
+        command => {
+            let mut settings = Settings::load(cli.config.as_deref())?;
+            crate::telemetry::init(&settings.log);
+            crate::telemetry::install_crypto_provider();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async move {
+                match command {
+                    Command::Run {
+                        no_migrate,
+                        no_declare,
+                    } => {
+                        settings.database.migrate_on_start &= !no_migrate;
+                        settings.amqp.declare_topology &= !no_declare;
+                        crate::app::run::run(settings, shutdown_signal()).await
+                    }
+                    Command::Migrate => crate::app::ops::migrate(&settings).await,
+                    Command::Publish { file } => {
+                        crate::app::ops::publish(&settings, open_input(file)?).await
+                    }
+                    Command::Simulate { .. } => unreachable!("handled above"),
+                }
+            })
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("cannot install the SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
     }
 }

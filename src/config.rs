@@ -151,7 +151,8 @@ impl Settings {
                 builder = builder.add_source(config::File::from(path).required(true));
             }
             None => {
-                builder = builder.add_source(config::File::with_name("config/local").required(false));
+                builder =
+                    builder.add_source(config::File::with_name("config/local").required(false));
             }
         }
         builder = builder.add_source(
@@ -176,11 +177,23 @@ impl Settings {
     }
 
     fn check(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.amqp.concurrency >= 1, "amqp.concurrency must be at least 1");
+        anyhow::ensure!(
+            self.amqp.concurrency >= 1,
+            "amqp.concurrency must be at least 1"
+        );
         anyhow::ensure!(self.amqp.prefetch >= 1, "amqp.prefetch must be at least 1");
-        anyhow::ensure!(self.worker.max_attempts >= 1, "worker.max_attempts must be at least 1");
-        anyhow::ensure!(self.relay.batch_size >= 1, "relay.batch_size must be at least 1");
-        anyhow::ensure!(self.sweep.interval_seconds >= 1, "sweep.interval_seconds must be at least 1");
+        anyhow::ensure!(
+            self.worker.max_attempts >= 1,
+            "worker.max_attempts must be at least 1"
+        );
+        anyhow::ensure!(
+            self.relay.batch_size >= 1,
+            "relay.batch_size must be at least 1"
+        );
+        anyhow::ensure!(
+            self.sweep.interval_seconds >= 1,
+            "sweep.interval_seconds must be at least 1"
+        );
         anyhow::ensure!(
             self.database.max_connections as usize >= self.amqp.concurrency + 2,
             "database.max_connections must be at least amqp.concurrency + 2 (the relay and the sweep)"
@@ -239,7 +252,11 @@ pub fn redact_url(url: &str) -> String {
     match authority.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_owned() };
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_owned()
+            };
             format!("{scheme}://{masked}@{host}{path}")
         }
         None => url.to_owned(),
@@ -264,11 +281,16 @@ fn with_password_file(url: &SecretString, file: Option<&Path>) -> anyhow::Result
     let encoded: String = password
         .bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect();
-    Ok(SecretString::from(format!("{scheme}://{user}:{encoded}@{}", &rest[at + 1..])))
+    Ok(SecretString::from(format!(
+        "{scheme}://{user}:{encoded}@{}",
+        &rest[at + 1..]
+    )))
 }
 
 #[cfg(test)]
@@ -277,9 +299,18 @@ mod tests {
 
     #[test]
     fn redacts_passwords_only() {
-        assert_eq!(redact_url("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
-        assert_eq!(redact_url("postgres://root@127.0.0.1/db"), "postgres://root@127.0.0.1/db");
-        assert_eq!(redact_url("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact_url("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://root@127.0.0.1/db"),
+            "postgres://root@127.0.0.1/db"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/db"),
+            "postgres://u:***@h/db"
+        );
         assert_eq!(redact_url("garbage"), "***");
     }
 
@@ -288,8 +319,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pw");
         std::fs::write(&path, "p@ss word\n").unwrap();
-        let url = with_password_file(&SecretString::from("postgres://app@db:5432/x"), Some(&path)).unwrap();
-        assert_eq!(url.expose_secret(), "postgres://app:p%40ss%20word@db:5432/x");
+        let url = with_password_file(&SecretString::from("postgres://app@db:5432/x"), Some(&path))
+            .unwrap();
+        assert_eq!(
+            url.expose_secret(),
+            "postgres://app:p%40ss%20word@db:5432/x"
+        );
     }
 
     #[test]

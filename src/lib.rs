@@ -9,8 +9,10 @@
 //! - [`cli`]: the command line.
 
 pub mod app;
+pub mod broker;
 pub mod cli;
-pub mod domain;
 pub mod config;
+pub mod domain;
 pub mod messages;
 pub mod store;
+pub mod telemetry;

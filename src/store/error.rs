@@ -29,7 +29,11 @@ impl StoreError {
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = if self.transient { "unavailable" } else { "failed" };
+        let kind = if self.transient {
+            "unavailable"
+        } else {
+            "failed"
+        };
         write!(f, "database {kind}: {}", self.description)
     }
 }
@@ -88,7 +92,9 @@ mod tests {
 
     #[test]
     fn classifies_sqlstates() {
-        for code in ["08006", "57P01", "57P03", "53300", "40001", "40P01", "25006"] {
+        for code in [
+            "08006", "57P01", "57P03", "53300", "40001", "40P01", "25006",
+        ] {
             assert!(is_transient_sqlstate(code), "{code}");
         }
         for code in ["23505", "23514", "22P02", "42P01"] {

@@ -115,12 +115,17 @@ impl Store {
         .await?
         .rows_affected();
         if inserted == 0 {
-            let seen: Vec<u8> = sqlx::query_scalar("select body_sha256 from inbox where message_id = $1")
-                .bind(message_id)
-                .fetch_one(&mut *tx)
-                .await?;
+            let seen: Vec<u8> =
+                sqlx::query_scalar("select body_sha256 from inbox where message_id = $1")
+                    .bind(message_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
             tx.rollback().await?;
-            return Ok(if seen == digest { Handled::Duplicate } else { Handled::Reused });
+            return Ok(if seen == digest {
+                Handled::Duplicate
+            } else {
+                Handled::Reused
+            });
         }
 
         let key = input.snapshot.record.key();
@@ -150,7 +155,8 @@ impl Store {
         }
         records::upsert(&mut tx, &input.snapshot).await?;
         if let Some(previous) = held.as_ref().map(|h| h.record.trn()).filter(|t| *t != trn) {
-            teachers::record_history(&mut tx, previous, now, "moved_away", Some(input), None).await?;
+            teachers::record_history(&mut tx, previous, now, "moved_away", Some(input), None)
+                .await?;
         }
         teachers::record_history(&mut tx, trn, now, "applied", Some(input), None).await?;
 
@@ -159,7 +165,13 @@ impl Store {
             let snapshots = records::for_teacher(&mut tx, teacher).await?;
             let reconciliation = reconcile(&snapshots);
             let last = teachers::last_outcome(&mut tx, teacher).await?;
-            if let Some(outcome) = emit(teacher, last.as_ref(), reconciliation, input.cause.clone(), now) {
+            if let Some(outcome) = emit(
+                teacher,
+                last.as_ref(),
+                reconciliation,
+                input.cause.clone(),
+                now,
+            ) {
                 write_outcome(&mut tx, &outcome, now, traceparent, "emitted").await?;
                 emitted += 1;
             }
@@ -189,7 +201,8 @@ impl Store {
         .await?;
         let mut swept = 0;
         for text in due {
-            let trn = Trn::parse(&text).ok_or_else(|| StoreError::corrupt("a stored TRN is invalid"))?;
+            let trn =
+                Trn::parse(&text).ok_or_else(|| StoreError::corrupt("a stored TRN is invalid"))?;
             let mut tx = self.pool.begin().await?;
             lock_teacher(&mut tx, &trn).await?;
             let last = teachers::last_outcome(&mut tx, &trn).await?;

@@ -71,7 +71,11 @@ pub struct OutboxBatch {
 
 impl OutboxBatch {
     /// Marks the given rows published and releases the batch.
-    pub async fn complete(mut self, published: &[i64], now: OffsetDateTime) -> Result<(), StoreError> {
+    pub async fn complete(
+        mut self,
+        published: &[i64],
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
         if !published.is_empty() {
             sqlx::query("update outbox set published_at = $2 where id = any($1)")
                 .bind(published)

@@ -39,22 +39,29 @@ fn join_instant(at: OffsetDateTime, sub_micro: i16) -> OffsetDateTime {
 }
 
 /// The held snapshot of one record, if any.
-pub async fn load(conn: &mut PgConnection, key: &RecordKey) -> Result<Option<Snapshot>, StoreError> {
+pub async fn load(
+    conn: &mut PgConnection,
+    key: &RecordKey,
+) -> Result<Option<Snapshot>, StoreError> {
     let row = match key {
-        RecordKey::Registration(id) => {
-            sqlx::query(concat!("select ", registration_columns!(), " from registrations where registration_id = $1"))
-                .bind(id.as_str())
-                .fetch_optional(&mut *conn)
-                .await?
-                .map(|r| registration_from_row(&r))
-        }
-        RecordKey::Claim(id) => {
-            sqlx::query(concat!("select ", claim_columns!(), " from induction_periods where induction_period_id = $1"))
-                .bind(id.as_str())
-                .fetch_optional(&mut *conn)
-                .await?
-                .map(|r| claim_from_row(&r))
-        }
+        RecordKey::Registration(id) => sqlx::query(concat!(
+            "select ",
+            registration_columns!(),
+            " from registrations where registration_id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|r| registration_from_row(&r)),
+        RecordKey::Claim(id) => sqlx::query(concat!(
+            "select ",
+            claim_columns!(),
+            " from induction_periods where induction_period_id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|r| claim_from_row(&r)),
     };
     row.transpose()
 }
@@ -62,17 +69,25 @@ pub async fn load(conn: &mut PgConnection, key: &RecordKey) -> Result<Option<Sna
 /// The held snapshots of every record that counts for a teacher.
 pub async fn for_teacher(conn: &mut PgConnection, trn: &Trn) -> Result<Vec<Snapshot>, StoreError> {
     let mut snapshots = Vec::new();
-    for row in sqlx::query(concat!("select ", registration_columns!(), " from registrations where trn = $1"))
-        .bind(trn.as_str())
-        .fetch_all(&mut *conn)
-        .await?
+    for row in sqlx::query(concat!(
+        "select ",
+        registration_columns!(),
+        " from registrations where trn = $1"
+    ))
+    .bind(trn.as_str())
+    .fetch_all(&mut *conn)
+    .await?
     {
         snapshots.push(registration_from_row(&row)?);
     }
-    for row in sqlx::query(concat!("select ", claim_columns!(), " from induction_periods where trn = $1"))
-        .bind(trn.as_str())
-        .fetch_all(&mut *conn)
-        .await?
+    for row in sqlx::query(concat!(
+        "select ",
+        claim_columns!(),
+        " from induction_periods where trn = $1"
+    ))
+    .bind(trn.as_str())
+    .fetch_all(&mut *conn)
+    .await?
     {
         snapshots.push(claim_from_row(&row)?);
     }

@@ -11,7 +11,10 @@ use crate::domain::{Outcome, Snapshot, Trn};
 use crate::messages::{Input, OutcomeMessage};
 
 /// The last outcome emitted for a teacher, read back into the domain.
-pub async fn last_outcome(conn: &mut PgConnection, trn: &Trn) -> Result<Option<Outcome>, StoreError> {
+pub async fn last_outcome(
+    conn: &mut PgConnection,
+    trn: &Trn,
+) -> Result<Option<Outcome>, StoreError> {
     let stored: Option<Json<OutcomeMessage>> =
         sqlx::query_scalar("select last_outcome from teachers where trn = $1")
             .bind(trn.as_str())

@@ -1,0 +1,127 @@
+//! The outbox relay: publishes committed outcomes with publisher confirms, in version order per
+//! teacher, and marks them published only after the broker confirmed them.
+
+use std::time::Duration;
+
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use sqlx::postgres::PgListener;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{BrokerError, Publisher, json_properties};
+use crate::store::{OUTBOX_CHANNEL, Store, StoreError};
+
+/// Why a relay round stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The broker failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// Publishes one batch. Returns how many outcomes were published.
+pub async fn relay_once(
+    store: &Store,
+    publisher: &Publisher,
+    exchange: &str,
+    batch_size: i64,
+) -> Result<usize, RelayError> {
+    let batch = store.claim_outbox(batch_size).await?;
+    if batch.rows.is_empty() {
+        batch.complete(&[], OffsetDateTime::now_utc()).await?;
+        return Ok(0);
+    }
+    // Send the whole batch, then wait for the confirms: one round trip per batch, not per row.
+    let mut pending = Vec::with_capacity(batch.rows.len());
+    for row in &batch.rows {
+        let mut headers = FieldTable::default();
+        if let Some(traceparent) = &row.traceparent {
+            headers.insert(
+                ShortString::from("traceparent"),
+                AMQPValue::LongString(LongString::from(traceparent.as_str())),
+            );
+        }
+        let properties = json_properties(&row.outcome_id.to_string(), headers)
+            .with_type("outcome".into())
+            .with_timestamp(row.created_at.unix_timestamp() as u64);
+        pending.push((
+            row.id,
+            publisher
+                .send(exchange, &row.routing_key, &row.body, properties)
+                .await?,
+        ));
+    }
+    let mut published = Vec::with_capacity(pending.len());
+    let mut failure = None;
+    for (id, confirm) in pending {
+        match confirm.wait().await {
+            Ok(()) => published.push(id),
+            Err(error) => failure = Some(error),
+        }
+    }
+    batch
+        .complete(&published, OffsetDateTime::now_utc())
+        .await?;
+    match failure {
+        Some(error) => Err(error.into()),
+        None => Ok(published.len()),
+    }
+}
+
+/// Relays until `stop`, waking on every commit that wrote to the outbox and at least every
+/// `poll` otherwise. Returns on the first error so that the caller can reconnect.
+pub async fn relay_until(
+    store: &Store,
+    publisher: &Publisher,
+    exchange: &str,
+    batch_size: i64,
+    poll: Duration,
+    stop: &CancellationToken,
+) -> Result<(), RelayError> {
+    let mut listener = PgListener::connect_with(store.pool())
+        .await
+        .map_err(StoreError::from)?;
+    listener
+        .listen(OUTBOX_CHANNEL)
+        .await
+        .map_err(StoreError::from)?;
+    loop {
+        // Drain: a full batch means there may be more (including later versions of the same
+        // teachers, which become publishable once the earlier ones are marked).
+        loop {
+            let published = relay_once(store, publisher, exchange, batch_size).await?;
+            if published > 0 {
+                tracing::debug!(outcomes = published, "published outcomes");
+            } else {
+                break;
+            }
+        }
+        tokio::select! {
+            notification = listener.recv() => { notification.map_err(StoreError::from)?; }
+            () = tokio::time::sleep(poll) => {}
+            () = stop.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Publishes what the outbox holds until it is empty or `deadline` passes (used at shutdown).
+pub async fn flush(
+    store: &Store,
+    publisher: &Publisher,
+    exchange: &str,
+    batch_size: i64,
+    deadline: tokio::time::Instant,
+) -> Result<(), RelayError> {
+    loop {
+        let round =
+            tokio::time::timeout_at(deadline, relay_once(store, publisher, exchange, batch_size));
+        match round.await {
+            Ok(Ok(0)) | Err(_) => return Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => return Err(error),
+        }
+    }
+}

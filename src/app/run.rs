@@ -1,0 +1,357 @@
+//! `run`: the worker. Consumes the inbox queue, relays the outbox and sweeps overdue provisional
+//! spells until the shutdown future resolves, then drains within a bounded time.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_lite::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::handler::{Disposition, Handler, now};
+use super::relay;
+use crate::broker::{Broker, declare_topology};
+use crate::config::Settings;
+use crate::store::Store;
+
+fn delays(settings: &Settings) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(settings.worker.retry_min_millis))
+        .with_max_delay(Duration::from_millis(settings.worker.retry_max_millis))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Sleeps for the next back-off delay; false when `stop` fired first.
+async fn pause(delays: &mut impl Iterator<Item = Duration>, stop: &CancellationToken) -> bool {
+    let delay = delays.next().unwrap_or(Duration::from_secs(30));
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        () = stop.cancelled() => false,
+    }
+}
+
+/// Connects to Postgres, waiting with back-off while it is unavailable. `None` if stopped first.
+pub async fn connect_store(
+    settings: &Settings,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<Store>> {
+    let url = settings.database_url()?;
+    let mut delays = delays(settings);
+    loop {
+        match Store::connect(
+            &url,
+            settings.database.max_connections,
+            Duration::from_secs(settings.database.acquire_timeout_seconds),
+        )
+        .await
+        {
+            Ok(store) => return Ok(Some(store)),
+            Err(error) if error.is_transient() => {
+                tracing::warn!(error = %error, "cannot reach the database yet; retrying");
+            }
+            Err(error) => return Err(error).context("cannot connect to the database"),
+        }
+        if !pause(&mut delays, stop).await {
+            return Ok(None);
+        }
+    }
+}
+
+/// Connects to RabbitMQ, waiting with back-off while it is unavailable. `None` if stopped first.
+async fn connect_broker(
+    settings: &Settings,
+    name: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<Broker>> {
+    let url = settings.amqp_url()?;
+    let mut delays = delays(settings);
+    loop {
+        match Broker::connect(&url, name).await {
+            Ok(broker) => return Ok(Some(broker)),
+            Err(error) => tracing::warn!(error = %error, "cannot reach the broker yet; retrying"),
+        }
+        if !pause(&mut delays, stop).await {
+            return Ok(None);
+        }
+    }
+}
+
+/// Runs the worker until `shutdown` resolves. Returns `Ok` after a graceful shutdown.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let stopper = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: no new messages will be taken");
+        stopper.cancel();
+    });
+
+    let Some(store) = connect_store(&settings, &stop).await? else {
+        return Ok(());
+    };
+    if settings.database.migrate_on_start {
+        store
+            .migrate()
+            .await
+            .context("cannot apply database migrations")?;
+    }
+    tracing::info!("worker started");
+
+    // `drained` fires once in-flight messages are finished, so the relay's last flush includes
+    // their outcomes; `abandon` fires at the shutdown deadline and stops any retry still going.
+    let drained = CancellationToken::new();
+    let abandon = CancellationToken::new();
+    let mut background = JoinSet::new();
+    if settings.relay.enabled {
+        background.spawn(relay_task(
+            settings.clone(),
+            store.clone(),
+            drained.clone(),
+            abandon.clone(),
+        ));
+    }
+    if settings.sweep.enabled {
+        background.spawn(sweep_task(settings.clone(), store.clone(), stop.clone()));
+    }
+
+    let consumed = consume(&settings, &store, &stop, &abandon).await;
+    drained.cancel();
+    let deadline = tokio::time::Instant::now() + settings.worker.shutdown_timeout();
+    let abandon_at_deadline = {
+        let abandon = abandon.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            abandon.cancel();
+        })
+    };
+    while background.join_next().await.is_some() {}
+    abandon_at_deadline.abort();
+    store.pool().close().await;
+    consumed?;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Consumes until `stop`, reconnecting after broker failures; then waits for in-flight
+/// deliveries (until `abandon`).
+async fn consume(
+    settings: &Settings,
+    store: &Store,
+    stop: &CancellationToken,
+    abandon: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut in_flight: JoinSet<Disposition> = JoinSet::new();
+    let semaphore = Arc::new(Semaphore::new(settings.amqp.concurrency));
+    let mut delays = delays(settings);
+    let mut last_broker = None;
+    let result = loop {
+        if stop.is_cancelled() {
+            break Ok(());
+        }
+        let Some(broker) = connect_broker(settings, "induction-reconciler consumer", stop).await?
+        else {
+            break Ok(());
+        };
+        last_broker = Some(broker.clone());
+        match consume_on(
+            settings,
+            store,
+            &broker,
+            stop,
+            abandon,
+            &semaphore,
+            &mut in_flight,
+        )
+        .await
+        {
+            Ok(()) => break Ok(()),
+            Err(error) if error.is_transient() => {
+                tracing::warn!(error = %error, "lost the broker; reconnecting");
+                broker.close().await;
+                if !pause(&mut delays, stop).await {
+                    break Ok(());
+                }
+            }
+            Err(error) => break Err(anyhow::Error::new(error).context("cannot consume")),
+        }
+    };
+    let waiting = in_flight.len();
+    if waiting > 0 {
+        tracing::info!(in_flight = waiting, "finishing in-flight messages");
+    }
+    while in_flight.join_next().await.is_some() {}
+    if let Some(broker) = last_broker {
+        broker.close().await;
+    }
+    result
+}
+
+async fn consume_on(
+    settings: &Settings,
+    store: &Store,
+    broker: &Broker,
+    stop: &CancellationToken,
+    abandon: &CancellationToken,
+    semaphore: &Arc<Semaphore>,
+    in_flight: &mut JoinSet<Disposition>,
+) -> Result<(), crate::broker::BrokerError> {
+    let channel = broker.channel().await?;
+    if settings.amqp.declare_topology {
+        declare_topology(&channel, &settings.topology).await?;
+    }
+    let parking = broker.publisher().await?;
+    channel
+        .basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!("induction-reconciler-{}", uuid::Uuid::new_v4());
+    let mut consumer = channel
+        .basic_consume(
+            settings.topology.inbox_queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue = %settings.topology.inbox_queue, prefetch = settings.amqp.prefetch, "consuming");
+    let handler = Handler {
+        store: store.clone(),
+        parking,
+        settings: settings.clone(),
+        stop: abandon.clone(),
+    };
+    loop {
+        while in_flight.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            permit = semaphore.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = stop.cancelled() => break,
+        };
+        let next = tokio::select! {
+            next = consumer.next() => next,
+            () = stop.cancelled() => break,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let handler = handler.clone();
+                in_flight.spawn(async move {
+                    let _permit = permit;
+                    handler.handle(delivery).await
+                });
+            }
+            Some(Err(error)) => {
+                drop(permit);
+                tracing::warn!(error = %error, "consumer interrupted; waiting for recovery");
+                channel.wait_for_recovery(error).await?;
+                tracing::info!("consumer recovered");
+            }
+            None => {
+                return Err(crate::broker::BrokerError::nacked(
+                    "the consumer (the broker cancelled it)",
+                ));
+            }
+        }
+    }
+    // Stop the broker sending more; deliveries already buffered go back to the queue when the
+    // channel closes.
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    Ok(())
+}
+
+async fn relay_task(
+    settings: Settings,
+    store: Store,
+    drained: CancellationToken,
+    abandon: CancellationToken,
+) {
+    let mut delays = delays(&settings);
+    let exchange = settings.topology.outcome_exchange.clone();
+    let poll = Duration::from_millis(settings.relay.poll_interval_millis);
+    let mut publisher = None;
+    loop {
+        if drained.is_cancelled() {
+            break;
+        }
+        let broker = match connect_broker(&settings, "induction-reconciler relay", &drained).await {
+            Ok(Some(broker)) => broker,
+            _ => break,
+        };
+        let result = match broker.publisher().await {
+            Ok(p) => {
+                publisher = Some((broker.clone(), p.clone()));
+                relay::relay_until(
+                    &store,
+                    &p,
+                    &exchange,
+                    settings.relay.batch_size,
+                    poll,
+                    &drained,
+                )
+                .await
+            }
+            Err(error) => Err(error.into()),
+        };
+        match result {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(error = %error, "outbox relay interrupted; retrying");
+                if !pause(&mut delays, &drained).await {
+                    break;
+                }
+            }
+        }
+    }
+    // Last flush, bounded by the shutdown deadline.
+    if let Some((broker, publisher)) = publisher {
+        let deadline = tokio::time::Instant::now() + settings.worker.shutdown_timeout();
+        tokio::select! {
+            result = relay::flush(&store, &publisher, &exchange, settings.relay.batch_size, deadline) => {
+                if let Err(error) = result {
+                    tracing::warn!(error = %error, "could not flush the outbox; the next worker will publish it");
+                }
+            }
+            () = abandon.cancelled() => {}
+        }
+        broker.close().await;
+    }
+}
+
+async fn sweep_task(settings: Settings, store: Store, stop: CancellationToken) {
+    let max_age = time::Duration::seconds(settings.sweep.overdue_after_seconds as i64);
+    let interval = Duration::from_secs(settings.sweep.interval_seconds);
+    loop {
+        loop {
+            match store
+                .sweep_overdue(now(), max_age, settings.sweep.batch_size)
+                .await
+            {
+                Ok(swept) if swept as i64 >= settings.sweep.batch_size => continue,
+                Ok(swept) => {
+                    if swept > 0 {
+                        tracing::info!(outcomes = swept, "re-emitted overdue provisional outcomes");
+                    }
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "overdue sweep failed; will try again");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
