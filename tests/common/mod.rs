@@ -1,6 +1,8 @@
 //! Builders of valid input messages for tests, and a fixed clock.
 #![allow(dead_code)]
 
+pub mod app;
+
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::macros::datetime;

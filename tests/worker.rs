@@ -1,0 +1,558 @@
+//! The worker end to end against the real PostgreSQL and RabbitMQ: the decision table through the
+//! broker, duplicates, reuse, stale snapshots, parking, the outbox, competing workers and the
+//! overdue sweep. Each test has its own database and its own exchanges and queues.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::app::{TestApp, header};
+use common::{NOW, bytes, claim, registration, set};
+use induction_reconciler::broker::json_properties;
+use induction_reconciler::domain::{Ledger, Trn};
+use induction_reconciler::messages::decode;
+use lapin::BasicProperties;
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
+
+fn summary(o: &Value) -> (String, u64, String, String) {
+    (
+        o["trn"].as_str().unwrap().to_owned(),
+        o["version"].as_u64().unwrap(),
+        o["status"].as_str().unwrap().to_owned(),
+        o["reason"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn finished(message: Value, on: &str, outcome: Option<&str>) -> Value {
+    let m = set(
+        set(message, "payload.finished_on", json!(on)),
+        "payload.number_of_terms",
+        json!(3),
+    );
+    set(m, "payload.outcome", json!(outcome))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_row_of_the_decision_table_through_the_broker() {
+    let mut app = TestApp::spawn().await;
+
+    // P only, then C and P with the same AB: provisional, then confirmed.
+    app.publish(&registration(1, "r1", "1000001")).await;
+    let o = app.next_outcome().await;
+    assert_eq!(
+        summary(&o),
+        (
+            "1000001".into(),
+            1,
+            "provisional".into(),
+            "awaiting_claim".into()
+        )
+    );
+    assert_eq!(o["resolved"]["appropriate_body_source"], "school");
+    assert_eq!(o["provisional_since"], o["decided_at"]);
+    app.publish(&claim(2, "ip1", "1000001")).await;
+    let o = app.next_outcome().await;
+    assert_eq!(
+        summary(&o),
+        (
+            "1000001".into(),
+            2,
+            "confirmed".into(),
+            "claim_matches_registration".into()
+        )
+    );
+    assert_eq!(o["resolved"]["appropriate_body_source"], "appropriate_body");
+    assert_eq!(o["provisional_since"], Value::Null);
+
+    // C only (a claim before its registration), then a registration with another AB: conflict.
+    app.publish(&set(
+        claim(3, "ip2", "1000002"),
+        "payload.appropriate_body_id",
+        json!("AB-2"),
+    ))
+    .await;
+    let o = app.next_outcome().await;
+    assert_eq!(
+        summary(&o),
+        (
+            "1000002".into(),
+            1,
+            "confirmed".into(),
+            "claimed_without_registration".into()
+        )
+    );
+    assert_eq!(o["school_registration"], Value::Null);
+    app.publish(&registration(4, "r2", "1000002")).await;
+    let o = app.next_outcome().await;
+    assert_eq!(
+        summary(&o),
+        (
+            "1000002".into(),
+            2,
+            "conflict".into(),
+            "claim_differs_from_registration".into()
+        )
+    );
+    assert_eq!(o["discrepancies"], json!(["appropriate_body"]));
+    assert_eq!(o["resolved"]["appropriate_body_id"], "AB-2");
+    assert_eq!(o["resolved"]["lead_provider_id"], "LP-1");
+
+    // K decides.
+    let pass = set(
+        finished(claim(5, "ip2", "1000002"), "2025-09-09", Some("pass")),
+        "occurred_at",
+        json!("2025-09-11T09:00:00Z"),
+    );
+    app.publish(&set(pass, "payload.appropriate_body_id", json!("AB-2")))
+        .await;
+    let o = app.next_outcome().await;
+    assert_eq!(
+        summary(&o),
+        (
+            "1000002".into(),
+            3,
+            "confirmed".into(),
+            "induction_completed".into()
+        )
+    );
+    assert_eq!(o["induction_period"]["outcome"], "pass");
+    assert_eq!(o["induction_period"]["number_of_terms"], 3.0);
+
+    // Neither: the ECT leaves and the claim is released.
+    let left = set(
+        set(
+            registration(6, "r1", "1000001"),
+            "payload.finished_on",
+            json!("2025-12-01"),
+        ),
+        "occurred_at",
+        json!("2025-12-01T09:00:00Z"),
+    );
+    app.publish(&left).await;
+    let o = app.next_outcome().await;
+    assert_eq!(
+        summary(&o),
+        (
+            "1000001".into(),
+            3,
+            "confirmed".into(),
+            "claimed_without_registration".into()
+        )
+    );
+    let released = set(
+        finished(claim(7, "ip1", "1000001"), "2025-12-01", None),
+        "occurred_at",
+        json!("2025-12-02T09:00:00Z"),
+    );
+    app.publish(&released).await;
+    let o = app.next_outcome().await;
+    assert_eq!(
+        summary(&o),
+        (
+            "1000001".into(),
+            4,
+            "closed".into(),
+            "no_open_records".into()
+        )
+    );
+    assert_eq!(o["resolved"]["appropriate_body_id"], Value::Null);
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_reuse_and_stale_snapshots() {
+    let mut app = TestApp::spawn().await;
+    let first = registration(1, "r1", "1000001");
+    app.publish(&first).await;
+    assert_eq!(app.next_outcome().await["version"], 1);
+
+    // The same bytes again: a duplicate, acknowledged, nothing emitted.
+    app.publish(&first).await;
+    // The same message_id with a different body: parked.
+    app.publish(&set(first.clone(), "payload.school_urn", json!(222222)))
+        .await;
+    // An older snapshot of the record: recorded, nothing emitted.
+    let older = set(
+        set(
+            registration(3, "r1", "1000001"),
+            "occurred_at",
+            json!("2025-08-01T09:00:00Z"),
+        ),
+        "payload.appropriate_body_id",
+        json!("AB-OLD"),
+    );
+    app.publish(&older).await;
+    // A message that does change something, to show the ones above emitted nothing.
+    app.publish(&claim(4, "ip1", "1000001")).await;
+    let o = app.next_outcome().await;
+    assert_eq!(
+        summary(&o),
+        (
+            "1000001".into(),
+            2,
+            "confirmed".into(),
+            "claim_matches_registration".into()
+        )
+    );
+    assert_eq!(o["school_registration"]["appropriate_body_id"], "AB-1");
+
+    let parked = app.take_parked(1).await;
+    assert_eq!(parked.len(), 1);
+    assert_eq!(
+        header(&parked[0].0, "x-parked-reason").as_deref(),
+        Some("message_id_reused")
+    );
+    app.wait_for_inbox(3).await;
+    let admissions: Vec<(String, String)> =
+        sqlx::query_as("select message_id::text, admission from inbox order by message_id")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        admissions
+            .iter()
+            .map(|(_, a)| a.as_str())
+            .collect::<Vec<_>>(),
+        ["latest", "stale", "latest"]
+    );
+    assert!(
+        app.outcomes_until_quiet(Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_of_every_reason_code_is_parked_with_headers_and_the_worker_goes_on() {
+    let mut app = TestApp::spawn().await;
+    // A trigger that fails for one record id: a processing failure that is not an outage.
+    sqlx::raw_sql(
+        "create function poison() returns trigger language plpgsql as $$ begin
+           if new.registration_id = 'poison' then raise exception 'poisoned record'; end if; return new; end $$;
+         create trigger poison before insert on registrations for each row execute function poison();",
+    )
+    .execute(app.store.pool())
+    .await
+    .unwrap();
+
+    let accepted = registration(1, "r1", "1000001");
+    app.publish(&accepted).await;
+    assert_eq!(app.next_outcome().await["version"], 1);
+
+    let mut too_large = bytes(&registration(2, "r2", "1000002"));
+    too_large.pop();
+    too_large.extend_from_slice(format!(",\"padding\":\"{}\"}}", "x".repeat(70_000)).as_bytes());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("too_large", too_large, "school.registration"),
+        (
+            "invalid_utf8",
+            b"{\"message_type\": \"\xff\"}".to_vec(),
+            "school.registration",
+        ),
+        ("invalid_json", b"{not json".to_vec(), "school.registration"),
+        (
+            "unknown_message_type",
+            br#"{"message_type":"teacher_deleted"}"#.to_vec(),
+            "ab.claim",
+        ),
+        (
+            "unsupported_schema_version",
+            bytes(&set(
+                registration(3, "r3", "1000003"),
+                "schema_version",
+                json!(2),
+            )),
+            "school.registration",
+        ),
+        (
+            "invalid_field",
+            bytes(&set(
+                registration(4, "r4", "1000004"),
+                "payload.trn",
+                json!("12345"),
+            )),
+            "school.registration",
+        ),
+        (
+            "occurred_at_in_future",
+            bytes(&set(
+                registration(5, "r5", "1000005"),
+                "occurred_at",
+                json!("2999-01-01T00:00:00Z"),
+            )),
+            "school.registration",
+        ),
+        (
+            "message_id_reused",
+            bytes(&set(accepted.clone(), "payload.school_urn", json!(111111))),
+            "school.registration",
+        ),
+        (
+            "processing_failed",
+            bytes(&registration(6, "poison", "1000006")),
+            "school.registration",
+        ),
+    ];
+    for (_, body, key) in &cases {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-test".into(),
+            lapin::types::AMQPValue::LongString("kept".into()),
+        );
+        app.publish_raw(key, body, json_properties("", headers))
+            .await;
+    }
+    // Then a good message: the worker is still going.
+    app.publish(&registration(7, "r7", "1000007")).await;
+    let o = app.next_outcome().await;
+    assert_eq!(o["trn"], "1000007");
+
+    let parked = app.take_parked(cases.len()).await;
+    assert_eq!(parked.len(), cases.len());
+    let mut by_reason: BTreeMap<String, (FieldTable, Vec<u8>)> = BTreeMap::new();
+    for (headers, body) in parked {
+        by_reason.insert(
+            header(&headers, "x-parked-reason").unwrap(),
+            (headers, body),
+        );
+    }
+    for (reason, body, key) in &cases {
+        let (headers, parked_body) = by_reason
+            .get(*reason)
+            .unwrap_or_else(|| panic!("{reason} was not parked"));
+        assert_eq!(parked_body, body, "{reason}: parked unchanged");
+        let detail = header(headers, "x-parked-detail").unwrap();
+        assert!(!detail.is_empty());
+        assert!(
+            !detail.contains("1000006") && !detail.contains("12345"),
+            "{reason}: detail echoes data: {detail}"
+        );
+        assert!(header(headers, "x-parked-at").is_some());
+        assert_eq!(
+            header(headers, "x-original-exchange").as_deref(),
+            Some(app.settings.topology.input_exchange.as_str())
+        );
+        assert_eq!(
+            header(headers, "x-original-routing-key").as_deref(),
+            Some(*key)
+        );
+        assert_eq!(
+            header(headers, "x-test").as_deref(),
+            Some("kept"),
+            "original headers are kept"
+        );
+    }
+    assert!(
+        header(&by_reason["invalid_field"].0, "x-parked-detail")
+            .unwrap()
+            .contains("payload.trn")
+    );
+    assert!(
+        header(&by_reason["processing_failed"].0, "x-parked-detail")
+            .unwrap()
+            .contains("3 times")
+    );
+    // Parked messages are not seen: only the two good ones are in the inbox.
+    let seen: i64 = sqlx::query_scalar("select count(*) from inbox")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(seen, 2);
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_committed_but_not_published_goes_out_after_a_restart() {
+    // The first worker commits outcomes but its relay never publishes (as if it died between
+    // the commit and the publish).
+    let mut app = TestApp::prepare(|_| {}).await;
+    app.start_worker_with(|s| s.relay.enabled = false).await;
+    app.publish(&registration(1, "r1", "1000001")).await;
+    app.publish(&claim(2, "ip1", "1000001")).await;
+    app.wait_until("select count(*) = 2 from outbox").await;
+    app.stop_workers().await;
+    assert!(
+        app.outcomes_until_quiet(Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+    let pending: i64 = sqlx::query_scalar("select count(*) from outbox where published_at is null")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(pending, 2);
+
+    app.start_worker().await;
+    let versions: Vec<u64> = vec![
+        app.next_outcome().await["version"].as_u64().unwrap(),
+        app.next_outcome().await["version"].as_u64().unwrap(),
+    ];
+    assert_eq!(versions, [1, 2]);
+    app.wait_until("select count(*) = 0 from outbox where published_at is null")
+        .await;
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_no_queue_is_bound_for_is_kept_in_the_unrouted_queue() {
+    let mut app = TestApp::prepare(|_| {}).await;
+    // Remove the capture queue's binding: the outcome exchange now routes nowhere.
+    app.unbind_capture().await;
+    app.start_worker().await;
+    app.publish(&registration(1, "r1", "1000001")).await;
+    let kept = app.take_unrouted(1).await;
+    assert_eq!(kept.len(), 1);
+    let outcome: Value = serde_json::from_slice(&kept[0].1).unwrap();
+    assert_eq!(outcome["status"], "provisional");
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_on_one_queue_end_as_one_would() {
+    let mut app = TestApp::prepare(|_| {}).await;
+    app.start_worker().await;
+    app.start_worker().await;
+    // Interleaved registrations, corrections, moves and claims for the same few teachers.
+    let trns = ["2000001", "2000002", "2000003", "2000004"];
+    let mut messages = Vec::new();
+    for n in 0..160u64 {
+        let trn = trns[(n % 4) as usize];
+        let other = trns[((n / 4) % 4) as usize];
+        let hour = format!("2025-09-{:02}T{:02}:00:00Z", 2 + n / 24, n % 24);
+        let m = match n % 5 {
+            0 => registration(n, &format!("r{}", n % 7), trn),
+            1 => set(
+                claim(n, &format!("ip{}", n % 6), other),
+                "payload.appropriate_body_id",
+                json!(if n % 2 == 0 { "AB-1" } else { "AB-2" }),
+            ),
+            2 => set(
+                registration(n, &format!("r{}", n % 7), other),
+                "payload.appropriate_body_id",
+                json!("AB-2"),
+            ),
+            3 => set(
+                claim(n, &format!("ip{}", n % 6), trn),
+                "payload.deleted",
+                json!(n % 3 == 0),
+            ),
+            _ => set(
+                registration(n, &format!("r{}", n % 7), trn),
+                "payload.finished_on",
+                json!("2025-10-01"),
+            ),
+        };
+        messages.push(set(m, "occurred_at", json!(hour)));
+    }
+    for m in &messages {
+        app.publish(m).await;
+    }
+    app.wait_for_inbox(messages.len() as i64).await;
+    app.wait_until("select count(*) = 0 from outbox where published_at is null")
+        .await;
+
+    // The same messages, in memory, in order.
+    let mut ledger = Ledger::new();
+    for m in &messages {
+        let input = decode(&bytes(m), NOW).unwrap();
+        ledger.apply(input.snapshot, input.cause, NOW);
+    }
+    let received = app.outcomes_until_quiet(Duration::from_millis(1000)).await;
+    let mut last_seen: BTreeMap<String, u64> = BTreeMap::new();
+    for o in &received {
+        let trn = o["trn"].as_str().unwrap().to_owned();
+        let version = o["version"].as_u64().unwrap();
+        let previous = last_seen.insert(trn.clone(), version).unwrap_or(0);
+        assert_eq!(
+            version,
+            previous + 1,
+            "versions of {trn} arrive in order without gaps"
+        );
+    }
+    for trn in trns {
+        let expected = ledger.reconcile(&Trn::parse(trn).unwrap());
+        let stored = app.store.explain(&Trn::parse(trn).unwrap()).await.unwrap();
+        let last = stored
+            .last_outcome
+            .map(|m| m.to_domain().unwrap().reconciliation);
+        match last {
+            Some(got) => assert_eq!(got, expected, "{trn}"),
+            None => assert_eq!(expected.status.as_str(), "closed", "{trn}"),
+        }
+    }
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overdue_sweep_emits_once_with_two_workers() {
+    let mut app = TestApp::prepare(|s| {
+        s.sweep.overdue_after_seconds = 2;
+        s.sweep.interval_seconds = 1;
+    })
+    .await;
+    app.start_worker().await;
+    app.start_worker().await;
+    app.publish(&registration(1, "r1", "1000001")).await;
+    let first = app.next_outcome().await;
+    assert_eq!(
+        (first["version"].as_u64(), first["overdue"].as_bool()),
+        (Some(1), Some(false))
+    );
+    let overdue = app.next_outcome().await;
+    assert_eq!(overdue["version"], 2);
+    assert_eq!(overdue["overdue"], true);
+    assert_eq!(overdue["status"], "provisional");
+    assert_eq!(overdue["caused_by"], Value::Null);
+    assert_eq!(overdue["provisional_since"], first["provisional_since"]);
+    // Several more sweep rounds of both workers: nothing more.
+    assert!(
+        app.outcomes_until_quiet(Duration::from_secs(4))
+            .await
+            .is_empty()
+    );
+    // A later outcome in the same spell keeps overdue.
+    let correction = set(
+        set(
+            registration(2, "r1", "1000001"),
+            "occurred_at",
+            json!("2025-09-02T09:00:00Z"),
+        ),
+        "payload.appropriate_body_id",
+        json!("AB-9"),
+    );
+    app.publish(&correction).await;
+    let later = app.next_outcome().await;
+    assert_eq!(
+        (later["version"].as_u64(), later["overdue"].as_bool()),
+        (Some(3), Some(true))
+    );
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traceparent_of_the_input_is_carried_onto_its_outcomes() {
+    let mut app = TestApp::spawn().await;
+    let mut headers = FieldTable::default();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    headers.insert(
+        "traceparent".into(),
+        lapin::types::AMQPValue::LongString(traceparent.into()),
+    );
+    let m = registration(1, "r1", "1000001");
+    app.publish_raw(
+        "school.registration",
+        &bytes(&m),
+        BasicProperties::default().with_headers(headers),
+    )
+    .await;
+    app.next_outcome().await;
+    let stored: Option<String> = sqlx::query_scalar("select traceparent from outbox")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored.as_deref(), Some(traceparent));
+    app.teardown().await;
+}
