@@ -45,6 +45,16 @@ pub enum Command {
         /// The file of messages; `-` or nothing reads standard input.
         file: Option<PathBuf>,
     },
+    /// Print outcomes as they are published (JSON lines), from a temporary queue bound to the
+    /// outcome exchange. Stops after --count outcomes, or on SIGINT/SIGTERM.
+    Watch {
+        /// Stop after this many outcomes.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Only outcomes with this status (confirmed, provisional, conflict, closed).
+        #[arg(long)]
+        status: Option<String>,
+    },
     /// Run input messages (JSON lines) through the reconciler in memory and print every outcome
     /// and parked message as JSON lines, without a broker or database.
     Simulate {
@@ -98,6 +108,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     Command::Migrate => crate::app::ops::migrate(&settings).await,
                     Command::Publish { file } => {
                         crate::app::ops::publish(&settings, open_input(file)?).await
+                    }
+                    Command::Watch { count, status } => {
+                        crate::app::ops::watch(
+                            &settings,
+                            count,
+                            status.as_deref(),
+                            shutdown_signal(),
+                        )
+                        .await
                     }
                     Command::Simulate { .. } => unreachable!("handled above"),
                 }

@@ -4,6 +4,8 @@ use std::io::BufRead;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures_lite::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 
 use crate::broker::{Broker, json_properties};
@@ -73,5 +75,72 @@ pub async fn publish(settings: &Settings, input: Box<dyn BufRead>) -> anyhow::Re
     }
     broker.close().await;
     println!("published {count} messages");
+    Ok(())
+}
+
+/// Prints outcomes as they are published, until `count` were printed or `stop` resolves.
+pub async fn watch(
+    settings: &Settings,
+    count: Option<u64>,
+    status: Option<&str>,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let broker = Broker::connect(&settings.amqp_url()?, "induction-reconciler watch")
+        .await
+        .context("cannot connect to the broker")?;
+    let channel = broker.channel().await?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .context("cannot declare a temporary queue")?;
+    let pattern = format!("outcome.{}", status.unwrap_or("*"));
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            settings.topology.outcome_exchange.as_str().into(),
+            pattern.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .context("cannot bind to the outcome exchange (is the topology declared?)")?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "watch".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(pattern = %pattern, "watching outcomes");
+    let mut printed = 0u64;
+    let mut stop = std::pin::pin!(stop);
+    while count.is_none_or(|c| printed < c) {
+        let delivery = tokio::select! {
+            next = consumer.next() => match next {
+                Some(delivery) => delivery?,
+                None => break,
+            },
+            () = &mut stop => break,
+        };
+        let mut out = std::io::stdout().lock();
+        out.write_all(&delivery.data)?;
+        out.write_all(b"\n")?;
+        out.flush()?;
+        printed += 1;
+    }
+    broker.close().await;
     Ok(())
 }

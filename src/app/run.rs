@@ -186,10 +186,7 @@ async fn consume(
             Err(error) => break Err(anyhow::Error::new(error).context("cannot consume")),
         }
     };
-    let waiting = in_flight.len();
-    if waiting > 0 {
-        tracing::info!(in_flight = waiting, "finishing in-flight messages");
-    }
+    // After a lost connection, deliveries still in flight cannot be acknowledged; let them end.
     while in_flight.join_next().await.is_some() {}
     if let Some(broker) = last_broker {
         broker.close().await;
@@ -261,11 +258,18 @@ async fn consume_on(
             }
         }
     }
-    // Stop the broker sending more; deliveries already buffered go back to the queue when the
-    // channel closes.
+    // Stop the broker sending more, and finish what is in flight while the channel is still
+    // open to acknowledge it (dropping the channel would close it); deliveries buffered but not
+    // started go back to the queue when the channel closes.
     let _ = channel
         .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
         .await;
+    let waiting = in_flight.len();
+    if waiting > 0 {
+        tracing::info!(in_flight = waiting, "finishing in-flight messages");
+    }
+    while in_flight.join_next().await.is_some() {}
+    let _ = channel.close(200, "shutting down".into()).await;
     Ok(())
 }
 

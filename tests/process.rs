@@ -1,0 +1,250 @@
+//! The binary as operators run it: `run` stopped by SIGTERM under load, `publish` and `watch`,
+//! and `migrate`. Each test has its own database and topology.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::app::{PATIENCE, TestApp};
+use common::{bytes, claim, registration, set};
+use induction_reconciler::config::Settings;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use secrecy::ExposeSecret;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_induction-reconciler");
+
+fn command(settings: &Settings, subcommand: &[&str]) -> Command {
+    let t = &settings.topology;
+    let mut cmd = Command::new(BIN);
+    cmd.args(subcommand)
+        .env_remove("RUST_LOG")
+        .env("DATABASE_URL", settings.database.url.expose_secret())
+        .env("AMQP_URL", settings.amqp.url.expose_secret())
+        .env("INDUCTION__TOPOLOGY__INPUT_EXCHANGE", &t.input_exchange)
+        .env("INDUCTION__TOPOLOGY__INBOX_QUEUE", &t.inbox_queue)
+        .env("INDUCTION__TOPOLOGY__OUTCOME_EXCHANGE", &t.outcome_exchange)
+        .env("INDUCTION__TOPOLOGY__PARKING_QUEUE", &t.parking_queue)
+        .env(
+            "INDUCTION__TOPOLOGY__UNROUTED_EXCHANGE",
+            &t.unrouted_exchange,
+        )
+        .env("INDUCTION__TOPOLOGY__UNROUTED_QUEUE", &t.unrouted_queue)
+        .env("INDUCTION__WORKER__SHUTDOWN_TIMEOUT_SECONDS", "15")
+        .env("INDUCTION__LOG__FORMAT", "json")
+        .env("INDUCTION__LOG__FILTER", "debug")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn wait_with_timeout(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            panic!("the process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_finishes_in_flight_work_and_exits_zero() {
+    let mut app = TestApp::prepare(|_| {}).await;
+    let mut worker = command(&app.settings, &["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the logs as they come, so that a full pipe never blocks the worker.
+    let mut stderr = worker.stderr.take().unwrap();
+    let log_reader = std::thread::spawn(move || {
+        let mut logs = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut logs).unwrap();
+        logs
+    });
+    let total = 400u64;
+    for n in 0..total {
+        let trn = format!("{}", 3_000_000 + n % 97);
+        let m = if n % 2 == 0 {
+            registration(n, &format!("r{n}"), &trn)
+        } else {
+            claim(n, &format!("ip{n}"), &trn)
+        };
+        app.publish(&m).await;
+    }
+    // Mid-burst: some messages are done, others are in flight or queued.
+    app.wait_for_inbox(50).await;
+    let pid = worker.id() as i32;
+    assert_eq!(unsafe { libc_kill(pid, 15) }, 0);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = wait_with_timeout(&mut worker, PATIENCE);
+        (status, log_reader.join().unwrap())
+    })
+    .await
+    .unwrap();
+    let (status, logs) = status;
+    assert_eq!(status.code(), Some(0), "exit status; logs:\n{logs}");
+    assert!(
+        logs.contains("shutdown requested") && logs.contains("worker stopped"),
+        "{logs}"
+    );
+
+    // Everything committed was published before exit.
+    let pending: i64 = sqlx::query_scalar("select count(*) from outbox where published_at is null")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(pending, 0, "outcomes left unpublished at exit");
+    // Nothing lost: each message is either processed (in the inbox) or back in the queue.
+    let processed: i64 = sqlx::query_scalar("select count(*) from inbox")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    let channel = lapin::Connection::connect(&common::app::amqp_url(), Default::default())
+        .await
+        .unwrap()
+        .create_channel()
+        .await
+        .unwrap();
+    let queue = channel
+        .queue_declare(
+            app.settings.topology.inbox_queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        processed as u64 + u64::from(queue.message_count()),
+        total,
+        "processed {processed}, queued {}",
+        queue.message_count()
+    );
+    // Every processed message's outcome reached the consumer.
+    let published: i64 = sqlx::query_scalar("select count(*) from outbox")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    let received = app.outcomes_until_quiet(Duration::from_millis(500)).await;
+    assert_eq!(received.len() as i64, published);
+
+    // Logs carry no TRN and no password.
+    for n in 0..97 {
+        assert!(
+            !logs.contains(&format!("{}", 3_000_000 + n)),
+            "a TRN appears in the logs"
+        );
+    }
+    assert!(!logs.contains("guest:guest"));
+    // A restarted worker finishes the rest.
+    app.start_worker().await;
+    app.wait_for_inbox(total as i64).await;
+    app.teardown().await;
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_watch_show_a_newcomer_the_outcomes() {
+    let mut app = TestApp::spawn().await;
+    let mut watch = command(&app.settings, &["watch", "--count", "2"])
+        .env("INDUCTION__LOG__FORMAT", "compact")
+        .env("INDUCTION__LOG__FILTER", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until watch says its queue is bound.
+    let stderr = watch.stderr.take().unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+        assert!(lines.any(|l| l.unwrap().contains("watching outcomes")));
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("messages.jsonl");
+    let log = [
+        bytes(&registration(1, "r1", "1000001")),
+        bytes(&set(
+            claim(2, "ip1", "1000001"),
+            "payload.appropriate_body_id",
+            json!("AB-X"),
+        )),
+    ]
+    .join(&b'\n');
+    std::fs::write(&file, log).unwrap();
+    let output = command(&app.settings, &["publish", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "published 2 messages"
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        let status = wait_with_timeout(&mut watch, PATIENCE);
+        let mut text = String::new();
+        std::io::Read::read_to_string(watch.stdout.as_mut().unwrap(), &mut text).unwrap();
+        (status, text)
+    })
+    .await
+    .unwrap();
+    assert!(out.0.success());
+    // The two may be processed in either order; the versions and the final status may not vary.
+    let outcomes: Vec<serde_json::Value> = out
+        .1
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let versions: Vec<u64> = outcomes
+        .iter()
+        .map(|o| o["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [1, 2]);
+    assert_eq!(outcomes[1]["status"], "conflict");
+    app.next_outcome().await;
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_is_idempotent_and_run_reports_a_bad_setting() {
+    let app = TestApp::prepare(|_| {}).await;
+    for _ in 0..2 {
+        let output = command(&app.settings, &["migrate"]).output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            "migrations applied"
+        );
+    }
+    let output = command(&app.settings, &["run"])
+        .env("INDUCTION__AMQP__CONCURRENCY", "0")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("amqp.concurrency must be at least 1")
+    );
+    app.teardown().await;
+}
