@@ -45,6 +45,29 @@ pub enum Command {
         /// The file of messages; `-` or nothing reads standard input.
         file: Option<PathBuf>,
     },
+    /// Show what is held for one teacher: the records, the current outcome and the history of
+    /// what was applied and emitted. For answering a school's or an AB's question.
+    Explain {
+        /// The teacher reference number (7 digits).
+        trn: String,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, replay or purge parked messages.
+    Parked {
+        /// What to do.
+        #[command(subcommand)]
+        action: ParkedCommand,
+    },
+    /// The transactional outbox.
+    Outbox {
+        /// What to show.
+        #[command(subcommand)]
+        action: OutboxCommand,
+    },
+    /// Print the effective settings, with secrets redacted, and exit.
+    CheckConfig,
     /// Print outcomes as they are published (JSON lines), from a temporary queue bound to the
     /// outcome exchange. Stops after --count outcomes, or on SIGINT/SIGTERM.
     Watch {
@@ -64,6 +87,76 @@ pub enum Command {
         #[arg(long, value_parser = parse_now)]
         now: Option<OffsetDateTime>,
     },
+}
+
+/// `parked` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ParkedCommand {
+    /// List parked messages (they stay parked). Prints no message bodies.
+    List {
+        #[command(flatten)]
+        selection: SelectionArgs,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Republish parked messages to their original exchange and routing key (with a confirm),
+    /// then remove them from the parking queue.
+    Replay {
+        #[command(flatten)]
+        selection: SelectionArgs,
+    },
+    /// Delete parked messages.
+    Purge {
+        #[command(flatten)]
+        selection: SelectionArgs,
+    },
+}
+
+/// Which parked messages a command applies to.
+#[derive(Debug, clap::Args)]
+pub struct SelectionArgs {
+    /// Apply to every parked message (required unless --message-id or --reason is given).
+    #[arg(long)]
+    all: bool,
+    /// Only this message id (repeatable).
+    #[arg(long = "message-id", value_name = "UUID")]
+    message_ids: Vec<String>,
+    /// Only messages parked with this reason code, e.g. invalid_field.
+    #[arg(long)]
+    reason: Option<String>,
+    /// At most this many messages.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+impl SelectionArgs {
+    pub(crate) fn into_selection(
+        self,
+        listing: bool,
+    ) -> anyhow::Result<crate::app::parked::Selection> {
+        anyhow::ensure!(
+            listing || self.all || !self.message_ids.is_empty() || self.reason.is_some(),
+            "say which messages: --all, --message-id or --reason"
+        );
+        if let Some(reason) = &self.reason {
+            let known =
+                crate::messages::ReasonCode::parse(reason).is_some() || reason == "delivery_limit";
+            anyhow::ensure!(known, "unknown reason code {reason:?}");
+        }
+        Ok(crate::app::parked::Selection {
+            message_ids: self.message_ids,
+            reason: self.reason,
+            limit: self.limit,
+        })
+    }
+}
+
+/// `outbox` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Backlog, age of the oldest unpublished outcome, and when one was last published.
+    Status,
 }
 
 fn parse_now(text: &str) -> Result<OffsetDateTime, String> {
@@ -108,6 +201,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     Command::Migrate => crate::app::ops::migrate(&settings).await,
                     Command::Publish { file } => {
                         crate::app::ops::publish(&settings, open_input(file)?).await
+                    }
+                    Command::Explain { trn, json } => {
+                        crate::app::ops::explain(&settings, &trn, json).await
+                    }
+                    Command::Parked { action } => crate::app::ops::parked(&settings, action).await,
+                    Command::Outbox {
+                        action: OutboxCommand::Status,
+                    } => crate::app::ops::outbox_status(&settings).await,
+                    Command::CheckConfig => {
+                        print!("{}", settings.redacted());
+                        Ok(())
                     }
                     Command::Watch { count, status } => {
                         crate::app::ops::watch(

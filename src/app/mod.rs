@@ -6,6 +6,7 @@
 
 pub mod handler;
 pub mod ops;
+pub mod parked;
 pub mod relay;
 pub mod run;
 pub mod simulate;

@@ -14,13 +14,7 @@ use crate::store::Store;
 
 /// Applies pending migrations.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    let store = Store::connect(
-        &settings.database_url()?,
-        2,
-        Duration::from_secs(settings.database.acquire_timeout_seconds),
-    )
-    .await
-    .context("cannot connect to the database")?;
+    let store = store(settings).await?;
     store.migrate().await.context("cannot apply migrations")?;
     println!("migrations applied");
     Ok(())
@@ -142,5 +136,201 @@ pub async fn watch(
         printed += 1;
     }
     broker.close().await;
+    Ok(())
+}
+
+async fn store(settings: &Settings) -> anyhow::Result<Store> {
+    Store::connect(
+        &settings.database_url()?,
+        2,
+        Duration::from_secs(settings.database.acquire_timeout_seconds),
+    )
+    .await
+    .context("cannot connect to the database")
+}
+
+/// `explain <TRN>`.
+pub async fn explain(settings: &Settings, trn: &str, json: bool) -> anyhow::Result<()> {
+    let trn = crate::domain::Trn::parse(trn).context("a TRN is exactly 7 digits")?;
+    let explanation = store(settings).await?.explain(&trn).await?;
+    let records: Vec<serde_json::Value> = explanation.records.iter().map(record_json).collect();
+    let history: Vec<serde_json::Value> = explanation
+        .history
+        .iter()
+        .map(|h| {
+            serde_json::json!({
+                "at": h.at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                "event": h.event, "message_id": h.message_id, "message_type": h.message_type,
+                "record_kind": h.record_kind, "record_id": h.record_id,
+                "outcome_id": h.outcome_id, "version": h.version, "status": h.status,
+            })
+        })
+        .collect();
+    if json {
+        let all = serde_json::json!({
+            "trn": trn.as_str(),
+            "records": records,
+            "current_outcome": explanation.last_outcome,
+            "history": history,
+        });
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    println!("Teacher {}", trn.as_str());
+    match &explanation.last_outcome {
+        None => println!("\nNo outcome has been emitted for this teacher."),
+        Some(o) => {
+            println!(
+                "\nCurrent outcome: {} ({}), version {}, decided {}",
+                o.status,
+                o.reason,
+                o.version,
+                o.decided_at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default()
+            );
+            if !o.discrepancies.is_empty() {
+                println!("  discrepancies: {}", o.discrepancies.join(", "));
+            }
+            if o.overdue {
+                println!(
+                    "  overdue: provisional since {}",
+                    o.provisional_since
+                        .and_then(|t| t
+                            .format(&time::format_description::well_known::Rfc3339)
+                            .ok())
+                        .unwrap_or_default()
+                );
+            }
+            let r = &o.resolved;
+            println!(
+                "  appropriate body: {} (from {})",
+                r.appropriate_body_id.as_deref().unwrap_or("-"),
+                r.appropriate_body_source.as_deref().unwrap_or("-")
+            );
+            println!(
+                "  training programme: {} (from {})",
+                r.training_programme.as_deref().unwrap_or("-"),
+                r.training_programme_source.as_deref().unwrap_or("-")
+            );
+            println!(
+                "  lead provider: {}",
+                r.lead_provider_id.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    println!("\nRecords held ({}):", records.len());
+    for record in &records {
+        println!("  {record}");
+    }
+    println!("\nHistory ({} entries, oldest first):", history.len());
+    for h in &explanation.history {
+        let at =
+            h.at.format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+        match h.event.as_str() {
+            "emitted" | "swept" => println!(
+                "  {at}  {:<10} version {} {} (outcome {})",
+                h.event,
+                h.version.unwrap_or_default(),
+                h.status.as_deref().unwrap_or(""),
+                h.outcome_id.map(|u| u.to_string()).unwrap_or_default()
+            ),
+            _ => println!(
+                "  {at}  {:<10} {} {} {} (message {})",
+                h.event,
+                h.message_type.as_deref().unwrap_or(""),
+                h.record_kind.as_deref().unwrap_or(""),
+                h.record_id.as_deref().unwrap_or(""),
+                h.message_id.map(|u| u.to_string()).unwrap_or_default()
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn record_json(snapshot: &crate::domain::Snapshot) -> serde_json::Value {
+    use crate::domain::Record;
+    let date = |d: time::Date| d.to_string();
+    let at = snapshot
+        .stamp
+        .occurred_at
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    match &snapshot.record {
+        Record::Registration(r) => serde_json::json!({
+            "kind": "registration", "registration_id": r.registration_id.as_str(), "school_urn": r.school_urn.get(),
+            "started_on": date(r.started_on), "finished_on": r.finished_on.map(date),
+            "appropriate_body_id": r.appropriate_body_id.as_str(), "training_programme": r.training_programme.as_str(),
+            "lead_provider_id": r.lead_provider_id.as_ref().map(|l| l.as_str()), "deleted": r.deleted,
+            "occurred_at": at, "message_id": snapshot.stamp.message_id,
+        }),
+        Record::Claim(c) => serde_json::json!({
+            "kind": "claim", "induction_period_id": c.induction_period_id.as_str(),
+            "appropriate_body_id": c.appropriate_body_id.as_str(), "started_on": date(c.started_on),
+            "finished_on": c.finished_on.map(date), "training_programme": c.training_programme.map(|p| p.as_str()),
+            "number_of_terms": c.number_of_terms.map(|t| t.as_f64()), "outcome": c.outcome.map(|o| o.as_str()),
+            "deleted": c.deleted, "occurred_at": at, "message_id": snapshot.stamp.message_id,
+        }),
+    }
+}
+
+/// `parked list | replay | purge`.
+pub async fn parked(settings: &Settings, command: crate::cli::ParkedCommand) -> anyhow::Result<()> {
+    use crate::app::parked::{Action, act};
+    use crate::cli::ParkedCommand as P;
+    let (action, selection, json) = match command {
+        P::List { selection, json } => (Action::List, selection.into_selection(true)?, json),
+        P::Replay { selection } => (Action::Replay, selection.into_selection(false)?, false),
+        P::Purge { selection } => (Action::Purge, selection.into_selection(false)?, false),
+    };
+    let done = act(settings, action, &selection).await?;
+    match action {
+        Action::List => {
+            for s in &done {
+                if json {
+                    println!("{}", serde_json::to_string(s)?);
+                } else {
+                    println!(
+                        "{}  {:<26} {:<30} {}  {}",
+                        s.parked_at.as_deref().unwrap_or("-"),
+                        s.reason.as_deref().unwrap_or("-"),
+                        s.message_id.as_deref().unwrap_or("-"),
+                        s.original_routing_key.as_deref().unwrap_or("-"),
+                        s.detail.as_deref().unwrap_or("")
+                    );
+                }
+            }
+            eprintln!("{} parked messages listed", done.len());
+        }
+        Action::Replay => println!("{} parked messages replayed", done.len()),
+        Action::Purge => println!("{} parked messages purged", done.len()),
+    }
+    Ok(())
+}
+
+/// `outbox status`.
+pub async fn outbox_status(settings: &Settings) -> anyhow::Result<()> {
+    let status = store(settings).await?.outbox_status().await?;
+    let fmt = |t: Option<time::OffsetDateTime>| {
+        t.and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".into())
+    };
+    let age = status
+        .oldest_pending
+        .map(|t| {
+            format!(
+                "{:.1}s",
+                (time::OffsetDateTime::now_utc() - t).as_seconds_f64()
+            )
+        })
+        .unwrap_or_else(|| "-".into());
+    println!("pending: {}", status.pending);
+    println!("oldest pending: {} (age {age})", fmt(status.oldest_pending));
+    println!("last published: {}", fmt(status.last_published));
+    println!("published: {}", status.published);
     Ok(())
 }
