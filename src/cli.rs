@@ -182,7 +182,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         command => {
             let mut settings = Settings::load(cli.config.as_deref())?;
-            crate::telemetry::init(&settings.log);
+            let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry)?;
             crate::telemetry::install_crypto_provider();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// Every setting of the worker.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Settings {
     /// PostgreSQL.
     pub database: DatabaseSettings,
@@ -30,12 +30,37 @@ pub struct Settings {
     pub sweep: SweepSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Traces.
+    pub telemetry: TelemetrySettings,
+    /// The metrics and health endpoint.
+    pub http: HttpSettings,
+}
+
+/// Trace export settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP traces endpoint; tracing export is off when empty or absent.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of exported spans.
+    pub service_name: String,
+}
+
+/// The HTTP endpoint for metrics and health.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct HttpSettings {
+    /// Serve `/metrics`, `/livez` and `/readyz`.
+    pub enabled: bool,
+    /// Address to listen on.
+    pub listen: String,
+    /// Seconds between refreshes of the gauges read from the database.
+    pub gauge_refresh_seconds: u64,
 }
 
 /// PostgreSQL settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct DatabaseSettings {
     /// Connection URL; may contain a password.
+    #[serde(serialize_with = "serialize_redacted")]
     pub url: SecretString,
     /// A file holding the password, used instead of one in the URL.
     pub password_file: Option<PathBuf>,
@@ -48,9 +73,10 @@ pub struct DatabaseSettings {
 }
 
 /// RabbitMQ settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct AmqpSettings {
     /// Connection URL (`amqp://` or `amqps://`); may contain a password.
+    #[serde(serialize_with = "serialize_redacted")]
     pub url: SecretString,
     /// A file holding the password, used instead of one in the URL.
     pub password_file: Option<PathBuf>,
@@ -63,7 +89,7 @@ pub struct AmqpSettings {
 }
 
 /// Names of exchanges, queues and routing keys (CONTRACT.md section 2).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 pub struct Topology {
     /// Input exchange (topic).
     pub input_exchange: String,
@@ -86,7 +112,7 @@ pub struct Topology {
 }
 
 /// Message handling settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct WorkerSettings {
     /// Attempts before parking a message as `processing_failed`.
     pub max_attempts: u32,
@@ -99,7 +125,7 @@ pub struct WorkerSettings {
 }
 
 /// Outbox relay settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RelaySettings {
     /// Run the relay in this process.
     pub enabled: bool,
@@ -110,7 +136,7 @@ pub struct RelaySettings {
 }
 
 /// Overdue sweep settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct SweepSettings {
     /// Run the sweep in this process.
     pub enabled: bool,
@@ -123,7 +149,7 @@ pub struct SweepSettings {
 }
 
 /// Logging settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct LogSettings {
     /// `compact` or `json`.
     pub format: LogFormat,
@@ -132,7 +158,7 @@ pub struct LogSettings {
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable, one line per event.
@@ -211,29 +237,17 @@ impl Settings {
         with_password_file(&self.amqp.url, self.amqp.password_file.as_deref())
     }
 
-    /// The settings as TOML-like text with every secret redacted, for `check-config`.
+    /// The effective settings as TOML with every password redacted, for `check-config`.
     pub fn redacted(&self) -> String {
-        format!(
-            "[database]\nurl = {:?}\npassword_file = {:?}\nmax_connections = {}\nmigrate_on_start = {}\n\
-             acquire_timeout_seconds = {}\n\n[amqp]\nurl = {:?}\npassword_file = {:?}\nprefetch = {}\n\
-             concurrency = {}\ndeclare_topology = {}\n\n{:#?}\n\n{:#?}\n\n{:#?}\n\n{:#?}\n\n{:#?}\n",
-            redact_url(self.database.url.expose_secret()),
-            self.database.password_file,
-            self.database.max_connections,
-            self.database.migrate_on_start,
-            self.database.acquire_timeout_seconds,
-            redact_url(self.amqp.url.expose_secret()),
-            self.amqp.password_file,
-            self.amqp.prefetch,
-            self.amqp.concurrency,
-            self.amqp.declare_topology,
-            self.topology,
-            self.worker,
-            self.relay,
-            self.sweep,
-            self.log,
-        )
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the settings: {e}\n"))
     }
+}
+
+fn serialize_redacted<S: serde::Serializer>(
+    url: &SecretString,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redact_url(url.expose_secret()))
 }
 
 impl WorkerSettings {

@@ -35,6 +35,7 @@ fn command(settings: &Settings, subcommand: &[&str]) -> Command {
         .env("INDUCTION__WORKER__SHUTDOWN_TIMEOUT_SECONDS", "15")
         .env("INDUCTION__LOG__FORMAT", "json")
         .env("INDUCTION__LOG__FILTER", "debug")
+        .env("INDUCTION__HTTP__ENABLED", "false")
         .stdin(Stdio::null());
     cmd
 }

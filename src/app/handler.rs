@@ -15,9 +15,11 @@ use tracing::Instrument;
 
 use crate::broker::{BrokerError, Publisher};
 use crate::config::Settings;
-use crate::domain::Admission;
+use crate::domain::{Admission, Status};
 use crate::messages::{ReasonCode, Rejection, decode};
 use crate::store::{Handled, Store};
+use crate::telemetry::metrics::{ConsumedLabels, ReasonLabel, StatusLabel, metrics};
+use crate::telemetry::propagation::{continue_trace, outgoing_traceparent};
 
 /// The worker's clock, to the millisecond (what Postgres and the outcome JSON both keep).
 pub fn now() -> OffsetDateTime {
@@ -29,8 +31,8 @@ pub fn now() -> OffsetDateTime {
 /// How one delivery ended, for logs, metrics and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Disposition {
-    /// Applied; the number of outcomes written to the outbox.
-    Applied(usize),
+    /// Applied; the statuses of the outcomes written to the outbox.
+    Applied(Vec<Status>),
     /// An older snapshot than the record's latest: recorded, nothing emitted.
     Stale,
     /// Processed before.
@@ -82,9 +84,14 @@ impl Handler {
             message.result = tracing::field::Empty,
             message.bytes = delivery.data.len(),
         );
+        continue_trace(
+            &span,
+            header_text(&delivery, "traceparent").as_deref(),
+            header_text(&delivery, "tracestate").as_deref(),
+        );
         async {
             let started = std::time::Instant::now();
-            let disposition = self.process(&delivery).await;
+            let (kind, disposition) = self.process(&delivery).await;
             let acked = match disposition {
                 Disposition::Abandoned => false,
                 _ => matches!(delivery.acker.ack(BasicAckOptions::default()).await, Ok(true)),
@@ -94,6 +101,25 @@ impl Handler {
             if !acked && disposition != Disposition::Abandoned {
                 tracing::warn!("could not acknowledge (channel closed); the broker will redeliver and the inbox will de-duplicate");
             }
+            let m = metrics();
+            m.consumed
+                .get_or_create(&ConsumedLabels {
+                    r#type: kind.to_owned(),
+                    result: disposition.as_str().to_owned(),
+                })
+                .inc();
+            match &disposition {
+                Disposition::Parked(reason) => {
+                    m.parked.get_or_create(&ReasonLabel { reason: reason.as_str().to_owned() }).inc();
+                }
+                Disposition::Applied(statuses) => {
+                    for status in statuses {
+                        m.emitted.get_or_create(&StatusLabel { status: status.as_str().to_owned() }).inc();
+                    }
+                }
+                _ => {}
+            }
+            m.processing_seconds.observe(started.elapsed().as_secs_f64());
             tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "message handled");
             disposition
         }
@@ -101,16 +127,28 @@ impl Handler {
         .await
     }
 
-    async fn process(&self, delivery: &Delivery) -> Disposition {
+    /// Processes a delivery; returns the message type (for metrics) and how it ended.
+    async fn process(&self, delivery: &Delivery) -> (&'static str, Disposition) {
         let span = tracing::Span::current();
         let input = match decode(&delivery.data, now()) {
             Ok(input) => input,
-            Err(rejection) => return self.park(delivery, &rejection).await,
+            Err(rejection) => return ("unknown", self.park(delivery, &rejection).await),
         };
+        let kind = input.cause.message_type.as_str();
+        (kind, self.apply(delivery, &span, input).await)
+    }
+
+    async fn apply(
+        &self,
+        delivery: &Delivery,
+        span: &tracing::Span,
+        input: crate::messages::Input,
+    ) -> Disposition {
         span.record("message.id", tracing::field::display(input.message_id()));
         span.record("message.type", input.cause.message_type.as_str());
         let digest: [u8; 32] = Sha256::digest(&delivery.data).into();
-        let traceparent = header_text(delivery, "traceparent");
+        let traceparent =
+            outgoing_traceparent(span, header_text(delivery, "traceparent").as_deref());
         let mut delays = self.delays();
         let mut failures = 0;
         let mut outage_logged = false;

@@ -5,6 +5,7 @@
 //! committed, or after it has been parked with a broker confirm.
 
 pub mod handler;
+pub mod http;
 pub mod ops;
 pub mod parked;
 pub mod relay;

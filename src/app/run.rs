@@ -19,6 +19,7 @@ use super::relay;
 use crate::broker::{Broker, declare_topology};
 use crate::config::Settings;
 use crate::store::Store;
+use crate::telemetry::metrics::{ComponentLabel, metrics};
 
 fn delays(settings: &Settings) -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
@@ -125,7 +126,23 @@ pub async fn run(
         background.spawn(sweep_task(settings.clone(), store.clone(), stop.clone()));
     }
 
-    let consumed = consume(&settings, &store, &stop, &abandon).await;
+    let health = super::http::Health::new(store.clone());
+    if settings.http.enabled {
+        let listen = settings.http.listen.clone();
+        let (serving_health, serving_stop) = (health.clone(), stop.clone());
+        background.spawn(async move {
+            if let Err(error) = super::http::serve(&listen, serving_health, serving_stop).await {
+                tracing::error!(error = %error, address = %listen, "cannot serve the metrics and health endpoint");
+            }
+        });
+        background.spawn(super::http::refresh_gauges(
+            store.clone(),
+            Duration::from_secs(settings.http.gauge_refresh_seconds.max(1)),
+            stop.clone(),
+        ));
+    }
+
+    let consumed = consume(&settings, &store, &stop, &abandon, &health).await;
     drained.cancel();
     let deadline = tokio::time::Instant::now() + settings.worker.shutdown_timeout();
     let abandon_at_deadline = {
@@ -150,6 +167,7 @@ async fn consume(
     store: &Store,
     stop: &CancellationToken,
     abandon: &CancellationToken,
+    health: &super::http::Health,
 ) -> anyhow::Result<()> {
     let mut in_flight: JoinSet<Disposition> = JoinSet::new();
     let semaphore = Arc::new(Semaphore::new(settings.amqp.concurrency));
@@ -164,19 +182,23 @@ async fn consume(
             break Ok(());
         };
         last_broker = Some(broker.clone());
-        match consume_on(
+        let shared = Shared {
             settings,
             store,
-            &broker,
             stop,
             abandon,
-            &semaphore,
-            &mut in_flight,
-        )
-        .await
-        {
+            health,
+        };
+        match consume_on(&shared, &broker, &semaphore, &mut in_flight).await {
             Ok(()) => break Ok(()),
             Err(error) if error.is_transient() => {
+                health.set_broker_connected(false);
+                metrics()
+                    .reconnects
+                    .get_or_create(&ComponentLabel {
+                        component: "consumer".into(),
+                    })
+                    .inc();
                 tracing::warn!(error = %error, "lost the broker; reconnecting");
                 broker.close().await;
                 if !pause(&mut delays, stop).await {
@@ -194,15 +216,28 @@ async fn consume(
     result
 }
 
+/// What the consumer shares with every connection it makes.
+struct Shared<'a> {
+    settings: &'a Settings,
+    store: &'a Store,
+    stop: &'a CancellationToken,
+    abandon: &'a CancellationToken,
+    health: &'a super::http::Health,
+}
+
 async fn consume_on(
-    settings: &Settings,
-    store: &Store,
+    shared: &Shared<'_>,
     broker: &Broker,
-    stop: &CancellationToken,
-    abandon: &CancellationToken,
     semaphore: &Arc<Semaphore>,
     in_flight: &mut JoinSet<Disposition>,
 ) -> Result<(), crate::broker::BrokerError> {
+    let Shared {
+        settings,
+        store,
+        stop,
+        abandon,
+        health,
+    } = *shared;
     let channel = broker.channel().await?;
     if settings.amqp.declare_topology {
         declare_topology(&channel, &settings.topology).await?;
@@ -221,6 +256,7 @@ async fn consume_on(
         )
         .await?;
     tracing::info!(queue = %settings.topology.inbox_queue, prefetch = settings.amqp.prefetch, "consuming");
+    health.set_broker_connected(true);
     let handler = Handler {
         store: store.clone(),
         parking,
@@ -247,8 +283,16 @@ async fn consume_on(
             }
             Some(Err(error)) => {
                 drop(permit);
+                health.set_broker_connected(false);
                 tracing::warn!(error = %error, "consumer interrupted; waiting for recovery");
                 channel.wait_for_recovery(error).await?;
+                metrics()
+                    .reconnects
+                    .get_or_create(&ComponentLabel {
+                        component: "consumer".into(),
+                    })
+                    .inc();
+                health.set_broker_connected(true);
                 tracing::info!("consumer recovered");
             }
             None => {
@@ -309,6 +353,12 @@ async fn relay_task(
         match result {
             Ok(()) => break,
             Err(error) => {
+                metrics()
+                    .reconnects
+                    .get_or_create(&ComponentLabel {
+                        component: "relay".into(),
+                    })
+                    .inc();
                 tracing::warn!(error = %error, "outbox relay interrupted; retrying");
                 if !pause(&mut delays, &drained).await {
                     break;

@@ -22,7 +22,7 @@ pub use error::StoreError;
 pub use outbox::{OutboxBatch, OutboxRow, OutboxStatus};
 pub use teachers::{Explanation, HistoryEntry};
 
-use crate::domain::{Admission, Outcome, RecordKey, Trn, admit, emit, reconcile, sweep};
+use crate::domain::{Admission, Outcome, RecordKey, Status, Trn, admit, emit, reconcile, sweep};
 use crate::messages::{Input, OutcomeMessage};
 
 /// The Postgres channel the outbox relay listens on.
@@ -34,12 +34,12 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// What the store did with one accepted input message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handled {
-    /// Recorded; `emitted` outcomes were written to the outbox.
+    /// Recorded; the statuses of the outcomes written to the outbox.
     Applied {
         /// How the snapshot was admitted (`Latest`, or `Stale` for an older snapshot).
         admission: Admission,
-        /// Outcomes written to the outbox.
-        emitted: usize,
+        /// The status of each outcome written to the outbox.
+        emitted: Vec<Status>,
     },
     /// This exact message was processed before.
     Duplicate,
@@ -146,7 +146,7 @@ impl Store {
             tx.commit().await?;
             return Ok(Handled::Applied {
                 admission,
-                emitted: 0,
+                emitted: Vec::new(),
             });
         };
 
@@ -160,7 +160,7 @@ impl Store {
         }
         teachers::record_history(&mut tx, trn, now, "applied", Some(input), None).await?;
 
-        let mut emitted = 0;
+        let mut emitted = Vec::new();
         for teacher in affected {
             let snapshots = records::for_teacher(&mut tx, teacher).await?;
             let reconciliation = reconcile(&snapshots);
@@ -173,10 +173,10 @@ impl Store {
                 now,
             ) {
                 write_outcome(&mut tx, &outcome, now, traceparent, "emitted").await?;
-                emitted += 1;
+                emitted.push(outcome.status());
             }
         }
-        if emitted > 0 {
+        if !emitted.is_empty() {
             notify_outbox(&mut tx).await?;
         }
         tx.commit().await?;
@@ -214,6 +214,40 @@ impl Store {
             tx.commit().await?;
         }
         Ok(swept)
+    }
+}
+
+/// Gauges read from the database for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Gauges {
+    /// Outcomes not yet published.
+    pub outbox_backlog: i64,
+    /// Age of the oldest unpublished outcome, in seconds.
+    pub outbox_oldest_age_seconds: f64,
+    /// Teachers whose last outcome is a conflict.
+    pub open_conflicts: i64,
+    /// Teachers in an overdue provisional spell.
+    pub overdue_provisionals: i64,
+}
+
+impl Store {
+    /// Reads the gauges.
+    pub async fn gauges(&self) -> Result<Gauges, StoreError> {
+        use sqlx::Row;
+        let row = sqlx::query(
+            "select (select count(*) from outbox where published_at is null) as backlog,
+                    coalesce(extract(epoch from now() - (select min(created_at) from outbox where published_at is null)), 0)::float8 as oldest,
+                    (select count(*) from teachers where status = 'conflict') as conflicts,
+                    (select count(*) from teachers where status = 'provisional' and overdue) as overdue",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Gauges {
+            outbox_backlog: row.try_get("backlog")?,
+            outbox_oldest_age_seconds: row.try_get("oldest")?,
+            open_conflicts: row.try_get("conflicts")?,
+            overdue_provisionals: row.try_get("overdue")?,
+        })
     }
 }
 

@@ -73,6 +73,7 @@ pub fn test_settings(db_name: &str, prefix: &str) -> Settings {
     settings.worker.shutdown_timeout_seconds = 10;
     settings.relay.poll_interval_millis = 200;
     settings.sweep.interval_seconds = 3600;
+    settings.http.enabled = false;
     settings
 }
 
@@ -230,6 +231,11 @@ impl TestApp {
 
     /// The next outcome the worker published.
     pub async fn next_outcome(&mut self) -> Value {
+        self.next_outcome_with_headers().await.0
+    }
+
+    /// The next outcome the worker published, with its AMQP headers.
+    pub async fn next_outcome_with_headers(&mut self) -> (Value, FieldTable) {
         let delivery = tokio::time::timeout(PATIENCE, self.outcomes.next())
             .await
             .expect("an outcome arrives in time")
@@ -257,7 +263,8 @@ impl TestApp {
             delivery.routing_key.as_str(),
             format!("outcome.{}", outcome["status"].as_str().unwrap())
         );
-        outcome
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        (outcome, headers)
     }
 
     /// Outcomes until none arrives for `quiet`.
