@@ -65,6 +65,9 @@ pub async fn relay_once(
     batch
         .complete(&published, OffsetDateTime::now_utc())
         .await?;
+    crate::telemetry::metrics::metrics()
+        .published
+        .inc_by(published.len() as u64);
     match failure {
         Some(error) => Err(error.into()),
         None => Ok(published.len()),

@@ -75,7 +75,11 @@ async fn connect_broker(
     let url = settings.amqp_url()?;
     let mut delays = delays(settings);
     loop {
-        match Broker::connect(&url, name).await {
+        let attempt = tokio::select! {
+            attempt = Broker::connect(&url, name) => attempt,
+            () = stop.cancelled() => return Ok(None),
+        };
+        match attempt {
             Ok(broker) => return Ok(Some(broker)),
             Err(error) => tracing::warn!(error = %error, "cannot reach the broker yet; retrying"),
         }

@@ -124,6 +124,10 @@ impl Metrics {
             overdue_provisionals.clone(),
         );
         let reconnects = Family::<ComponentLabel, Counter>::default();
+        // Present from the start, so that alerts on their rate see a zero, not an absent series.
+        for component in ["consumer", "relay"] {
+            reconnects.get_or_create(&ComponentLabel { component: component.into() });
+        }
         registry.register(
             "broker_reconnects",
             "Reconnections after a broker failure",
