@@ -146,7 +146,10 @@ async fn metrics_liveness_and_readiness() {
     assert_eq!(sample(&text, "induction_reconciler_open_conflicts"), 1.0);
     assert_eq!(sample(&text, "induction_reconciler_outbox_backlog"), 0.0);
     assert!(text.contains("induction_reconciler_overdue_provisionals"));
-    assert!(text.contains("induction_reconciler_broker_reconnects"), "{text}");
+    assert!(
+        text.contains("induction_reconciler_broker_reconnects"),
+        "{text}"
+    );
     app.teardown().await;
 }
 

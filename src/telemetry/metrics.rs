@@ -126,7 +126,9 @@ impl Metrics {
         let reconnects = Family::<ComponentLabel, Counter>::default();
         // Present from the start, so that alerts on their rate see a zero, not an absent series.
         for component in ["consumer", "relay"] {
-            reconnects.get_or_create(&ComponentLabel { component: component.into() });
+            let _ = reconnects.get_or_create(&ComponentLabel {
+                component: component.into(),
+            });
         }
         registry.register(
             "broker_reconnects",
