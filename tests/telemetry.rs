@@ -43,10 +43,10 @@ async fn get(port: u16, path: &str) -> Option<(u16, String)> {
 async fn wait_for_status(port: u16, path: &str, status: u16) -> String {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        if let Some((got, body)) = get(port, path).await {
-            if got == status {
-                return body;
-            }
+        if let Some((got, body)) = get(port, path).await
+            && got == status
+        {
+            return body;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
