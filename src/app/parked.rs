@@ -5,7 +5,7 @@
 //! its parked copy is acknowledged, a purged one is acknowledged.
 
 use anyhow::Context;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 
@@ -124,13 +124,29 @@ pub async fn act(
     let queue = settings.topology.parking_queue.as_str();
     let mut done = Vec::new();
     let mut untouched = Vec::new();
-    // Read until the queue is empty. Messages not acted on stay unacknowledged (so they are not
-    // read twice) and go back to the queue when the channel closes.
-    while let Some(message) = channel
-        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+    // Read the messages parked when the command started, and no more: a replayed message may be
+    // parked again while we read. Messages not acted on stay unacknowledged (so they are not read
+    // twice) and go back to the queue at the end.
+    let parked_now = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
-        .context("cannot read the parking queue")?
-    {
+        .context("cannot find the parking queue")?
+        .message_count();
+    for _ in 0..parked_now {
+        let Some(message) = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .context("cannot read the parking queue")?
+        else {
+            break;
+        };
         let delivery = message.delivery;
         let summary = summarise(
             &delivery.properties,
