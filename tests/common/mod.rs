@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod cluster;
 
 use serde_json::{Value, json};
 use time::OffsetDateTime;
