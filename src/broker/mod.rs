@@ -18,7 +18,7 @@ use lapin::{
 use secrecy::{ExposeSecret, SecretString};
 
 pub use error::BrokerError;
-pub use topology::declare_topology;
+pub use topology::{declare_topology, inbox_arguments};
 
 /// An AMQP connection that recovers by itself from network failures.
 #[derive(Clone)]

@@ -38,6 +38,21 @@ const DURABLE_QUEUE: QueueDeclareOptions = QueueDeclareOptions {
     nowait: false,
 };
 
+/// The inbox queue's arguments: quorum, an explicit delivery limit, and at-least-once
+/// dead-lettering into the parking queue (which needs `reject-publish` overflow).
+pub fn inbox_arguments(t: &Topology) -> FieldTable {
+    quorum(&[
+        (
+            "x-delivery-limit",
+            AMQPValue::LongLongInt(i64::from(t.delivery_limit)),
+        ),
+        ("x-dead-letter-exchange", text("")),
+        ("x-dead-letter-routing-key", text(&t.parking_queue)),
+        ("x-dead-letter-strategy", text("at-least-once")),
+        ("x-overflow", text("reject-publish")),
+    ])
+}
+
 /// Declares the whole topology.
 ///
 /// The inbox is a quorum queue with an explicit delivery limit (RabbitMQ 3.10 has none by
@@ -91,18 +106,12 @@ pub async fn declare_topology(channel: &Channel, t: &Topology) -> Result<(), Bro
         )
         .await?;
 
-    let inbox_args = quorum(&[
-        (
-            "x-delivery-limit",
-            AMQPValue::LongLongInt(i64::from(t.delivery_limit)),
-        ),
-        ("x-dead-letter-exchange", text("")),
-        ("x-dead-letter-routing-key", text(&t.parking_queue)),
-        ("x-dead-letter-strategy", text("at-least-once")),
-        ("x-overflow", text("reject-publish")),
-    ]);
     channel
-        .queue_declare(t.inbox_queue.as_str().into(), DURABLE_QUEUE, inbox_args)
+        .queue_declare(
+            t.inbox_queue.as_str().into(),
+            DURABLE_QUEUE,
+            inbox_arguments(t),
+        )
         .await?;
     for key in [&t.registration_routing_key, &t.claim_routing_key] {
         channel

@@ -1,0 +1,246 @@
+//! The deployment files are parsed and checked for the fields that matter, and the RabbitMQ
+//! definitions are checked against what the worker itself declares.
+
+use std::path::{Path, PathBuf};
+
+use induction_reconciler::broker::inbox_arguments;
+use induction_reconciler::config::Settings;
+use lapin::types::AMQPValue;
+use serde_json::Value;
+
+fn path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(relative)
+}
+
+/// Every YAML document in a file.
+fn yaml(relative: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(path(relative)).unwrap();
+    text.split("\n---\n")
+        .filter(|doc| {
+            doc.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .map(|doc| {
+            serde_saphyr::from_str::<Value>(doc).unwrap_or_else(|e| panic!("{relative}: {e}"))
+        })
+        .collect()
+}
+
+fn one(relative: &str) -> Value {
+    let mut docs = yaml(relative);
+    assert_eq!(docs.len(), 1, "{relative}");
+    docs.remove(0)
+}
+
+fn settings_from_configmap() -> Settings {
+    let configmap = one("kubernetes/configmap.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, configmap["data"]["config.toml"].as_str().unwrap()).unwrap();
+    Settings::load(Some(&file)).expect("the ConfigMap's settings load")
+}
+
+#[test]
+fn every_manifest_parses_and_names_its_kind() {
+    let dir = path("kubernetes");
+    let mut kinds = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        for doc in yaml(&format!("kubernetes/{name}")) {
+            assert!(doc["apiVersion"].is_string(), "{name}");
+            assert!(doc["metadata"]["name"].is_string(), "{name}");
+            kinds.push(doc["kind"].as_str().unwrap().to_owned());
+        }
+    }
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ConfigMap",
+            "Deployment",
+            "Job",
+            "PodDisruptionBudget",
+            "ScaledObject",
+            "Secret",
+            "Service",
+            "TriggerAuthentication"
+        ]
+    );
+}
+
+#[test]
+fn the_deployment_is_probed_bounded_and_unprivileged() {
+    let deployment = one("kubernetes/deployment.yaml");
+    let settings = settings_from_configmap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/livez");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let port = container["ports"][0]["containerPort"].as_u64().unwrap();
+    assert!(
+        settings.http.listen.ends_with(&format!(":{port}")),
+        "the probes reach the configured listener"
+    );
+    for key in ["requests", "limits"] {
+        assert!(container["resources"][key]["memory"].is_string(), "{key}");
+        assert!(container["resources"][key]["cpu"].is_string(), "{key}");
+    }
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace > 2 * settings.worker.shutdown_timeout_seconds,
+        "grace {grace}s covers draining and the last flush"
+    );
+    assert_eq!(
+        container["envFrom"][0]["secretRef"]["name"],
+        "induction-reconciler"
+    );
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(args.contains(&"--no-migrate") && args.contains(&"--no-declare"));
+    assert_eq!(
+        settings.log.format,
+        induction_reconciler::config::LogFormat::Json
+    );
+
+    let labels = &deployment["spec"]["selector"]["matchLabels"];
+    let pdb = one("kubernetes/pdb.yaml");
+    assert_eq!(&pdb["spec"]["selector"]["matchLabels"], labels);
+    assert!(pdb["spec"]["minAvailable"].as_u64().unwrap() >= 1);
+    assert!(
+        deployment["spec"]["replicas"].as_u64().unwrap()
+            > pdb["spec"]["minAvailable"].as_u64().unwrap()
+    );
+}
+
+#[test]
+fn keda_scales_the_deployment_on_the_inbox_queue() {
+    let docs = yaml("kubernetes/scaledobject.yaml");
+    let scaled = docs.iter().find(|d| d["kind"] == "ScaledObject").unwrap();
+    assert_eq!(
+        scaled["spec"]["scaleTargetRef"]["name"],
+        one("kubernetes/deployment.yaml")["metadata"]["name"]
+    );
+    let trigger = &scaled["spec"]["triggers"][0];
+    assert_eq!(trigger["type"], "rabbitmq");
+    assert_eq!(
+        trigger["metadata"]["queueName"],
+        settings_from_configmap().topology.inbox_queue.as_str()
+    );
+    let auth = docs
+        .iter()
+        .find(|d| d["kind"] == "TriggerAuthentication")
+        .unwrap();
+    assert_eq!(
+        auth["metadata"]["name"],
+        trigger["authenticationRef"]["name"]
+    );
+}
+
+fn amqp_to_json(value: &AMQPValue) -> Value {
+    match value {
+        AMQPValue::LongString(s) => Value::from(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Value::from(s.as_str()),
+        AMQPValue::LongLongInt(n) => Value::from(*n),
+        AMQPValue::LongInt(n) => Value::from(*n),
+        other => panic!("unexpected argument {other:?}"),
+    }
+}
+
+#[test]
+fn rabbitmq_definitions_match_what_the_worker_declares() {
+    let definitions: Value =
+        serde_json::from_str(&std::fs::read_to_string(path("rabbitmq/definitions.json")).unwrap())
+            .unwrap();
+    let t = Settings::load(None).unwrap().topology;
+    let queue = |name: &str| {
+        definitions["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["name"] == name)
+            .unwrap_or_else(|| panic!("queue {name}"))
+            .clone()
+    };
+    let declared: serde_json::Map<String, Value> = inbox_arguments(&t)
+        .inner()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), amqp_to_json(v)))
+        .collect();
+    assert_eq!(queue(&t.inbox_queue)["arguments"], Value::Object(declared));
+    for name in [&t.parking_queue, &t.unrouted_queue] {
+        assert_eq!(queue(name)["arguments"]["x-queue-type"], "quorum");
+    }
+    let exchange = |name: &str| {
+        definitions["exchanges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(exchange(&t.input_exchange)["type"], "topic");
+    assert_eq!(
+        exchange(&t.outcome_exchange)["arguments"]["alternate-exchange"],
+        t.unrouted_exchange.as_str()
+    );
+    let keys: Vec<&str> = definitions["bindings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["destination"] == t.inbox_queue.as_str())
+        .map(|b| b["routing_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            t.registration_routing_key.as_str(),
+            t.claim_routing_key.as_str()
+        ]
+    );
+    let worker = definitions["permissions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["user"] == "induction-reconciler")
+        .unwrap();
+    assert_eq!(
+        worker["configure"], "^$",
+        "a worker with managed topology configures nothing"
+    );
+}
+
+#[test]
+fn the_image_is_multi_stage_and_runs_as_non_root() {
+    let dockerfile = std::fs::read_to_string(path("Dockerfile")).unwrap();
+    assert_eq!(
+        dockerfile
+            .lines()
+            .filter(|l| l.starts_with("FROM "))
+            .count(),
+        2
+    );
+    assert!(dockerfile.lines().any(|l| l.starts_with("USER nonroot")));
+    let compose = one("compose.yaml");
+    for service in ["postgres", "rabbitmq", "worker"] {
+        assert!(compose["services"][service].is_object(), "{service}");
+    }
+    assert!(
+        compose["services"]["rabbitmq"]["image"]
+            .as_str()
+            .unwrap()
+            .ends_with("-management")
+    );
+}
