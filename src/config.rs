@@ -80,6 +80,8 @@ pub struct AmqpSettings {
     pub url: SecretString,
     /// A file holding the password, used instead of one in the URL.
     pub password_file: Option<PathBuf>,
+    /// PEM file of CA certificates to trust for `amqps://`, besides the system's roots.
+    pub tls_ca_file: Option<PathBuf>,
     /// Consumer prefetch.
     pub prefetch: u16,
     /// Deliveries processed at once.
@@ -230,6 +232,27 @@ impl Settings {
     /// The database URL with the password from `password_file` applied, if one is configured.
     pub fn database_url(&self) -> anyhow::Result<SecretString> {
         with_password_file(&self.database.url, self.database.password_file.as_deref())
+    }
+
+    /// The CA certificates to trust for `amqps://`, if configured.
+    pub fn amqp_tls_ca(&self) -> anyhow::Result<Option<String>> {
+        self.amqp
+            .tls_ca_file
+            .as_ref()
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read amqp.tls_ca_file {}", path.display()))
+            })
+            .transpose()
+    }
+
+    /// Connects to RabbitMQ with these settings (URL, password file, CA file).
+    pub async fn connect_broker(&self, name: &str) -> anyhow::Result<crate::broker::Broker> {
+        let url = self.amqp_url()?;
+        let ca = self.amqp_tls_ca()?;
+        crate::broker::Broker::connect_with_ca(&url, name, ca.as_deref())
+            .await
+            .context("cannot connect to the broker")
     }
 
     /// The AMQP URL with the password from `password_file` applied, if one is configured.

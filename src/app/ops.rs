@@ -8,7 +8,7 @@ use futures_lite::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 
-use crate::broker::{Broker, json_properties};
+use crate::broker::json_properties;
 use crate::config::Settings;
 use crate::store::Store;
 
@@ -24,9 +24,9 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 /// JSON object with a known `message_type` goes with the registration routing key, so that the
 /// worker parks it (this command is also how test data reaches the worker).
 pub async fn publish(settings: &Settings, input: Box<dyn BufRead>) -> anyhow::Result<()> {
-    let broker = Broker::connect(&settings.amqp_url()?, "induction-reconciler publish")
-        .await
-        .context("cannot connect to the broker")?;
+    let broker = settings
+        .connect_broker("induction-reconciler publish")
+        .await?;
     let publisher = broker.publisher().await?;
     let t = &settings.topology;
     let mut pending = Vec::new();
@@ -80,9 +80,9 @@ pub async fn watch(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     use std::io::Write;
-    let broker = Broker::connect(&settings.amqp_url()?, "induction-reconciler watch")
-        .await
-        .context("cannot connect to the broker")?;
+    let broker = settings
+        .connect_broker("induction-reconciler watch")
+        .await?;
     let channel = broker.channel().await?;
     let queue = channel
         .queue_declare(

@@ -9,7 +9,6 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDe
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 
-use crate::broker::Broker;
 use crate::config::Settings;
 
 /// What to do with the selected parked messages.
@@ -116,9 +115,9 @@ pub async fn act(
     action: Action,
     selection: &Selection,
 ) -> anyhow::Result<Vec<ParkedSummary>> {
-    let broker = Broker::connect(&settings.amqp_url()?, "induction-reconciler parked")
-        .await
-        .context("cannot connect to the broker")?;
+    let broker = settings
+        .connect_broker("induction-reconciler parked")
+        .await?;
     let channel = broker.channel().await?;
     let publisher = broker.publisher().await?;
     let queue = settings.topology.parking_queue.as_str();

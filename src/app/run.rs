@@ -73,10 +73,11 @@ async fn connect_broker(
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<Broker>> {
     let url = settings.amqp_url()?;
+    let ca = settings.amqp_tls_ca()?;
     let mut delays = delays(settings);
     loop {
         let attempt = tokio::select! {
-            attempt = Broker::connect(&url, name) => attempt,
+            attempt = Broker::connect_with_ca(&url, name, ca.as_deref()) => attempt,
             () = stop.cancelled() => return Ok(None),
         };
         match attempt {

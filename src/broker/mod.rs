@@ -29,6 +29,16 @@ pub struct Broker {
 impl Broker {
     /// Connects, naming the connection so operators can see it in the management UI.
     pub async fn connect(url: &SecretString, name: &str) -> Result<Self, BrokerError> {
+        Self::connect_with_ca(url, name, None).await
+    }
+
+    /// Connects, trusting `ca_pem` (PEM certificates) for an `amqps://` URL in addition to the
+    /// system's roots.
+    pub async fn connect_with_ca(
+        url: &SecretString,
+        name: &str,
+        ca_pem: Option<&str>,
+    ) -> Result<Self, BrokerError> {
         let properties = ConnectionProperties::default()
             .with_connection_name(name.into())
             .enable_auto_recover()
@@ -39,7 +49,13 @@ impl Broker {
                     .with_jitter()
                     .with_max_times(60),
             );
-        let connection = Connection::connect(url.expose_secret(), properties).await?;
+        let tls = lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain: ca_pem.map(str::to_owned),
+        };
+        let runtime = lapin::runtime::default_runtime()?;
+        let connection =
+            Connection::connect_with_config(url.expose_secret(), properties, tls, runtime).await?;
         Ok(Self {
             connection: Arc::new(connection),
         })
