@@ -34,6 +34,34 @@ impl Ledger {
         Self::default()
     }
 
+    /// A ledger holding part of a larger state: the latest snapshots of some records and the
+    /// last outcomes of some teachers. The worker seeds one per batch with everything the batch
+    /// can touch (under the teachers' locks) and applies the batch's messages to it.
+    pub fn seeded(
+        records: impl IntoIterator<Item = Snapshot>,
+        last: impl IntoIterator<Item = Outcome>,
+    ) -> Self {
+        let mut ledger = Self::new();
+        for snapshot in records {
+            let key = snapshot.record.key();
+            ledger
+                .by_teacher
+                .entry(snapshot.record.trn().clone())
+                .or_default()
+                .insert(key.clone());
+            ledger.records.insert(key, snapshot);
+        }
+        for outcome in last {
+            ledger.last.insert(outcome.trn.clone(), outcome);
+        }
+        ledger
+    }
+
+    /// The latest snapshot held for a record.
+    pub fn record(&self, key: &RecordKey) -> Option<&Snapshot> {
+        self.records.get(key)
+    }
+
     /// Applies one accepted snapshot and returns what it emitted.
     pub fn apply(&mut self, snapshot: Snapshot, cause: Cause, now: OffsetDateTime) -> Applied {
         let key = snapshot.record.key();

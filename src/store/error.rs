@@ -18,6 +18,14 @@ impl StoreError {
         self.transient
     }
 
+    /// A failure that retrying will resolve (a race with another worker).
+    pub fn transient(what: impl Into<String>) -> Self {
+        Self {
+            transient: true,
+            description: what.into(),
+        }
+    }
+
     /// A permanent failure that did not come from sqlx (a stored row that cannot be read).
     pub fn corrupt(what: impl Into<String>) -> Self {
         Self {

@@ -5,6 +5,7 @@
 //! transaction; locks are taken in one order (the record, then its teachers by TRN) so that any
 //! number of workers can run at once.
 
+mod batch;
 mod error;
 mod outbox;
 mod records;
@@ -18,11 +19,12 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+pub use batch::BatchItem;
 pub use error::StoreError;
 pub use outbox::{OutboxBatch, OutboxRow, OutboxStatus};
 pub use teachers::{Explanation, HistoryEntry};
 
-use crate::domain::{Admission, Outcome, RecordKey, Status, Trn, admit, emit, reconcile, sweep};
+use crate::domain::{Admission, Outcome, Status, Trn, sweep};
 use crate::messages::{Input, OutcomeMessage};
 
 /// The Postgres channel the outbox relay listens on.
@@ -101,86 +103,13 @@ impl Store {
         now: OffsetDateTime,
         traceparent: Option<&str>,
     ) -> Result<Handled, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let message_id = input.message_id();
-        let inserted = sqlx::query(
-            "insert into inbox (message_id, body_sha256, message_type, admission, received_at)
-             values ($1, $2, $3, 'latest', $4) on conflict (message_id) do nothing",
-        )
-        .bind(message_id)
-        .bind(&digest[..])
-        .bind(input.cause.message_type.as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            let seen: Vec<u8> =
-                sqlx::query_scalar("select body_sha256 from inbox where message_id = $1")
-                    .bind(message_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            tx.rollback().await?;
-            return Ok(if seen == digest {
-                Handled::Duplicate
-            } else {
-                Handled::Reused
-            });
-        }
-
-        let key = input.snapshot.record.key();
-        lock_record(&mut tx, &key).await?;
-        let held = records::load(&mut tx, &key).await?;
-        let admission = admit(held.as_ref(), &input.snapshot);
-        let trn = input.snapshot.record.trn();
-        let Admission::Latest { affected } = &admission else {
-            sqlx::query("update inbox set admission = $2 where message_id = $1")
-                .bind(message_id)
-                .bind(match admission {
-                    Admission::Stale => "stale",
-                    _ => "duplicate",
-                })
-                .execute(&mut *tx)
-                .await?;
-            teachers::record_history(&mut tx, trn, now, "stale", Some(input), None).await?;
-            tx.commit().await?;
-            return Ok(Handled::Applied {
-                admission,
-                emitted: Vec::new(),
-            });
+        let item = BatchItem {
+            input,
+            digest: *digest,
+            traceparent: traceparent.map(str::to_owned),
         };
-
-        for teacher in affected {
-            lock_teacher(&mut tx, teacher).await?;
-        }
-        records::upsert(&mut tx, &input.snapshot).await?;
-        if let Some(previous) = held.as_ref().map(|h| h.record.trn()).filter(|t| *t != trn) {
-            teachers::record_history(&mut tx, previous, now, "moved_away", Some(input), None)
-                .await?;
-        }
-        teachers::record_history(&mut tx, trn, now, "applied", Some(input), None).await?;
-
-        let mut emitted = Vec::new();
-        for teacher in affected {
-            let snapshots = records::for_teacher(&mut tx, teacher).await?;
-            let reconciliation = reconcile(&snapshots);
-            let last = teachers::last_outcome(&mut tx, teacher).await?;
-            if let Some(outcome) = emit(
-                teacher,
-                last.as_ref(),
-                reconciliation,
-                input.cause.clone(),
-                now,
-            ) {
-                write_outcome(&mut tx, &outcome, now, traceparent, "emitted").await?;
-                emitted.push(outcome.status());
-            }
-        }
-        if !emitted.is_empty() {
-            notify_outbox(&mut tx).await?;
-        }
-        tx.commit().await?;
-        Ok(Handled::Applied { admission, emitted })
+        let mut results = self.apply_batch(std::slice::from_ref(&item), now).await?;
+        Ok(results.remove(0))
     }
 
     /// Re-emits every provisional spell older than `max_age` once with `overdue: true`, up to
@@ -204,7 +133,7 @@ impl Store {
             let trn =
                 Trn::parse(&text).ok_or_else(|| StoreError::corrupt("a stored TRN is invalid"))?;
             let mut tx = self.pool.begin().await?;
-            lock_teacher(&mut tx, &trn).await?;
+            batch::lock_teachers(&mut tx, &std::iter::once(trn.clone()).collect()).await?;
             let last = teachers::last_outcome(&mut tx, &trn).await?;
             if let Some(outcome) = last.as_ref().and_then(|l| sweep(l, now, max_age)) {
                 write_outcome(&mut tx, &outcome, now, None, "swept").await?;
@@ -249,26 +178,6 @@ impl Store {
             overdue_provisionals: row.try_get("overdue")?,
         })
     }
-}
-
-/// Serialises every transaction that touches one record.
-async fn lock_record(conn: &mut PgConnection, key: &RecordKey) -> Result<(), StoreError> {
-    sqlx::query("select pg_advisory_xact_lock(1, hashtext($1))")
-        .bind(format!("{}:{}", key.kind(), key.id()))
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// Serialises every transaction that touches one teacher. A TRN is seven digits, so it is its
-/// own lock key: no collisions, and callers lock in TRN order.
-async fn lock_teacher(conn: &mut PgConnection, trn: &Trn) -> Result<(), StoreError> {
-    let key: i32 = trn.as_str().parse().expect("a TRN is seven digits");
-    sqlx::query("select pg_advisory_xact_lock(2, $1)")
-        .bind(key)
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 async fn notify_outbox(conn: &mut PgConnection) -> Result<(), StoreError> {

@@ -7,8 +7,8 @@ use uuid::Uuid;
 
 use super::error::StoreError;
 use crate::domain::{
-    Claim, InductionResult, Programme, Record, RecordKey, Registration, SchoolUrn, Snapshot,
-    SourceId, Stamp, Terms, Trn,
+    Claim, InductionResult, Programme, Record, Registration, SchoolUrn, Snapshot, SourceId, Stamp,
+    Terms, Trn,
 };
 
 macro_rules! registration_columns {
@@ -36,34 +36,6 @@ pub(crate) fn split_instant(at: OffsetDateTime) -> (OffsetDateTime, i16) {
 
 fn join_instant(at: OffsetDateTime, sub_micro: i16) -> OffsetDateTime {
     at + time::Duration::nanoseconds(i64::from(sub_micro))
-}
-
-/// The held snapshot of one record, if any.
-pub async fn load(
-    conn: &mut PgConnection,
-    key: &RecordKey,
-) -> Result<Option<Snapshot>, StoreError> {
-    let row = match key {
-        RecordKey::Registration(id) => sqlx::query(concat!(
-            "select ",
-            registration_columns!(),
-            " from registrations where registration_id = $1"
-        ))
-        .bind(id.as_str())
-        .fetch_optional(&mut *conn)
-        .await?
-        .map(|r| registration_from_row(&r)),
-        RecordKey::Claim(id) => sqlx::query(concat!(
-            "select ",
-            claim_columns!(),
-            " from induction_periods where induction_period_id = $1"
-        ))
-        .bind(id.as_str())
-        .fetch_optional(&mut *conn)
-        .await?
-        .map(|r| claim_from_row(&r)),
-    };
-    row.transpose()
 }
 
 /// The held snapshots of every record that counts for a teacher.
@@ -94,66 +66,35 @@ pub async fn for_teacher(conn: &mut PgConnection, trn: &Trn) -> Result<Vec<Snaps
     Ok(snapshots)
 }
 
-/// Stores a snapshot as its record's latest.
-pub async fn upsert(conn: &mut PgConnection, snapshot: &Snapshot) -> Result<(), StoreError> {
-    let (occurred_at, occurred_at_ns) = split_instant(snapshot.stamp.occurred_at);
-    match &snapshot.record {
-        Record::Registration(r) => {
-            sqlx::query(concat!(
-                "insert into registrations (",
-                registration_columns!(),
-                ") values ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)
-                 on conflict (registration_id) do update set trn = excluded.trn, school_urn = excluded.school_urn,
-                   started_on = excluded.started_on, finished_on = excluded.finished_on,
-                   appropriate_body_id = excluded.appropriate_body_id, training_programme = excluded.training_programme,
-                   lead_provider_id = excluded.lead_provider_id, deleted = excluded.deleted,
-                   occurred_at = excluded.occurred_at, occurred_at_ns = excluded.occurred_at_ns,
-                   message_id = excluded.message_id"
-            ))
-            .bind(r.registration_id.as_str())
-            .bind(r.trn.as_str())
-            .bind(r.school_urn.get() as i32)
-            .bind(r.started_on)
-            .bind(r.finished_on)
-            .bind(r.appropriate_body_id.as_str())
-            .bind(r.training_programme.as_str())
-            .bind(r.lead_provider_id.as_ref().map(SourceId::as_str))
-            .bind(r.deleted)
-            .bind(occurred_at)
-            .bind(occurred_at_ns)
-            .bind(snapshot.stamp.message_id)
-            .execute(&mut *conn)
-            .await?;
-        }
-        Record::Claim(c) => {
-            sqlx::query(concat!(
-                "insert into induction_periods (",
-                claim_columns!(),
-                ") values ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)
-                 on conflict (induction_period_id) do update set trn = excluded.trn,
-                   appropriate_body_id = excluded.appropriate_body_id, started_on = excluded.started_on,
-                   finished_on = excluded.finished_on, training_programme = excluded.training_programme,
-                   number_of_terms_tenths = excluded.number_of_terms_tenths, outcome = excluded.outcome,
-                   deleted = excluded.deleted, occurred_at = excluded.occurred_at,
-                   occurred_at_ns = excluded.occurred_at_ns, message_id = excluded.message_id"
-            ))
-            .bind(c.induction_period_id.as_str())
-            .bind(c.trn.as_str())
-            .bind(c.appropriate_body_id.as_str())
-            .bind(c.started_on)
-            .bind(c.finished_on)
-            .bind(c.training_programme.map(Programme::as_str))
-            .bind(c.number_of_terms.map(|t| i16::from(t.tenths())))
-            .bind(c.outcome.map(InductionResult::as_str))
-            .bind(c.deleted)
-            .bind(occurred_at)
-            .bind(occurred_at_ns)
-            .bind(snapshot.stamp.message_id)
-            .execute(&mut *conn)
-            .await?;
-        }
+/// The held snapshots of every record that counts for any of the teachers.
+pub async fn for_teachers(
+    conn: &mut PgConnection,
+    trns: &[String],
+) -> Result<Vec<Snapshot>, StoreError> {
+    let mut snapshots = Vec::new();
+    for row in sqlx::query(concat!(
+        "select ",
+        registration_columns!(),
+        " from registrations where trn = any($1)"
+    ))
+    .bind(trns)
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        snapshots.push(registration_from_row(&row)?);
     }
-    Ok(())
+    for row in sqlx::query(concat!(
+        "select ",
+        claim_columns!(),
+        " from induction_periods where trn = any($1)"
+    ))
+    .bind(trns)
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        snapshots.push(claim_from_row(&row)?);
+    }
+    Ok(snapshots)
 }
 
 fn corrupt(what: &str) -> StoreError {
