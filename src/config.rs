@@ -84,8 +84,12 @@ pub struct AmqpSettings {
     pub tls_ca_file: Option<PathBuf>,
     /// Consumer prefetch.
     pub prefetch: u16,
-    /// Deliveries processed at once.
+    /// Batches processed at once.
     pub concurrency: usize,
+    /// Deliveries applied in one database transaction, at most.
+    pub batch_size: usize,
+    /// How long a batch waits for more deliveries after its first, in milliseconds.
+    pub batch_linger_millis: u64,
     /// Declare topology at start.
     pub declare_topology: bool,
 }
@@ -210,6 +214,10 @@ impl Settings {
             "amqp.concurrency must be at least 1"
         );
         anyhow::ensure!(self.amqp.prefetch >= 1, "amqp.prefetch must be at least 1");
+        anyhow::ensure!(
+            self.amqp.batch_size >= 1,
+            "amqp.batch_size must be at least 1"
+        );
         anyhow::ensure!(
             self.worker.max_attempts >= 1,
             "worker.max_attempts must be at least 1"

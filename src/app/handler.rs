@@ -1,7 +1,8 @@
-//! Handling one delivery: decode, apply in one transaction, park what cannot be processed, and
-//! acknowledge only after the effects are committed or the message is parked with a confirm.
+//! Handling deliveries in batches: decode each, apply the batch in one transaction, park what
+//! cannot be processed, and acknowledge each delivery only after its effects are committed or it
+//! is parked with a broker confirm.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::message::Delivery;
@@ -11,13 +12,12 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
-use crate::broker::{BrokerError, Publisher};
+use crate::broker::{PendingConfirm, Publisher};
 use crate::config::Settings;
 use crate::domain::{Admission, Status};
-use crate::messages::{ReasonCode, Rejection, decode};
-use crate::store::{Handled, Store};
+use crate::messages::{Input, ReasonCode, Rejection, decode};
+use crate::store::{BatchItem, Handled, Store, StoreError};
 use crate::telemetry::metrics::{ConsumedLabels, ReasonLabel, StatusLabel, metrics};
 use crate::telemetry::propagation::{continue_trace, outgoing_traceparent};
 
@@ -56,13 +56,24 @@ impl Disposition {
     }
 }
 
-/// Everything a delivery needs, shared by all in-flight deliveries.
+/// Everything a batch needs, shared by all batches in flight.
 #[derive(Clone)]
 pub struct Handler {
     pub(crate) store: Store,
     pub(crate) parking: Publisher,
     pub(crate) settings: Settings,
     pub(crate) stop: CancellationToken,
+}
+
+/// One delivery on its way through a batch.
+struct Job {
+    delivery: Delivery,
+    span: tracing::Span,
+    kind: &'static str,
+    decoded: Result<Input, Rejection>,
+    digest: [u8; 32],
+    traceparent: Option<String>,
+    disposition: Option<Disposition>,
 }
 
 impl Handler {
@@ -75,8 +86,72 @@ impl Handler {
             .build()
     }
 
-    /// Handles one delivery to the end and acknowledges it (or leaves it for redelivery).
+    /// Waits for the next back-off delay; false when shutting down has given up on retries.
+    async fn pause(&self, delays: &mut impl Iterator<Item = Duration>) -> bool {
+        let delay = delays.next().unwrap_or(Duration::from_secs(30));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            () = self.stop.cancelled() => false,
+        }
+    }
+
+    /// Handles one delivery (a batch of one).
     pub async fn handle(&self, delivery: Delivery) -> Disposition {
+        self.handle_batch(vec![delivery]).await.remove(0)
+    }
+
+    /// Handles a batch of deliveries to the end and acknowledges each (or leaves it for
+    /// redelivery). Returns how each ended, in order.
+    pub async fn handle_batch(&self, deliveries: Vec<Delivery>) -> Vec<Disposition> {
+        let started = Instant::now();
+        let clock = now();
+        let mut jobs: Vec<Job> = deliveries
+            .into_iter()
+            .map(|d| self.prepare(d, clock))
+            .collect();
+
+        // Apply what decoded; park what did not (and, below, what the store refused).
+        let accepted: Vec<usize> = (0..jobs.len())
+            .filter(|&i| jobs[i].decoded.is_ok())
+            .collect();
+        if !accepted.is_empty() {
+            self.apply(&mut jobs, &accepted).await;
+        }
+        let to_park: Vec<usize> = (0..jobs.len())
+            .filter(|&i| jobs[i].disposition.is_none())
+            .collect();
+        if !to_park.is_empty() {
+            self.park(&mut jobs, &to_park).await;
+        }
+
+        let mut results = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let disposition = job.disposition.expect("every delivery was decided");
+            let acked = match disposition {
+                Disposition::Abandoned => false,
+                _ => matches!(
+                    job.delivery.acker.ack(BasicAckOptions::default()).await,
+                    Ok(true)
+                ),
+            };
+            let _entered = job.span.enter();
+            job.span.record("message.result", disposition.as_str());
+            if !acked && disposition != Disposition::Abandoned {
+                tracing::warn!(
+                    "could not acknowledge (channel closed); the broker will redeliver and the inbox will de-duplicate"
+                );
+            }
+            record_metrics(job.kind, &disposition, started);
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "message handled"
+            );
+            results.push(disposition);
+        }
+        results
+    }
+
+    fn prepare(&self, delivery: Delivery, clock: OffsetDateTime) -> Job {
         let span = tracing::info_span!(
             "message",
             message.id = tracing::field::Empty,
@@ -84,160 +159,251 @@ impl Handler {
             message.result = tracing::field::Empty,
             message.bytes = delivery.data.len(),
         );
+        let incoming = header_text(&delivery, "traceparent");
         continue_trace(
             &span,
-            header_text(&delivery, "traceparent").as_deref(),
+            incoming.as_deref(),
             header_text(&delivery, "tracestate").as_deref(),
         );
-        async {
-            let started = std::time::Instant::now();
-            let (kind, disposition) = self.process(&delivery).await;
-            let acked = match disposition {
-                Disposition::Abandoned => false,
-                _ => matches!(delivery.acker.ack(BasicAckOptions::default()).await, Ok(true)),
-            };
-            let span = tracing::Span::current();
-            span.record("message.result", disposition.as_str());
-            if !acked && disposition != Disposition::Abandoned {
-                tracing::warn!("could not acknowledge (channel closed); the broker will redeliver and the inbox will de-duplicate");
-            }
-            let m = metrics();
-            m.consumed
-                .get_or_create(&ConsumedLabels {
-                    r#type: kind.to_owned(),
-                    result: disposition.as_str().to_owned(),
-                })
-                .inc();
-            match &disposition {
-                Disposition::Parked(reason) => {
-                    m.parked.get_or_create(&ReasonLabel { reason: reason.as_str().to_owned() }).inc();
-                }
-                Disposition::Applied(statuses) => {
-                    for status in statuses {
-                        m.emitted.get_or_create(&StatusLabel { status: status.as_str().to_owned() }).inc();
+        let decoded = decode(&delivery.data, clock);
+        let mut kind = "unknown";
+        if let Ok(input) = &decoded {
+            kind = input.cause.message_type.as_str();
+            span.record("message.id", tracing::field::display(input.message_id()));
+            span.record("message.type", kind);
+        }
+        let digest: [u8; 32] = Sha256::digest(&delivery.data).into();
+        let traceparent = outgoing_traceparent(&span, incoming.as_deref());
+        Job {
+            delivery,
+            span,
+            kind,
+            decoded,
+            digest,
+            traceparent,
+            disposition: None,
+        }
+    }
+
+    /// Applies the accepted jobs in one transaction, retrying while the database is unavailable.
+    /// If the batch fails for another reason, each job is retried alone, so that one message that
+    /// cannot be processed is parked and the others go through.
+    async fn apply(&self, jobs: &mut [Job], accepted: &[usize]) {
+        match self
+            .apply_with_retries(jobs, accepted, accepted.len() == 1)
+            .await
+        {
+            Ok(()) => {}
+            Err(_) if accepted.len() > 1 => {
+                tracing::warn!(
+                    messages = accepted.len(),
+                    "batch failed; retrying its messages one by one"
+                );
+                for &i in accepted {
+                    if let Err(error) = self.apply_with_retries(jobs, &[i], true).await {
+                        let _entered = jobs[i].span.enter();
+                        tracing::error!(error = %error, "processing failed repeatedly; parking");
+                        jobs[i].decoded = Err(Rejection::new(
+                            ReasonCode::ProcessingFailed,
+                            format!(
+                                "processing failed {} times; last error: {error}",
+                                self.settings.worker.max_attempts
+                            ),
+                        ));
                     }
                 }
-                _ => {}
             }
-            m.processing_seconds.observe(started.elapsed().as_secs_f64());
-            tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "message handled");
-            disposition
+            Err(error) => {
+                let i = accepted[0];
+                let _entered = jobs[i].span.enter();
+                tracing::error!(error = %error, "processing failed repeatedly; parking");
+                jobs[i].decoded = Err(Rejection::new(
+                    ReasonCode::ProcessingFailed,
+                    format!(
+                        "processing failed {} times; last error: {error}",
+                        self.settings.worker.max_attempts
+                    ),
+                ));
+            }
         }
-        .instrument(span)
-        .await
     }
 
-    /// Processes a delivery; returns the message type (for metrics) and how it ended.
-    async fn process(&self, delivery: &Delivery) -> (&'static str, Disposition) {
-        let span = tracing::Span::current();
-        let input = match decode(&delivery.data, now()) {
-            Ok(input) => input,
-            Err(rejection) => return ("unknown", self.park(delivery, &rejection).await),
-        };
-        let kind = input.cause.message_type.as_str();
-        (kind, self.apply(delivery, &span, input).await)
-    }
-
-    async fn apply(
+    /// Runs one batch until it commits. Transient failures are retried without limit (unless
+    /// shutting down gives up, which abandons the batch); other failures up to `max_attempts`
+    /// when `count_failures`, else once.
+    async fn apply_with_retries(
         &self,
-        delivery: &Delivery,
-        span: &tracing::Span,
-        input: crate::messages::Input,
-    ) -> Disposition {
-        span.record("message.id", tracing::field::display(input.message_id()));
-        span.record("message.type", input.cause.message_type.as_str());
-        let digest: [u8; 32] = Sha256::digest(&delivery.data).into();
-        let traceparent =
-            outgoing_traceparent(span, header_text(delivery, "traceparent").as_deref());
+        jobs: &mut [Job],
+        which: &[usize],
+        count_failures: bool,
+    ) -> Result<(), StoreError> {
         let mut delays = self.delays();
         let mut failures = 0;
         let mut outage_logged = false;
         loop {
-            match self
-                .store
-                .apply(&input, &digest, now(), traceparent.as_deref())
-                .await
-            {
-                Ok(Handled::Applied {
-                    admission: Admission::Latest { .. },
-                    emitted,
-                }) => {
+            let items: Vec<BatchItem<'_>> = which
+                .iter()
+                .map(|&i| BatchItem {
+                    input: jobs[i]
+                        .decoded
+                        .as_ref()
+                        .expect("only decoded jobs are applied"),
+                    digest: jobs[i].digest,
+                    traceparent: jobs[i].traceparent.clone(),
+                })
+                .collect();
+            let error = match self.store.apply_batch(&items, now()).await {
+                Ok(results) => {
                     if outage_logged {
                         tracing::info!("database available again");
                     }
-                    return Disposition::Applied(emitted);
-                }
-                Ok(Handled::Applied { .. }) => return Disposition::Stale,
-                Ok(Handled::Duplicate) => return Disposition::Duplicate,
-                Ok(Handled::Reused) => {
-                    let rejection = Rejection::new(
-                        ReasonCode::MessageIdReused,
-                        "message_id was already accepted with a different body",
-                    );
-                    return self.park(delivery, &rejection).await;
-                }
-                Err(error) if error.is_transient() => {
-                    if !outage_logged {
-                        tracing::warn!(error = %error, "database unavailable; holding the message and retrying");
-                        outage_logged = true;
+                    for (&i, handled) in which.iter().zip(results) {
+                        jobs[i].disposition = match handled {
+                            Handled::Applied {
+                                admission: Admission::Latest { .. },
+                                emitted,
+                            } => Some(Disposition::Applied(emitted)),
+                            Handled::Applied { .. } => Some(Disposition::Stale),
+                            Handled::Duplicate => Some(Disposition::Duplicate),
+                            Handled::Reused => {
+                                jobs[i].decoded = Err(Rejection::new(
+                                    ReasonCode::MessageIdReused,
+                                    "message_id was already accepted with a different body",
+                                ));
+                                None
+                            }
+                        };
                     }
+                    return Ok(());
                 }
-                Err(error) => {
-                    failures += 1;
-                    if failures >= self.settings.worker.max_attempts {
-                        tracing::error!(error = %error, attempts = failures, "processing failed repeatedly; parking");
-                        let rejection = Rejection::new(
-                            ReasonCode::ProcessingFailed,
-                            format!("processing failed {failures} times; last error: {error}"),
-                        );
-                        return self.park(delivery, &rejection).await;
-                    }
+                Err(error) => error,
+            };
+            if error.is_transient() {
+                if !outage_logged {
+                    tracing::warn!(error = %error, "database unavailable; holding the messages and retrying");
+                    outage_logged = true;
+                }
+            } else {
+                failures += 1;
+                if !count_failures || failures >= self.settings.worker.max_attempts {
+                    return Err(error);
                 }
             }
-            let delay = delays.next().unwrap_or(Duration::from_secs(30));
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = self.stop.cancelled() => return Disposition::Abandoned,
+            if !self.pause(&mut delays).await {
+                for &i in which {
+                    jobs[i].disposition = Some(Disposition::Abandoned);
+                }
+                return Ok(());
             }
         }
     }
 
-    /// Republishes the message unchanged to the parking queue with the reason headers, waiting
-    /// for the broker's confirm. Retries while the broker is unavailable.
-    async fn park(&self, delivery: &Delivery, rejection: &Rejection) -> Disposition {
-        tracing::warn!(reason = rejection.reason.as_str(), detail = %rejection.detail, "parking message");
-        let properties = parked_properties(delivery, rejection, now());
+    /// Republishes each job's message unchanged to the parking queue with the reason headers,
+    /// and waits for the broker's confirms. Retries while the broker is unavailable.
+    async fn park(&self, jobs: &mut [Job], which: &[usize]) {
+        let parked_at = now();
+        for &i in which {
+            let job = &jobs[i];
+            let rejection = job
+                .decoded
+                .as_ref()
+                .expect_err("only rejected jobs are parked");
+            let _entered = job.span.enter();
+            tracing::warn!(reason = rejection.reason.as_str(), detail = %rejection.detail, "parking message");
+        }
+        let mut remaining: Vec<usize> = which.to_vec();
         let mut delays = self.delays();
-        loop {
-            let result: Result<(), BrokerError> = self
-                .parking
-                .publish(
-                    "",
-                    &self.settings.topology.parking_queue,
-                    &delivery.data,
-                    properties.clone(),
-                )
-                .await;
-            match result {
-                Ok(()) => return Disposition::Parked(rejection.reason),
-                Err(error) => {
-                    tracing::error!(error = %error, "cannot park the message; it stays unacknowledged");
-                    if !delivery.acker.usable() {
-                        // The channel broke: the broker requeues the message for us.
-                        return Disposition::Abandoned;
+        while !remaining.is_empty() {
+            let mut pending: Vec<(usize, Result<PendingConfirm, _>)> = Vec::new();
+            for &i in &remaining {
+                let job = &jobs[i];
+                let rejection = job
+                    .decoded
+                    .as_ref()
+                    .expect_err("only rejected jobs are parked");
+                let properties = parked_properties(&job.delivery, rejection, parked_at);
+                let sent = self
+                    .parking
+                    .send(
+                        "",
+                        &self.settings.topology.parking_queue,
+                        &job.delivery.data,
+                        properties,
+                    )
+                    .await;
+                pending.push((i, sent));
+            }
+            let mut failed = Vec::new();
+            for (i, sent) in pending {
+                let confirmed = match sent {
+                    Ok(confirm) => confirm.wait().await,
+                    Err(error) => Err(error),
+                };
+                match confirmed {
+                    Ok(()) => {
+                        let reason = jobs[i].decoded.as_ref().expect_err("rejected").reason;
+                        jobs[i].disposition = Some(Disposition::Parked(reason));
+                    }
+                    Err(error) => {
+                        let _entered = jobs[i].span.enter();
+                        tracing::error!(error = %error, "cannot park the message; it stays unacknowledged");
+                        if jobs[i].delivery.acker.usable() {
+                            failed.push(i);
+                        } else {
+                            // The channel broke: the broker requeues the message for us.
+                            jobs[i].disposition = Some(Disposition::Abandoned);
+                        }
                     }
                 }
             }
-            let delay = delays.next().unwrap_or(Duration::from_secs(30));
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = self.stop.cancelled() => {
-                    let _ = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true }).await;
-                    return Disposition::Abandoned;
+            remaining = failed;
+            if !remaining.is_empty() && !self.pause(&mut delays).await {
+                for &i in &remaining {
+                    let _ = jobs[i]
+                        .delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        })
+                        .await;
+                    jobs[i].disposition = Some(Disposition::Abandoned);
                 }
+                return;
             }
         }
     }
+}
+
+fn record_metrics(kind: &str, disposition: &Disposition, started: Instant) {
+    let m = metrics();
+    m.consumed
+        .get_or_create(&ConsumedLabels {
+            r#type: kind.to_owned(),
+            result: disposition.as_str().to_owned(),
+        })
+        .inc();
+    match disposition {
+        Disposition::Parked(reason) => {
+            m.parked
+                .get_or_create(&ReasonLabel {
+                    reason: reason.as_str().to_owned(),
+                })
+                .inc();
+        }
+        Disposition::Applied(statuses) => {
+            for status in statuses {
+                m.emitted
+                    .get_or_create(&StatusLabel {
+                        status: status.as_str().to_owned(),
+                    })
+                    .inc();
+            }
+        }
+        _ => {}
+    }
+    m.processing_seconds
+        .observe(started.elapsed().as_secs_f64());
 }
 
 fn header_text(delivery: &Delivery, name: &str) -> Option<String> {

@@ -174,7 +174,7 @@ async fn consume(
     abandon: &CancellationToken,
     health: &super::http::Health,
 ) -> anyhow::Result<()> {
-    let mut in_flight: JoinSet<Disposition> = JoinSet::new();
+    let mut in_flight: JoinSet<Vec<Disposition>> = JoinSet::new();
     let semaphore = Arc::new(Semaphore::new(settings.amqp.concurrency));
     let mut delays = delays(settings);
     let mut last_broker = None;
@@ -221,6 +221,32 @@ async fn consume(
     result
 }
 
+/// Collects a batch: the first delivery, then whatever arrives within the linger time, up to
+/// the batch size. Returns the batch and the error that interrupted the consumer, if one did.
+async fn gather(
+    first: lapin::message::Delivery,
+    consumer: &mut lapin::Consumer,
+    settings: &Settings,
+    stop: &CancellationToken,
+) -> (Vec<lapin::message::Delivery>, Option<lapin::Error>) {
+    let mut batch = vec![first];
+    let linger = tokio::time::sleep(Duration::from_millis(settings.amqp.batch_linger_millis));
+    tokio::pin!(linger);
+    while batch.len() < settings.amqp.batch_size {
+        tokio::select! {
+            biased;
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => batch.push(delivery),
+                Some(Err(error)) => return (batch, Some(error)),
+                None => break,
+            },
+            () = &mut linger => break,
+            () = stop.cancelled() => break,
+        }
+    }
+    (batch, None)
+}
+
 /// What the consumer shares with every connection it makes.
 struct Shared<'a> {
     settings: &'a Settings,
@@ -234,7 +260,7 @@ async fn consume_on(
     shared: &Shared<'_>,
     broker: &Broker,
     semaphore: &Arc<Semaphore>,
-    in_flight: &mut JoinSet<Disposition>,
+    in_flight: &mut JoinSet<Vec<Disposition>>,
 ) -> Result<(), crate::broker::BrokerError> {
     let Shared {
         settings,
@@ -278,33 +304,36 @@ async fn consume_on(
             next = consumer.next() => next,
             () = stop.cancelled() => break,
         };
-        match next {
-            Some(Ok(delivery)) => {
-                let handler = handler.clone();
-                in_flight.spawn(async move {
-                    let _permit = permit;
-                    handler.handle(delivery).await
-                });
-            }
-            Some(Err(error)) => {
-                drop(permit);
-                health.set_broker_connected(false);
-                tracing::warn!(error = %error, "consumer interrupted; waiting for recovery");
-                channel.wait_for_recovery(error).await?;
-                metrics()
-                    .reconnects
-                    .get_or_create(&ComponentLabel {
-                        component: "consumer".into(),
-                    })
-                    .inc();
-                health.set_broker_connected(true);
-                tracing::info!("consumer recovered");
-            }
+        let (batch, interrupted) = match next {
+            Some(Ok(first)) => gather(first, &mut consumer, settings, stop).await,
+            Some(Err(error)) => (Vec::new(), Some(error)),
             None => {
                 return Err(crate::broker::BrokerError::nacked(
                     "the consumer (the broker cancelled it)",
                 ));
             }
+        };
+        if batch.is_empty() {
+            drop(permit);
+        } else {
+            let handler = handler.clone();
+            in_flight.spawn(async move {
+                let _permit = permit;
+                handler.handle_batch(batch).await
+            });
+        }
+        if let Some(error) = interrupted {
+            health.set_broker_connected(false);
+            tracing::warn!(error = %error, "consumer interrupted; waiting for recovery");
+            channel.wait_for_recovery(error).await?;
+            metrics()
+                .reconnects
+                .get_or_create(&ComponentLabel {
+                    component: "consumer".into(),
+                })
+                .inc();
+            health.set_broker_connected(true);
+            tracing::info!("consumer recovered");
         }
     }
     // Stop the broker sending more, and finish what is in flight while the channel is still
