@@ -4,6 +4,7 @@
 //! of its own. A delivery is acknowledged only after the transaction recording its effects has
 //! committed, or after it has been parked with a broker confirm.
 
+pub mod bench;
 pub mod handler;
 pub mod http;
 pub mod ops;
@@ -11,3 +12,4 @@ pub mod parked;
 pub mod relay;
 pub mod run;
 pub mod simulate;
+pub mod workload;
