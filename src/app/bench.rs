@@ -206,7 +206,7 @@ pub async fn bench(settings: &Settings, options: BenchOptions) -> anyhow::Result
         )
         .env("INDUCTION__HTTP__LISTEN", format!("127.0.0.1:{port}"))
         .env("INDUCTION__SWEEP__ENABLED", "false")
-        .env("INDUCTION__LOG__FILTER", "warn")
+        .env("INDUCTION__LOG__FILTER", "error")
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -281,7 +281,11 @@ pub async fn bench(settings: &Settings, options: BenchOptions) -> anyhow::Result
     let raw = if options.no_raw {
         None
     } else {
-        Some(raw_relay(&broker, &prefix, &full_stream).await?)
+        Some(
+            raw_relay(&broker, &prefix, &full_stream)
+                .await
+                .context("the raw relay failed")?,
+        )
     };
 
     if !options.keep {

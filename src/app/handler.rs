@@ -252,8 +252,14 @@ impl Handler {
                     traceparent: jobs[i].traceparent.clone(),
                 })
                 .collect();
+            let attempt = Instant::now();
             let error = match self.store.apply_batch(&items, now()).await {
                 Ok(results) => {
+                    tracing::debug!(
+                        messages = items.len(),
+                        elapsed_ms = attempt.elapsed().as_millis() as u64,
+                        "batch committed"
+                    );
                     if outage_logged {
                         tracing::info!("database available again");
                     }

@@ -2,7 +2,6 @@
 //! spells until the shutdown future resolves, then drains within a bounded time.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,11 +9,10 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_lite::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::handler::{Disposition, Handler, now};
+use super::handler::{Handler, now};
 use super::relay;
 use crate::broker::{Broker, declare_topology};
 use crate::config::Settings;
@@ -174,8 +172,7 @@ async fn consume(
     abandon: &CancellationToken,
     health: &super::http::Health,
 ) -> anyhow::Result<()> {
-    let mut in_flight: JoinSet<Vec<Disposition>> = JoinSet::new();
-    let semaphore = Arc::new(Semaphore::new(settings.amqp.concurrency));
+    let mut in_flight: JoinSet<()> = JoinSet::new();
     let mut delays = delays(settings);
     let mut last_broker = None;
     let result = loop {
@@ -194,7 +191,7 @@ async fn consume(
             abandon,
             health,
         };
-        match consume_on(&shared, &broker, &semaphore, &mut in_flight).await {
+        match consume_on(&shared, &broker, &mut in_flight).await {
             Ok(()) => break Ok(()),
             Err(error) if error.is_transient() => {
                 health.set_broker_connected(false);
@@ -221,30 +218,40 @@ async fn consume(
     result
 }
 
-/// Collects a batch: the first delivery, then whatever arrives within the linger time, up to
-/// the batch size. Returns the batch and the error that interrupted the consumer, if one did.
-async fn gather(
-    first: lapin::message::Delivery,
-    consumer: &mut lapin::Consumer,
-    settings: &Settings,
-    stop: &CancellationToken,
-) -> (Vec<lapin::message::Delivery>, Option<lapin::Error>) {
-    let mut batch = vec![first];
-    let linger = tokio::time::sleep(Duration::from_millis(settings.amqp.batch_linger_millis));
-    tokio::pin!(linger);
-    while batch.len() < settings.amqp.batch_size {
-        tokio::select! {
-            biased;
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => batch.push(delivery),
-                Some(Err(error)) => return (batch, Some(error)),
-                None => break,
-            },
-            () = &mut linger => break,
-            () = stop.cancelled() => break,
+/// The lane a delivery belongs to: by the TRN in its payload, so that one teacher's messages
+/// are applied by one lane. Messages without a readable TRN go to lane 0 (they will be parked).
+fn lane_of(body: &[u8], lanes: usize) -> usize {
+    let trn = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("payload")?.get("trn")?.as_str()?.parse::<u64>().ok());
+    trn.map_or(0, |t| (t % lanes as u64) as usize)
+}
+
+/// A lane: takes what is waiting (up to the batch size, after lingering if configured) and
+/// applies it as one batch, one batch at a time, until its sender is dropped and it is empty.
+async fn lane(
+    handler: Handler,
+    mut deliveries: tokio::sync::mpsc::Receiver<lapin::message::Delivery>,
+    batch_size: usize,
+    linger: Duration,
+) {
+    while let Some(first) = deliveries.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < batch_size {
+            match deliveries.try_recv() {
+                Ok(delivery) => batch.push(delivery),
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, deliveries.recv()).await {
+                        Ok(Some(delivery)) => batch.push(delivery),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
         }
+        handler.handle_batch(batch).await;
     }
-    (batch, None)
 }
 
 /// What the consumer shares with every connection it makes.
@@ -259,8 +266,7 @@ struct Shared<'a> {
 async fn consume_on(
     shared: &Shared<'_>,
     broker: &Broker,
-    semaphore: &Arc<Semaphore>,
-    in_flight: &mut JoinSet<Vec<Disposition>>,
+    in_flight: &mut JoinSet<()>,
 ) -> Result<(), crate::broker::BrokerError> {
     let Shared {
         settings,
@@ -294,48 +300,60 @@ async fn consume_on(
         settings: settings.clone(),
         stop: abandon.clone(),
     };
+    // Lanes: each teacher's messages go to one lane (by TRN), and each lane applies one batch at
+    // a time, so that concurrent transactions rarely wait for each other's teacher locks.
+    let lanes = settings.amqp.concurrency;
+    let mut senders = Vec::with_capacity(lanes);
+    for _ in 0..lanes {
+        let (tx, rx) = tokio::sync::mpsc::channel(settings.amqp.batch_size.max(1));
+        senders.push(tx);
+        in_flight.spawn(lane(
+            handler.clone(),
+            rx,
+            settings.amqp.batch_size,
+            Duration::from_millis(settings.amqp.batch_linger_millis),
+        ));
+    }
     loop {
         while in_flight.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            permit = semaphore.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = stop.cancelled() => break,
-        };
         let next = tokio::select! {
             next = consumer.next() => next,
             () = stop.cancelled() => break,
         };
-        let (batch, interrupted) = match next {
-            Some(Ok(first)) => gather(first, &mut consumer, settings, stop).await,
-            Some(Err(error)) => (Vec::new(), Some(error)),
+        match next {
+            Some(Ok(delivery)) => {
+                let lane = lane_of(&delivery.data, lanes);
+                tokio::select! {
+                    sent = senders[lane].send(delivery) => {
+                        if sent.is_err() {
+                            break;
+                        }
+                    }
+                    // Not started: it goes back to the queue when the channel closes.
+                    () = stop.cancelled() => break,
+                }
+            }
+            Some(Err(error)) => {
+                health.set_broker_connected(false);
+                tracing::warn!(error = %error, "consumer interrupted; waiting for recovery");
+                channel.wait_for_recovery(error).await?;
+                metrics()
+                    .reconnects
+                    .get_or_create(&ComponentLabel {
+                        component: "consumer".into(),
+                    })
+                    .inc();
+                health.set_broker_connected(true);
+                tracing::info!("consumer recovered");
+            }
             None => {
                 return Err(crate::broker::BrokerError::nacked(
                     "the consumer (the broker cancelled it)",
                 ));
             }
-        };
-        if batch.is_empty() {
-            drop(permit);
-        } else {
-            let handler = handler.clone();
-            in_flight.spawn(async move {
-                let _permit = permit;
-                handler.handle_batch(batch).await
-            });
-        }
-        if let Some(error) = interrupted {
-            health.set_broker_connected(false);
-            tracing::warn!(error = %error, "consumer interrupted; waiting for recovery");
-            channel.wait_for_recovery(error).await?;
-            metrics()
-                .reconnects
-                .get_or_create(&ComponentLabel {
-                    component: "consumer".into(),
-                })
-                .inc();
-            health.set_broker_connected(true);
-            tracing::info!("consumer recovered");
         }
     }
+    drop(senders);
     // Stop the broker sending more, and finish what is in flight while the channel is still
     // open to acknowledge it (dropping the channel would close it); deliveries buffered but not
     // started go back to the queue when the channel closes.
