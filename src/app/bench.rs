@@ -452,7 +452,8 @@ async fn timed_run(
             Instant::now() < deadline,
             "the run did not complete within 10 minutes"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Polling is only for noticing the end; the end time is the last outcome's arrival.
+        tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let arrived: Vec<(String, Instant)> =
         arrivals.lock().expect("not poisoned")[arrived_before..].to_vec();
@@ -547,6 +548,8 @@ async fn raw_relay(broker: &Broker, prefix: &str, stream: &[Generated]) -> anyho
     let total = stream.len();
     let exchange = output.clone();
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    // The republishing channel must outlive the last confirm: the acker keeps a handle on it.
+    let keep_open = republisher.clone();
     let forwarder = tokio::spawn(async move {
         let mut forwarded = 0;
         while forwarded < total {
@@ -564,6 +567,7 @@ async fn raw_relay(broker: &Broker, prefix: &str, stream: &[Generated]) -> anyho
         Ok::<_, anyhow::Error>(())
     });
     let acker = tokio::spawn(async move {
+        let _keep_open = keep_open;
         let mut done = 0;
         while let Some((acker, confirm)) = rx.recv().await {
             confirm.wait().await?;

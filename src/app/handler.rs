@@ -124,6 +124,8 @@ impl Handler {
             self.park(&mut jobs, &to_park).await;
         }
 
+        let decided = started.elapsed();
+        let count = jobs.len();
         let mut results = Vec::with_capacity(jobs.len());
         for job in jobs {
             let disposition = job.disposition.expect("every delivery was decided");
@@ -142,12 +144,18 @@ impl Handler {
                 );
             }
             record_metrics(job.kind, &disposition, started);
-            tracing::debug!(
+            tracing::trace!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "message handled"
             );
             results.push(disposition);
         }
+        tracing::debug!(
+            messages = count,
+            decided_ms = decided.as_millis() as u64,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "batch handled"
+        );
         results
     }
 

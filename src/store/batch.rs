@@ -65,11 +65,19 @@ async fn apply_in(
         v.sort_unstable();
         v
     };
-    let inserted: BTreeSet<Uuid> = sqlx::query_scalar(
-        "insert into inbox (message_id, body_sha256, message_type, admission, received_at)
-         select id, digest, kind, 'latest', $4 from unnest($1::uuid[], $2::bytea[], $3::text[]) as t(id, digest, kind)
-         on conflict (message_id) do nothing
-         returning message_id",
+    // One round trip: insert the new ids, and read the digests of those already accepted.
+    let mut inserted: BTreeSet<Uuid> = BTreeSet::new();
+    let mut accepted_digest: HashMap<Uuid, Vec<u8>> = HashMap::new();
+    for row in sqlx::query(
+        "with ins as (
+           insert into inbox (message_id, body_sha256, message_type, admission, received_at)
+           select id, digest, kind, 'latest', $4 from unnest($1::uuid[], $2::bytea[], $3::text[]) as t(id, digest, kind)
+           on conflict (message_id) do nothing
+           returning message_id)
+         select t.id, ins.message_id is not null as inserted, i.body_sha256
+         from unnest($1::uuid[]) as t(id)
+         left join ins on ins.message_id = t.id
+         left join inbox i on i.message_id = t.id",
     )
     .bind(firsts.iter().map(|&i| items[i].input.message_id()).collect::<Vec<_>>())
     .bind(firsts.iter().map(|&i| items[i].digest.to_vec()).collect::<Vec<_>>())
@@ -77,18 +85,25 @@ async fn apply_in(
     .bind(now)
     .fetch_all(&mut *conn)
     .await?
-    .into_iter()
-    .collect();
-    let seen_before: Vec<Uuid> = first
+    {
+        let id: Uuid = row.try_get("id")?;
+        if row.try_get::<bool, _>("inserted")? {
+            inserted.insert(id);
+        } else if let Some(digest) = row.try_get::<Option<Vec<u8>>, _>("body_sha256")? {
+            accepted_digest.insert(id, digest);
+        }
+    }
+    // An id another transaction inserted while this statement ran is not in its snapshot: read
+    // those digests again with a new statement, which sees the other transaction's commit.
+    let unresolved: Vec<Uuid> = first
         .keys()
-        .filter(|id| !inserted.contains(id))
+        .filter(|id| !inserted.contains(id) && !accepted_digest.contains_key(id))
         .copied()
         .collect();
-    let mut accepted_digest: HashMap<Uuid, Vec<u8>> = HashMap::new();
-    if !seen_before.is_empty() {
+    if !unresolved.is_empty() {
         for row in
             sqlx::query("select message_id, body_sha256 from inbox where message_id = any($1)")
-                .bind(&seen_before)
+                .bind(&unresolved)
                 .fetch_all(&mut *conn)
                 .await?
         {
@@ -160,19 +175,19 @@ async fn apply_in(
             Admission::Latest { affected } => {
                 changed.insert(key.clone());
                 for moved_from in affected.iter().filter(|t| **t != trn) {
-                    history.input(moved_from, now, "moved_away", input, &key);
+                    history.input(moved_from, "moved_away", input, &key);
                 }
-                history.input(&trn, now, "applied", input, &key);
+                history.input(&trn, "applied", input, &key);
             }
             Admission::Stale | Admission::Duplicate => {
                 stale.push(input.message_id());
-                history.input(&trn, now, "stale", input, &key);
+                history.input(&trn, "stale", input, &key);
             }
         }
         let mut statuses = Vec::new();
         for outcome in &applied.outcomes {
             let message = OutcomeMessage::new(Uuid::new_v4(), outcome);
-            history.outcome(&outcome.trn, now, "emitted", &message);
+            history.outcome(&outcome.trn, "emitted", &message);
             statuses.push(outcome.status());
             outbox.push((message, items[i].traceparent.clone()));
         }
@@ -182,9 +197,8 @@ async fn apply_in(
         });
     }
 
-    // 4. Write the effects, set-based.
+    // 4. Write every effect with one statement.
     let latest: Vec<&Snapshot> = changed.iter().filter_map(|k| ledger.record(k)).collect();
-    upsert_records(conn, &latest).await?;
     let mut final_outcomes: BTreeMap<Trn, &OutcomeMessage> = BTreeMap::new();
     for (message, _) in &outbox {
         final_outcomes.insert(
@@ -192,21 +206,9 @@ async fn apply_in(
             message,
         );
     }
-    save_teachers(conn, &final_outcomes, &previous_versions, &ledger, now).await?;
-    insert_outbox(conn, &outbox, now).await?;
-    history.write(conn).await?;
-    if !stale.is_empty() {
-        sqlx::query("update inbox set admission = 'stale' where message_id = any($1)")
-            .bind(&stale)
-            .execute(&mut *conn)
-            .await?;
-    }
-    if !outbox.is_empty() {
-        sqlx::query("select pg_notify($1, '')")
-            .bind(OUTBOX_CHANNEL)
-            .execute(&mut *conn)
-            .await?;
-    }
+    let teachers = TeacherColumns::new(&final_outcomes, &previous_versions, &ledger)?;
+    let outbox = OutboxColumns::new(&outbox)?;
+    write_effects(conn, &latest, teachers, outbox, history, stale, now).await?;
     Ok(results
         .into_iter()
         .map(|r| r.expect("every item decided"))
@@ -275,7 +277,97 @@ async fn last_outcomes(
         .collect()
 }
 
-async fn upsert_records(conn: &mut PgConnection, latest: &[&Snapshot]) -> Result<(), StoreError> {
+/// Writes records, teachers, outbox, history and stale admissions in one statement (one round
+/// trip), and wakes the relay when outcomes were written.
+async fn write_effects(
+    conn: &mut PgConnection,
+    latest: &[&Snapshot],
+    t: TeacherColumns,
+    o: OutboxColumns,
+    h: History,
+    stale: Vec<Uuid>,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    let (r, c) = record_columns(latest);
+    let expected_teachers = t.trn.len() as i64;
+    let row = sqlx::query(
+        "with
+         reg as (
+           insert into registrations (registration_id, trn, school_urn, started_on, finished_on, appropriate_body_id,
+               training_programme, lead_provider_id, deleted, occurred_at, occurred_at_ns, message_id)
+           select * from unnest($2::text[], $3::text[], $4::int4[], $5::date[], $6::date[], $7::text[], $8::text[],
+               $9::text[], $10::bool[], $11::timestamptz[], $12::int2[], $13::uuid[])
+           on conflict (registration_id) do update set trn = excluded.trn, school_urn = excluded.school_urn,
+             started_on = excluded.started_on, finished_on = excluded.finished_on,
+             appropriate_body_id = excluded.appropriate_body_id, training_programme = excluded.training_programme,
+             lead_provider_id = excluded.lead_provider_id, deleted = excluded.deleted,
+             occurred_at = excluded.occurred_at, occurred_at_ns = excluded.occurred_at_ns, message_id = excluded.message_id
+           returning 1),
+         ip as (
+           insert into induction_periods (induction_period_id, trn, appropriate_body_id, started_on, finished_on,
+               training_programme, number_of_terms_tenths, outcome, deleted, occurred_at, occurred_at_ns, message_id)
+           select * from unnest($14::text[], $15::text[], $16::text[], $17::date[], $18::date[], $19::text[], $20::int2[],
+               $21::text[], $22::bool[], $23::timestamptz[], $24::int2[], $25::uuid[])
+           on conflict (induction_period_id) do update set trn = excluded.trn,
+             appropriate_body_id = excluded.appropriate_body_id, started_on = excluded.started_on,
+             finished_on = excluded.finished_on, training_programme = excluded.training_programme,
+             number_of_terms_tenths = excluded.number_of_terms_tenths, outcome = excluded.outcome,
+             deleted = excluded.deleted, occurred_at = excluded.occurred_at,
+             occurred_at_ns = excluded.occurred_at_ns, message_id = excluded.message_id
+           returning 1),
+         tch as (
+           insert into teachers (trn, version, status, provisional_since, overdue, last_outcome, updated_at)
+           select x.t, x.v, x.s, x.p, x.o, x.b::jsonb, $1
+           from unnest($26::text[], $27::int8[], $28::text[], $29::timestamptz[], $30::bool[], $31::text[])
+               as x(t, v, s, p, o, b)
+           on conflict (trn) do update set version = excluded.version, status = excluded.status,
+             provisional_since = excluded.provisional_since, overdue = excluded.overdue,
+             last_outcome = excluded.last_outcome, updated_at = excluded.updated_at
+           where teachers.version = (select y.prev from unnest($26::text[], $32::int8[]) as y(t, prev) where y.t = teachers.trn)
+           returning 1),
+         obx as (
+           insert into outbox (outcome_id, trn, version, routing_key, body, traceparent, created_at)
+           select x.i, x.t, x.v, x.k, x.b, x.p, $1
+           from unnest($33::uuid[], $34::text[], $35::int8[], $36::text[], $37::bytea[], $38::text[])
+               with ordinality as x(i, t, v, k, b, p, n)
+           order by x.n
+           returning 1),
+         his as (
+           insert into history (trn, at, event, message_id, message_type, record_kind, record_id, outcome_id, version, status)
+           select x.t, $1, x.e, x.m, x.mt, x.rk, x.ri, x.o, x.v, x.s
+           from unnest($39::text[], $40::text[], $41::uuid[], $42::text[], $43::text[], $44::text[], $45::uuid[],
+               $46::int8[], $47::text[]) with ordinality as x(t, e, m, mt, rk, ri, o, v, s, n)
+           order by x.n
+           returning 1),
+         stl as (update inbox set admission = 'stale' where message_id = any($48) returning 1)
+         select (select count(*) from tch) as teachers,
+                (select count(*) from obx) as outcomes,
+                (select count(*) from reg) + (select count(*) from ip) + (select count(*) from his) + (select count(*) from stl) as other,
+                case when (select count(*) from obx) > 0 then pg_notify($49, '') end as notified",
+    )
+    .bind(now)
+    .bind(r.id).bind(r.trn).bind(r.urn).bind(r.started).bind(r.finished).bind(r.ab).bind(r.programme)
+    .bind(r.lead_provider).bind(r.deleted).bind(r.at).bind(r.ns).bind(r.message)
+    .bind(c.id).bind(c.trn).bind(c.ab).bind(c.started).bind(c.finished).bind(c.programme).bind(c.terms)
+    .bind(c.outcome).bind(c.deleted).bind(c.at).bind(c.ns).bind(c.message)
+    .bind(t.trn).bind(t.version).bind(t.status).bind(t.since).bind(t.overdue).bind(t.body).bind(t.previous)
+    .bind(o.id).bind(o.trn).bind(o.version).bind(o.key).bind(o.body).bind(o.traceparent)
+    .bind(h.trn).bind(h.event).bind(h.message_id).bind(h.message_type).bind(h.record_kind).bind(h.record_id)
+    .bind(h.outcome_id).bind(h.version).bind(h.status)
+    .bind(stale)
+    .bind(OUTBOX_CHANNEL)
+    .fetch_one(&mut *conn)
+    .await?;
+    let written: i64 = row.try_get("teachers")?;
+    if written != expected_teachers {
+        return Err(StoreError::corrupt(
+            "a teacher's version did not follow on from the one read under its lock",
+        ));
+    }
+    Ok(())
+}
+
+fn record_columns(latest: &[&Snapshot]) -> (RegistrationColumns, ClaimColumns) {
     let mut r = RegistrationColumns::default();
     let mut c = ClaimColumns::default();
     for snapshot in latest {
@@ -318,42 +410,7 @@ async fn upsert_records(conn: &mut PgConnection, latest: &[&Snapshot]) -> Result
             }
         }
     }
-    if !r.id.is_empty() {
-        sqlx::query(
-            "insert into registrations (registration_id, trn, school_urn, started_on, finished_on, appropriate_body_id,
-                 training_programme, lead_provider_id, deleted, occurred_at, occurred_at_ns, message_id)
-             select * from unnest($1::text[], $2::text[], $3::int4[], $4::date[], $5::date[], $6::text[], $7::text[],
-                 $8::text[], $9::bool[], $10::timestamptz[], $11::int2[], $12::uuid[])
-             on conflict (registration_id) do update set trn = excluded.trn, school_urn = excluded.school_urn,
-               started_on = excluded.started_on, finished_on = excluded.finished_on,
-               appropriate_body_id = excluded.appropriate_body_id, training_programme = excluded.training_programme,
-               lead_provider_id = excluded.lead_provider_id, deleted = excluded.deleted,
-               occurred_at = excluded.occurred_at, occurred_at_ns = excluded.occurred_at_ns, message_id = excluded.message_id",
-        )
-        .bind(r.id).bind(r.trn).bind(r.urn).bind(r.started).bind(r.finished).bind(r.ab).bind(r.programme)
-        .bind(r.lead_provider).bind(r.deleted).bind(r.at).bind(r.ns).bind(r.message)
-        .execute(&mut *conn)
-        .await?;
-    }
-    if !c.id.is_empty() {
-        sqlx::query(
-            "insert into induction_periods (induction_period_id, trn, appropriate_body_id, started_on, finished_on,
-                 training_programme, number_of_terms_tenths, outcome, deleted, occurred_at, occurred_at_ns, message_id)
-             select * from unnest($1::text[], $2::text[], $3::text[], $4::date[], $5::date[], $6::text[], $7::int2[],
-                 $8::text[], $9::bool[], $10::timestamptz[], $11::int2[], $12::uuid[])
-             on conflict (induction_period_id) do update set trn = excluded.trn,
-               appropriate_body_id = excluded.appropriate_body_id, started_on = excluded.started_on,
-               finished_on = excluded.finished_on, training_programme = excluded.training_programme,
-               number_of_terms_tenths = excluded.number_of_terms_tenths, outcome = excluded.outcome,
-               deleted = excluded.deleted, occurred_at = excluded.occurred_at,
-               occurred_at_ns = excluded.occurred_at_ns, message_id = excluded.message_id",
-        )
-        .bind(c.id).bind(c.trn).bind(c.ab).bind(c.started).bind(c.finished).bind(c.programme).bind(c.terms)
-        .bind(c.outcome).bind(c.deleted).bind(c.at).bind(c.ns).bind(c.message)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
+    (r, c)
 }
 
 #[derive(Default)]
@@ -388,97 +445,75 @@ struct ClaimColumns {
     message: Vec<Uuid>,
 }
 
-/// Saves each teacher's last outcome. The database refuses a version that does not follow on
-/// from the one read under the lock.
-async fn save_teachers(
-    conn: &mut PgConnection,
-    last: &BTreeMap<Trn, &OutcomeMessage>,
-    previous: &HashMap<Trn, u64>,
-    ledger: &Ledger,
-    now: OffsetDateTime,
-) -> Result<(), StoreError> {
-    if last.is_empty() {
-        return Ok(());
-    }
-    let mut trn = Vec::new();
-    let mut version = Vec::new();
-    let mut previous_version = Vec::new();
-    let mut status = Vec::new();
-    let mut since = Vec::new();
-    let mut overdue = Vec::new();
-    let mut body = Vec::new();
-    for (t, message) in last {
-        let outcome = ledger
-            .last_outcome(t)
-            .expect("an emitted teacher has a last outcome");
-        trn.push(t.as_str().to_owned());
-        version.push(outcome.version as i64);
-        previous_version.push(previous.get(t).map_or(0, |v| *v as i64));
-        status.push(outcome.status().as_str().to_owned());
-        since.push(outcome.provisional_since);
-        overdue.push(outcome.overdue);
-        body.push(serde_json::to_string(message).map_err(|e| StoreError::corrupt(e.to_string()))?);
-    }
-    let expected = trn.len() as u64;
-    let done = sqlx::query(
-        "insert into teachers (trn, version, status, provisional_since, overdue, last_outcome, updated_at)
-         select t, v, s, p, o, b::jsonb, $8 from unnest($1::text[], $2::int8[], $3::text[], $4::timestamptz[], $5::bool[], $6::text[], $7::int8[])
-             as x(t, v, s, p, o, b, prev)
-         on conflict (trn) do update set version = excluded.version, status = excluded.status,
-           provisional_since = excluded.provisional_since, overdue = excluded.overdue,
-           last_outcome = excluded.last_outcome, updated_at = excluded.updated_at
-         where teachers.version = (select prev from unnest($1::text[], $7::int8[]) as y(t, prev) where y.t = teachers.trn)",
-    )
-    .bind(trn).bind(version).bind(status).bind(since).bind(overdue).bind(body).bind(previous_version).bind(now)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if done != expected {
-        return Err(StoreError::corrupt(
-            "a teacher's version did not follow on from the one read under its lock",
-        ));
-    }
-    Ok(())
+/// Each teacher's last outcome, with the version it must replace (0 for a new teacher): the
+/// database refuses a version that does not follow on from the one read under the lock.
+#[derive(Default)]
+struct TeacherColumns {
+    trn: Vec<String>,
+    version: Vec<i64>,
+    previous: Vec<i64>,
+    status: Vec<String>,
+    since: Vec<Option<OffsetDateTime>>,
+    overdue: Vec<bool>,
+    body: Vec<String>,
 }
 
-async fn insert_outbox(
-    conn: &mut PgConnection,
-    outbox: &[(OutcomeMessage, Option<String>)],
-    now: OffsetDateTime,
-) -> Result<(), StoreError> {
-    if outbox.is_empty() {
-        return Ok(());
+impl TeacherColumns {
+    fn new(
+        last: &BTreeMap<Trn, &OutcomeMessage>,
+        previous: &HashMap<Trn, u64>,
+        ledger: &Ledger,
+    ) -> Result<Self, StoreError> {
+        let mut t = Self::default();
+        for (trn, message) in last {
+            let outcome = ledger
+                .last_outcome(trn)
+                .expect("an emitted teacher has a last outcome");
+            t.trn.push(trn.as_str().to_owned());
+            t.version.push(outcome.version as i64);
+            t.previous.push(previous.get(trn).map_or(0, |v| *v as i64));
+            t.status.push(outcome.status().as_str().to_owned());
+            t.since.push(outcome.provisional_since);
+            t.overdue.push(outcome.overdue);
+            t.body.push(
+                serde_json::to_string(message).map_err(|e| StoreError::corrupt(e.to_string()))?,
+            );
+        }
+        Ok(t)
     }
-    let mut id = Vec::new();
-    let mut trn = Vec::new();
-    let mut version = Vec::new();
-    let mut key = Vec::new();
-    let mut body = Vec::new();
-    let mut traceparent = Vec::new();
-    for (message, tp) in outbox {
-        id.push(message.outcome_id);
-        trn.push(message.trn.clone());
-        version.push(message.version as i64);
-        key.push(message.routing_key());
-        body.push(serde_json::to_vec(message).map_err(|e| StoreError::corrupt(e.to_string()))?);
-        traceparent.push(tp.clone());
-    }
-    sqlx::query(
-        "insert into outbox (outcome_id, trn, version, routing_key, body, traceparent, created_at)
-         select i, t, v, k, b, p, $7 from unnest($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::bytea[], $6::text[])
-             with ordinality as x(i, t, v, k, b, p, n) order by n",
-    )
-    .bind(id).bind(trn).bind(version).bind(key).bind(body).bind(traceparent).bind(now)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }
 
-/// History rows collected during a batch and written with one statement.
+/// Outbox rows, in emission order.
+#[derive(Default)]
+struct OutboxColumns {
+    id: Vec<Uuid>,
+    trn: Vec<String>,
+    version: Vec<i64>,
+    key: Vec<String>,
+    body: Vec<Vec<u8>>,
+    traceparent: Vec<Option<String>>,
+}
+
+impl OutboxColumns {
+    fn new(outbox: &[(OutcomeMessage, Option<String>)]) -> Result<Self, StoreError> {
+        let mut o = Self::default();
+        for (message, traceparent) in outbox {
+            o.id.push(message.outcome_id);
+            o.trn.push(message.trn.clone());
+            o.version.push(message.version as i64);
+            o.key.push(message.routing_key());
+            o.body
+                .push(serde_json::to_vec(message).map_err(|e| StoreError::corrupt(e.to_string()))?);
+            o.traceparent.push(traceparent.clone());
+        }
+        Ok(o)
+    }
+}
+
+/// History rows collected during a batch.
 #[derive(Default)]
 struct History {
     trn: Vec<String>,
-    at: Vec<OffsetDateTime>,
     event: Vec<String>,
     message_id: Vec<Option<Uuid>>,
     message_type: Vec<Option<String>>,
@@ -490,15 +525,9 @@ struct History {
 }
 
 impl History {
-    fn input(
-        &mut self,
-        trn: &Trn,
-        at: OffsetDateTime,
-        event: &str,
-        input: &Input,
-        key: &RecordKey,
-    ) {
-        self.push(trn, at, event);
+    fn input(&mut self, trn: &Trn, event: &str, input: &Input, key: &RecordKey) {
+        self.trn.push(trn.as_str().to_owned());
+        self.event.push(event.to_owned());
         self.message_id.push(Some(input.message_id()));
         self.message_type
             .push(Some(input.cause.message_type.as_str().to_owned()));
@@ -510,8 +539,9 @@ impl History {
         self.status.push(None);
     }
 
-    fn outcome(&mut self, trn: &Trn, at: OffsetDateTime, event: &str, message: &OutcomeMessage) {
-        self.push(trn, at, event);
+    fn outcome(&mut self, trn: &Trn, event: &str, message: &OutcomeMessage) {
+        self.trn.push(trn.as_str().to_owned());
+        self.event.push(event.to_owned());
         self.message_id.push(None);
         self.message_type.push(None);
         self.record_kind.push(None);
@@ -519,28 +549,5 @@ impl History {
         self.outcome_id.push(Some(message.outcome_id));
         self.version.push(Some(message.version as i64));
         self.status.push(Some(message.status.clone()));
-    }
-
-    fn push(&mut self, trn: &Trn, at: OffsetDateTime, event: &str) {
-        self.trn.push(trn.as_str().to_owned());
-        self.at.push(at);
-        self.event.push(event.to_owned());
-    }
-
-    async fn write(self, conn: &mut PgConnection) -> Result<(), StoreError> {
-        if self.trn.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
-            "insert into history (trn, at, event, message_id, message_type, record_kind, record_id, outcome_id, version, status)
-             select t, a, e, m, mt, rk, ri, o, v, s from unnest($1::text[], $2::timestamptz[], $3::text[], $4::uuid[], $5::text[],
-                 $6::text[], $7::text[], $8::uuid[], $9::int8[], $10::text[]) with ordinality as x(t, a, e, m, mt, rk, ri, o, v, s, n)
-             order by n",
-        )
-        .bind(self.trn).bind(self.at).bind(self.event).bind(self.message_id).bind(self.message_type)
-        .bind(self.record_kind).bind(self.record_id).bind(self.outcome_id).bind(self.version).bind(self.status)
-        .execute(conn)
-        .await?;
-        Ok(())
     }
 }
