@@ -556,3 +556,64 @@ async fn traceparent_of_the_input_is_carried_onto_its_outcomes() {
     assert_eq!(stored.as_deref(), Some(traceparent));
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn competing_workers_agree_when_a_new_record_arrives_under_different_trns() {
+    // Each record's snapshots name different teachers (corrections of the TRN), and arrive at
+    // once, so two workers can each see the record as new under a different teacher.
+    let mut app = TestApp::prepare(|s| {
+        s.amqp.concurrency = 2;
+        s.amqp.batch_size = 3;
+    })
+    .await;
+    app.start_worker().await;
+    app.start_worker().await;
+    let trns = ["5000001", "5000002", "5000003", "5000004", "5000005"];
+    let mut messages = Vec::new();
+    let mut n = 0u64;
+    for record in 0..30 {
+        for version in 0..4u64 {
+            n += 1;
+            let trn = trns[(record + version as usize * 2) % trns.len()];
+            let at = format!("2025-09-02T{:02}:{:02}:00Z", version, record % 60);
+            let m = if record % 2 == 0 {
+                registration(n, &format!("r{record}"), trn)
+            } else {
+                claim(n, &format!("ip{record}"), trn)
+            };
+            messages.push(set(m, "occurred_at", json!(at)));
+        }
+    }
+    // Newest first, so that late older snapshots test staleness too.
+    messages.reverse();
+    for m in &messages {
+        app.publish(m).await;
+    }
+    app.wait_for_inbox(messages.len() as i64).await;
+    app.wait_until("select count(*) = 0 from outbox where published_at is null")
+        .await;
+    let mut ledger = Ledger::new();
+    for m in &messages {
+        let input = decode(&bytes(m), NOW).unwrap();
+        ledger.apply(input.snapshot, input.cause, NOW);
+    }
+    for trn in trns {
+        let expected = ledger.reconcile(&Trn::parse(trn).unwrap());
+        let stored = app.store.explain(&Trn::parse(trn).unwrap()).await.unwrap();
+        let got = stored
+            .last_outcome
+            .map(|m| m.to_domain().unwrap().reconciliation);
+        match got {
+            Some(got) => assert_eq!(got, expected, "{trn}"),
+            None => assert_eq!(expected.status.as_str(), "closed", "{trn}"),
+        }
+    }
+    let records: i64 = sqlx::query_scalar(
+        "select (select count(*) from registrations) + (select count(*) from induction_periods)",
+    )
+    .fetch_one(app.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(records, 30);
+    app.teardown().await;
+}

@@ -135,25 +135,21 @@ async fn apply_in(
             .collect());
     }
 
-    // 2. Lock every teacher the batch can touch: each snapshot's TRN and the TRN its record counts
-    //    for now. Records only move under their teachers' locks, so after locking, a record's TRN
-    //    must still be one we hold; if another worker moved it in between, retry.
+    // 2. Lock the batch's records, then every teacher they can touch (each snapshot's TRN and
+    //    the TRN its record counts for now). Every writer of a record holds the record's lock, so
+    //    once we hold it the record cannot move or appear under us. All transactions take record
+    //    locks before teacher locks, each kind in ascending order, so they cannot deadlock.
     let keys: Vec<RecordKey> = to_apply
         .iter()
         .map(|&i| items[i].input.snapshot.record.key())
         .collect();
+    lock_records(conn, &keys).await?;
     let mut teachers: BTreeSet<Trn> = to_apply
         .iter()
         .map(|&i| items[i].input.snapshot.record.trn().clone())
         .collect();
     teachers.extend(held_trns(conn, &keys).await?);
     lock_teachers(conn, &teachers).await?;
-    let held_now = held_trns(conn, &keys).await?;
-    if !held_now.is_subset(&teachers) {
-        return Err(StoreError::transient(
-            "a record moved to another teacher while the batch was locking; retrying",
-        ));
-    }
 
     // 3. Load what the locked teachers hold and apply the batch in order.
     let trns: Vec<String> = teachers.iter().map(|t| t.as_str().to_owned()).collect();
@@ -239,6 +235,23 @@ async fn held_trns(
     trns.iter()
         .map(|t| Trn::parse(t).ok_or_else(|| StoreError::corrupt("a stored TRN is invalid")))
         .collect()
+}
+
+/// Takes the records' advisory locks (class 1, keyed by a hash of kind and id) in ascending
+/// key order. A hash collision only makes two records share a lock.
+async fn lock_records(conn: &mut PgConnection, keys: &[RecordKey]) -> Result<(), StoreError> {
+    let names: Vec<String> = keys
+        .iter()
+        .map(|k| format!("{}:{}", k.kind(), k.id()))
+        .collect();
+    sqlx::query(
+        "select count(pg_advisory_xact_lock(1, h))
+         from (select distinct hashtext(k) as h from unnest($1::text[]) as k order by h) as sorted",
+    )
+    .bind(names)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Takes the teachers' advisory locks in ascending TRN order (a TRN is its own lock key).
