@@ -325,8 +325,35 @@ impl Handler {
             let _entered = job.span.enter();
             tracing::warn!(reason = rejection.reason.as_str(), detail = %rejection.detail, "parking message");
         }
-        let mut remaining: Vec<usize> = which.to_vec();
+        // A redelivery of a body parked before (the worker stopped between the parking confirm and
+        // the acknowledgement) is already in the parking queue: acknowledge it without parking
+        // it twice. If the database cannot say, park it: a duplicate beats a loss.
+        let redelivered: Vec<[u8; 32]> = which
+            .iter()
+            .filter(|&&i| jobs[i].delivery.redelivered)
+            .map(|&i| jobs[i].digest)
+            .collect();
+        let already = if redelivered.is_empty() {
+            Default::default()
+        } else {
+            self.store
+                .parked_before(&redelivered)
+                .await
+                .unwrap_or_default()
+        };
+        let mut remaining: Vec<usize> = Vec::new();
+        for &i in which {
+            if jobs[i].delivery.redelivered && already.contains(&jobs[i].digest) {
+                let reason = jobs[i].decoded.as_ref().expect_err("rejected").reason;
+                let _entered = jobs[i].span.enter();
+                tracing::info!("already parked before a restart; acknowledging the redelivery");
+                jobs[i].disposition = Some(Disposition::Parked(reason));
+            } else {
+                remaining.push(i);
+            }
+        }
         let mut delays = self.delays();
+        let mut newly_parked: Vec<([u8; 32], &'static str)> = Vec::new();
         while !remaining.is_empty() {
             let mut pending: Vec<(usize, Result<PendingConfirm, _>)> = Vec::new();
             for &i in &remaining {
@@ -357,6 +384,7 @@ impl Handler {
                     Ok(()) => {
                         let reason = jobs[i].decoded.as_ref().expect_err("rejected").reason;
                         jobs[i].disposition = Some(Disposition::Parked(reason));
+                        newly_parked.push((jobs[i].digest, reason.as_str()));
                     }
                     Err(error) => {
                         let _entered = jobs[i].span.enter();
@@ -383,8 +411,20 @@ impl Handler {
                         .await;
                     jobs[i].disposition = Some(Disposition::Abandoned);
                 }
-                return;
+                break;
             }
+        }
+        self.remember_parked(&newly_parked).await;
+    }
+}
+
+impl Handler {
+    async fn remember_parked(&self, parked: &[([u8; 32], &str)]) {
+        if parked.is_empty() {
+            return;
+        }
+        if let Err(error) = self.store.record_parked(parked, now()).await {
+            tracing::warn!(error = %error, "could not record parked messages; a redelivery may be parked twice");
         }
     }
 }

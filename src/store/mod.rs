@@ -146,6 +146,40 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Which of these body digests were parked before.
+    pub async fn parked_before(
+        &self,
+        digests: &[[u8; 32]],
+    ) -> Result<std::collections::HashSet<[u8; 32]>, StoreError> {
+        let rows: Vec<Vec<u8>> = sqlx::query_scalar(
+            "select distinct body_sha256 from parked_log where body_sha256 = any($1)",
+        )
+        .bind(digests.iter().map(|d| d.to_vec()).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|d| <[u8; 32]>::try_from(d.as_slice()).ok())
+            .collect())
+    }
+
+    /// Records that these bodies were parked (with the broker's confirm).
+    pub async fn record_parked(
+        &self,
+        parked: &[([u8; 32], &str)],
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query("insert into parked_log (body_sha256, reason, parked_at) select d, r, $3 from unnest($1::bytea[], $2::text[]) as x(d, r)")
+            .bind(parked.iter().map(|(d, _)| d.to_vec()).collect::<Vec<_>>())
+            .bind(parked.iter().map(|(_, r)| *r).collect::<Vec<_>>())
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
 /// Gauges read from the database for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Gauges {

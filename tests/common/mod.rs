@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod cluster;
+pub mod rabbit;
 
 use serde_json::{Value, json};
 use time::OffsetDateTime;

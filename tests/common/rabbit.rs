@@ -1,0 +1,116 @@
+//! A throwaway RabbitMQ node on spare loopback ports, so that a test can stop and restart it
+//! without touching the machine's shared broker.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A RabbitMQ node; stopped and deleted on drop.
+pub struct RabbitNode {
+    pub port: u16,
+    dist_port: u16,
+    name: String,
+    dir: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
+}
+
+impl RabbitNode {
+    /// Starts a node with no plugins and waits until it accepts AMQP connections.
+    pub fn start() -> Self {
+        let port = free_port();
+        let dist_port = free_port();
+        let name = format!("ir{port}@localhost");
+        let dir = std::env::temp_dir().join(format!("ir-rabbit-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        if is_root() {
+            Command::new("chown")
+                .args(["-R", "rabbitmq:rabbitmq"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+        }
+        let node = Self {
+            port,
+            dist_port,
+            name,
+            dir,
+        };
+        node.boot();
+        node
+    }
+
+    /// The AMQP URL of the node.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn boot(&self) {
+        let status = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                self.dir.join("enabled_plugins"),
+            )
+            .env("RABBITMQ_PID_FILE", self.dir.join("pid"))
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq"))
+            .status()
+            .expect("rabbitmq-server");
+        assert!(status.success(), "rabbitmq-server -detached failed");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "RabbitMQ node {} did not start",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Stops the node (its queues persist on disk).
+    pub fn stop(&self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-n", &self.name, "stop"])
+            .output();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Starts the node again after `stop`.
+    pub fn restart(&self) {
+        self.boot();
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
