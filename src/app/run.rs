@@ -314,10 +314,22 @@ async fn consume_on(
             Duration::from_millis(settings.amqp.batch_linger_millis),
         ));
     }
+    // Any connection error ends this connection: the caller builds a new connection, channel
+    // and consumer. lapin's own recovery re-establishes connections, but the fault-injection
+    // suite showed a consumer not resumed after two broker restarts in a row; starting afresh
+    // is simple and certain, and the inbox de-duplicates what is redelivered.
+    let mut events = Box::pin(broker.events());
     loop {
         while in_flight.try_join_next().is_some() {}
         let next = tokio::select! {
             next = consumer.next() => next,
+            event = events.next() => match event {
+                Some(lapin::Event::Error(error)) => {
+                    health.set_broker_connected(false);
+                    return Err(error.into());
+                }
+                _ => continue,
+            },
             () = stop.cancelled() => break,
         };
         match next {
@@ -335,16 +347,7 @@ async fn consume_on(
             }
             Some(Err(error)) => {
                 health.set_broker_connected(false);
-                tracing::warn!(error = %error, "consumer interrupted; waiting for recovery");
-                channel.wait_for_recovery(error).await?;
-                metrics()
-                    .reconnects
-                    .get_or_create(&ComponentLabel {
-                        component: "consumer".into(),
-                    })
-                    .inc();
-                health.set_broker_connected(true);
-                tracing::info!("consumer recovered");
+                return Err(error.into());
             }
             None => {
                 return Err(crate::broker::BrokerError::nacked(
@@ -405,6 +408,7 @@ async fn relay_task(
         match result {
             Ok(()) => break,
             Err(error) => {
+                broker.close().await;
                 metrics()
                     .reconnects
                     .get_or_create(&ComponentLabel {

@@ -75,6 +75,11 @@ impl Broker {
         Ok(Publisher { channel })
     }
 
+    /// Connection-level events (errors, re-established connections, flow control).
+    pub fn events(&self) -> impl futures_lite::Stream<Item = lapin::Event> + Send + 'static {
+        self.connection.events_listener()
+    }
+
     /// True while the connection is usable.
     pub fn is_connected(&self) -> bool {
         self.connection.status().connected()
