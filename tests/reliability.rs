@@ -137,7 +137,9 @@ impl Harness {
             stream.insert(at, extra);
         }
         let published = (0..stream.len()).map(|_| AtomicUsize::new(0)).collect();
-        let logs = std::env::temp_dir().join("ir-reliability-logs").join(pg.port.to_string());
+        let logs = std::env::temp_dir()
+            .join("ir-reliability-logs")
+            .join(pg.port.to_string());
         std::fs::create_dir_all(&logs).unwrap();
         Self {
             pg,
