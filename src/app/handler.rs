@@ -209,30 +209,11 @@ impl Handler {
                 );
                 for &i in accepted {
                     if let Err(error) = self.apply_with_retries(jobs, &[i], true).await {
-                        let _entered = jobs[i].span.enter();
-                        tracing::error!(error = %error, "processing failed repeatedly; parking");
-                        jobs[i].decoded = Err(Rejection::new(
-                            ReasonCode::ProcessingFailed,
-                            format!(
-                                "processing failed {} times; last error: {error}",
-                                self.settings.worker.max_attempts
-                            ),
-                        ));
+                        self.give_up(&mut jobs[i], &error);
                     }
                 }
             }
-            Err(error) => {
-                let i = accepted[0];
-                let _entered = jobs[i].span.enter();
-                tracing::error!(error = %error, "processing failed repeatedly; parking");
-                jobs[i].decoded = Err(Rejection::new(
-                    ReasonCode::ProcessingFailed,
-                    format!(
-                        "processing failed {} times; last error: {error}",
-                        self.settings.worker.max_attempts
-                    ),
-                ));
-            }
+            Err(error) => self.give_up(&mut jobs[accepted[0]], &error),
         }
     }
 
@@ -419,6 +400,19 @@ impl Handler {
 }
 
 impl Handler {
+    /// Marks a job that kept failing for parking as `processing_failed`.
+    fn give_up(&self, job: &mut Job, error: &StoreError) {
+        let _entered = job.span.enter();
+        tracing::error!(error = %error, "processing failed repeatedly; parking");
+        job.decoded = Err(Rejection::new(
+            ReasonCode::ProcessingFailed,
+            format!(
+                "processing failed {} times; last error: {error}",
+                self.settings.worker.max_attempts
+            ),
+        ));
+    }
+
     async fn remember_parked(&self, parked: &[([u8; 32], &str)]) {
         if parked.is_empty() {
             return;

@@ -40,30 +40,7 @@ fn join_instant(at: OffsetDateTime, sub_micro: i16) -> OffsetDateTime {
 
 /// The held snapshots of every record that counts for a teacher.
 pub async fn for_teacher(conn: &mut PgConnection, trn: &Trn) -> Result<Vec<Snapshot>, StoreError> {
-    let mut snapshots = Vec::new();
-    for row in sqlx::query(concat!(
-        "select ",
-        registration_columns!(),
-        " from registrations where trn = $1"
-    ))
-    .bind(trn.as_str())
-    .fetch_all(&mut *conn)
-    .await?
-    {
-        snapshots.push(registration_from_row(&row)?);
-    }
-    for row in sqlx::query(concat!(
-        "select ",
-        claim_columns!(),
-        " from induction_periods where trn = $1"
-    ))
-    .bind(trn.as_str())
-    .fetch_all(&mut *conn)
-    .await?
-    {
-        snapshots.push(claim_from_row(&row)?);
-    }
-    Ok(snapshots)
+    for_teachers(conn, &[trn.as_str().to_owned()]).await
 }
 
 /// The held snapshots of every record that counts for any of the teachers.
