@@ -379,6 +379,10 @@ impl Handler {
                     }
                 }
             }
+            // Record what this round parked before anything else can happen: a redelivery of it
+            // (the channel may already be gone) must find it.
+            self.remember_parked(&newly_parked).await;
+            newly_parked.clear();
             remaining = failed;
             if !remaining.is_empty() && !self.pause(&mut delays).await {
                 for &i in &remaining {

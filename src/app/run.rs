@@ -74,8 +74,13 @@ async fn connect_broker(
     let ca = settings.amqp_tls_ca()?;
     let mut delays = delays(settings);
     loop {
+        // Bounded: a connection attempt to a broker that is still starting can hang.
+        let connecting = tokio::time::timeout(
+            Duration::from_secs(30),
+            Broker::connect_with_ca(&url, name, ca.as_deref()),
+        );
         let attempt = tokio::select! {
-            attempt = Broker::connect_with_ca(&url, name, ca.as_deref()) => attempt,
+            attempt = connecting => attempt.unwrap_or_else(|_| Err(crate::broker::BrokerError::timed_out("a connection (30 s)"))),
             () = stop.cancelled() => return Ok(None),
         };
         match attempt {

@@ -23,6 +23,14 @@ impl BrokerError {
         }
     }
 
+    /// An operation on the broker did not finish in time.
+    pub fn timed_out(what: &str) -> Self {
+        Self {
+            transient: true,
+            description: format!("timed out waiting for {what}"),
+        }
+    }
+
     /// The broker returned a mandatory message because no queue was bound for it.
     pub fn unroutable(exchange: &str, routing_key: &str) -> Self {
         Self {

@@ -85,9 +85,11 @@ impl Broker {
         self.connection.status().connected()
     }
 
-    /// Closes the connection politely; unacknowledged deliveries go back to their queues.
+    /// Closes the connection politely; unacknowledged deliveries go back to their queues. Gives
+    /// up after five seconds: a connection that is recovering may never answer.
     pub async fn close(&self) {
-        let _ = self.connection.close(200, "shutting down".into()).await;
+        let closing = self.connection.close(200, "shutting down".into());
+        let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
     }
 }
 
