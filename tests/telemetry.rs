@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::app::{PATIENCE, TestApp, header};
+use common::free_port;
 use common::{bytes, registration, set};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
@@ -12,14 +13,6 @@ use opentelemetry::trace::TracerProvider as _;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing_subscriber::layer::SubscriberExt;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A plain HTTP/1.0 GET; returns the status code and the body.
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::is_root;
+
 /// A running cluster; stopped and deleted on drop.
 pub struct PgCluster {
     pub port: u16,
@@ -19,14 +21,6 @@ fn pg_bin() -> PathBuf {
         .collect();
     versions.sort();
     versions.pop().expect("an initdb")
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false)
 }
 
 /// Runs a server binary as the postgres user when we are root (initdb refuses root).

@@ -76,6 +76,24 @@ fn locate<'a>(
     }
 }
 
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// True when the tests run as root (server binaries must then run as their service users).
+pub fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
+}
+
 /// The message's bytes as a producer would send them.
 pub fn bytes(message: &Value) -> Vec<u8> {
     serde_json::to_vec(message).expect("serialisable")

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+
+use super::{free_port, is_root};
 use std::time::{Duration, Instant};
 
 /// A RabbitMQ node; stopped and deleted on drop.
@@ -11,22 +13,6 @@ pub struct RabbitNode {
     dist_port: u16,
     name: String,
     dir: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false)
 }
 
 impl RabbitNode {
