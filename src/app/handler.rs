@@ -370,10 +370,20 @@ impl Handler {
                     Err(error) => {
                         let _entered = jobs[i].span.enter();
                         tracing::error!(error = %error, "cannot park the message; it stays unacknowledged");
-                        if jobs[i].delivery.acker.usable() {
+                        if jobs[i].delivery.acker.usable() && !error.is_transient() {
                             failed.push(i);
                         } else {
-                            // The channel broke: the broker requeues the message for us.
+                            // The connection is broken or recovering: hand the message back (the
+                            // broker requeues it when the channel goes, if the nack cannot be
+                            // sent) rather than hold the lane while the connection is rebuilt.
+                            let _ = jobs[i]
+                                .delivery
+                                .acker
+                                .nack(BasicNackOptions {
+                                    multiple: false,
+                                    requeue: true,
+                                })
+                                .await;
                             jobs[i].disposition = Some(Disposition::Abandoned);
                         }
                     }

@@ -346,6 +346,13 @@ async fn consume_on(
                             break;
                         }
                     }
+                    // A full lane must not keep the consumer from noticing a lost connection.
+                    event = events.next() => {
+                        if let Some(lapin::Event::Error(error)) = event {
+                            health.set_broker_connected(false);
+                            return Err(error.into());
+                        }
+                    }
                     // Not started: it goes back to the queue when the channel closes.
                     () = stop.cancelled() => break,
                 }
