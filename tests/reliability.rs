@@ -27,7 +27,7 @@ use futures_lite::StreamExt;
 use induction_reconciler::app::workload::{Generated, generate};
 use induction_reconciler::broker::{Broker, declare_topology, json_properties};
 use induction_reconciler::config::{Settings, Topology};
-use induction_reconciler::domain::{Ledger, Trn};
+use induction_reconciler::domain::Ledger;
 use induction_reconciler::messages::{OutcomeMessage, decode};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions,
@@ -514,7 +514,6 @@ impl Harness {
             emitted,
             "{scenario}: every emitted outcome was received"
         );
-        let _ = Trn::parse("0000000");
         let figures = json!({
             "scenario": scenario,
             "published": self.published.iter().map(|c| c.load(Ordering::Relaxed)).sum::<usize>(),

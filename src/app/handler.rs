@@ -95,11 +95,6 @@ impl Handler {
         }
     }
 
-    /// Handles one delivery (a batch of one).
-    pub async fn handle(&self, delivery: Delivery) -> Disposition {
-        self.handle_batch(vec![delivery]).await.remove(0)
-    }
-
     /// Handles a batch of deliveries to the end and acknowledges each (or leaves it for
     /// redelivery). Returns how each ended, in order.
     pub async fn handle_batch(&self, deliveries: Vec<Delivery>) -> Vec<Disposition> {
@@ -368,23 +363,14 @@ impl Handler {
                         newly_parked.push((jobs[i].digest, reason.as_str()));
                     }
                     Err(error) => {
-                        let _entered = jobs[i].span.enter();
-                        tracing::error!(error = %error, "cannot park the message; it stays unacknowledged");
+                        tracing::error!(parent: &jobs[i].span, error = %error, "cannot park the message; it stays unacknowledged");
                         if jobs[i].delivery.acker.usable() && !error.is_transient() {
                             failed.push(i);
                         } else {
                             // The connection is broken or recovering: hand the message back (the
                             // broker requeues it when the channel goes, if the nack cannot be
                             // sent) rather than hold the lane while the connection is rebuilt.
-                            let _ = jobs[i]
-                                .delivery
-                                .acker
-                                .nack(BasicNackOptions {
-                                    multiple: false,
-                                    requeue: true,
-                                })
-                                .await;
-                            jobs[i].disposition = Some(Disposition::Abandoned);
+                            hand_back(&mut jobs[i]).await;
                         }
                     }
                 }
@@ -396,20 +382,11 @@ impl Handler {
             remaining = failed;
             if !remaining.is_empty() && !self.pause(&mut delays).await {
                 for &i in &remaining {
-                    let _ = jobs[i]
-                        .delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        })
-                        .await;
-                    jobs[i].disposition = Some(Disposition::Abandoned);
+                    hand_back(&mut jobs[i]).await;
                 }
                 break;
             }
         }
-        self.remember_parked(&newly_parked).await;
     }
 }
 
@@ -435,6 +412,17 @@ impl Handler {
             tracing::warn!(error = %error, "could not record parked messages; a redelivery may be parked twice");
         }
     }
+}
+
+/// Returns a delivery to the queue (or lets the broker requeue it when its channel goes) and
+/// marks it abandoned.
+async fn hand_back(job: &mut Job) {
+    let requeue = BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    };
+    let _ = job.delivery.acker.nack(requeue).await;
+    job.disposition = Some(Disposition::Abandoned);
 }
 
 fn record_metrics(kind: &str, disposition: &Disposition, started: Instant) {
