@@ -92,6 +92,16 @@ pub struct AmqpSettings {
     pub batch_linger_millis: u64,
     /// Declare topology at start.
     pub declare_topology: bool,
+    /// How long to wait for lapin's automatic recovery of a lost connection (or of a channel
+    /// whose consumer stopped receiving) before building a new connection.
+    pub recovery_timeout_seconds: u64,
+}
+
+impl AmqpSettings {
+    /// `recovery_timeout_seconds` as a duration.
+    pub fn recovery_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.recovery_timeout_seconds)
+    }
 }
 
 /// Names of exchanges, queues and routing keys (CONTRACT.md section 2).
@@ -209,6 +219,10 @@ impl Settings {
     }
 
     fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.amqp.recovery_timeout_seconds >= 1,
+            "amqp.recovery_timeout_seconds must be at least 1"
+        );
         anyhow::ensure!(
             self.amqp.concurrency >= 1,
             "amqp.concurrency must be at least 1"

@@ -173,7 +173,11 @@ impl Harness {
             .env("INDUCTION__WORKER__MAX_ATTEMPTS", "3")
             .env("INDUCTION__WORKER__RETRY_MIN_MILLIS", "50")
             .env("INDUCTION__WORKER__RETRY_MAX_MILLIS", "2000")
-            .env("INDUCTION__LOG__FILTER", "warn")
+            .env("INDUCTION__AMQP__RECOVERY_TIMEOUT_SECONDS", "15")
+            .env(
+                "INDUCTION__LOG__FILTER",
+                std::env::var("RELIABILITY_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -95,7 +95,12 @@ pub async fn relay_until(
         // Drain: a full batch means there may be more (including later versions of the same
         // teachers, which become publishable once the earlier ones are marked).
         loop {
-            let published = relay_once(store, publisher, exchange, batch_size).await?;
+            // A round cut short (the broker is down at shutdown) rolls its claim back: the rows
+            // stay pending for the final flush or the next worker.
+            let published = tokio::select! {
+                round = relay_once(store, publisher, exchange, batch_size) => round?,
+                () = stop.cancelled() => return Ok(()),
+            };
             if published > 0 {
                 tracing::debug!(outcomes = published, "published outcomes");
             } else {

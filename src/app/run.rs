@@ -2,6 +2,8 @@
 //! spells until the shutdown future resolves, then drains within a bounded time.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::handler::{Handler, now};
 use super::relay;
-use crate::broker::{Broker, declare_topology};
+use crate::broker::{Broker, BrokerError, Link, Publisher, declare_topology};
 use crate::config::Settings;
 use crate::store::Store;
 use crate::telemetry::metrics::{ComponentLabel, metrics};
@@ -80,7 +82,7 @@ async fn connect_broker(
             Broker::connect_with_ca(&url, name, ca.as_deref()),
         );
         let attempt = tokio::select! {
-            attempt = connecting => attempt.unwrap_or_else(|_| Err(crate::broker::BrokerError::timed_out("a connection (30 s)"))),
+            attempt = connecting => attempt.unwrap_or_else(|_| Err(BrokerError::timed_out("a connection (30 s)"))),
             () = stop.cancelled() => return Ok(None),
         };
         match attempt {
@@ -168,8 +170,13 @@ pub async fn run(
     Ok(())
 }
 
-/// Consumes until `stop`, reconnecting after broker failures; then waits for in-flight
-/// deliveries (until `abandon`).
+/// Consumes until `stop`; then waits for in-flight deliveries (until `abandon`).
+///
+/// A lost connection is lapin's to recover (it reopens the channel, reapplies the QoS and
+/// resumes the consumer); the worker watches. When the consumer stops, the worker waits up to
+/// `amqp.recovery_timeout_seconds` for the connection to be up and starts a new channel and
+/// consumer on it; when the connection does not come back in that time, the worker gives it up
+/// (see [`Broker::retire`]) and opens a new one.
 async fn consume(
     settings: &Settings,
     store: &Store,
@@ -179,25 +186,30 @@ async fn consume(
 ) -> anyhow::Result<()> {
     let mut in_flight: JoinSet<()> = JoinSet::new();
     let mut delays = delays(settings);
-    let mut last_broker = None;
+    let mut current: Option<Broker> = None;
+    let shared = Shared {
+        settings,
+        store,
+        stop,
+        abandon,
+        health,
+    };
     let result = loop {
         if stop.is_cancelled() {
             break Ok(());
         }
-        let Some(broker) = connect_broker(settings, "induction-reconciler consumer", stop).await?
-        else {
-            break Ok(());
-        };
-        last_broker = Some(broker.clone());
-        let shared = Shared {
-            settings,
-            store,
-            stop,
-            abandon,
-            health,
+        let broker = match current.take() {
+            Some(broker) => broker,
+            None => match connect_broker(settings, "induction-reconciler consumer", stop).await? {
+                Some(broker) => broker,
+                None => break Ok(()),
+            },
         };
         match consume_on(&shared, &broker, &mut in_flight).await {
-            Ok(()) => break Ok(()),
+            Ok(()) => {
+                current = Some(broker);
+                break Ok(());
+            }
             Err(error) if error.is_transient() => {
                 health.set_broker_connected(false);
                 metrics()
@@ -206,18 +218,30 @@ async fn consume(
                         component: "consumer".into(),
                     })
                     .inc();
-                tracing::warn!(error = %error, "lost the broker; reconnecting");
-                broker.close().await;
-                if !pause(&mut delays, stop).await {
-                    break Ok(());
+                tracing::warn!(error = %error, "consuming stopped; starting again");
+                let paused = pause(&mut delays, stop).await;
+                if paused
+                    && broker
+                        .wait_until_up(settings.amqp.recovery_timeout(), stop)
+                        .await
+                {
+                    current = Some(broker);
+                } else if paused {
+                    tracing::warn!(
+                        "the broker connection did not come back in time; opening a new one"
+                    );
+                    broker.retire();
+                } else {
+                    current = Some(broker);
                 }
             }
             Err(error) => break Err(anyhow::Error::new(error).context("cannot consume")),
         }
     };
-    // After a lost connection, deliveries still in flight cannot be acknowledged; let them end.
+    // Deliveries still in flight from a channel that is gone cannot be acknowledged; the broker
+    // redelivers them and the inbox de-duplicates. Let them end.
     while in_flight.join_next().await.is_some() {}
-    if let Some(broker) = last_broker {
+    if let Some(broker) = current {
         broker.close().await;
     }
     result
@@ -239,6 +263,7 @@ async fn lane(
     mut deliveries: tokio::sync::mpsc::Receiver<lapin::message::Delivery>,
     batch_size: usize,
     linger: Duration,
+    busy: Arc<AtomicUsize>,
 ) {
     while let Some(first) = deliveries.recv().await {
         let mut batch = vec![first];
@@ -255,7 +280,87 @@ async fn lane(
                 }
             }
         }
+        let taken = batch.len();
         handler.handle_batch(batch).await;
+        busy.fetch_sub(taken, Ordering::Relaxed);
+    }
+}
+
+/// The consumer's watchdog: notices a lost connection while lapin recovers it, and a consumer
+/// that receives nothing although its queue has messages ready and the worker is idle.
+struct Watchdog {
+    /// When the connection or the channel was first seen down, in the current outage.
+    down_since: Option<tokio::time::Instant>,
+    /// When the last delivery arrived (or the last stall check found nothing wrong).
+    last_delivery: tokio::time::Instant,
+    /// Deliveries handed to lanes and not yet finished.
+    busy: Arc<AtomicUsize>,
+    limit: Duration,
+}
+
+impl Watchdog {
+    async fn check(
+        &mut self,
+        broker: &Broker,
+        channel: &lapin::Channel,
+        queue: &str,
+        health: &super::http::Health,
+    ) -> Result<(), BrokerError> {
+        let link = broker.link();
+        if link == Link::Down {
+            return Err(BrokerError::lost(
+                "the connection (lapin could not recover it)",
+            ));
+        }
+        if link == Link::Up && channel.status().connected() {
+            if self.down_since.take().is_some() {
+                tracing::info!("the broker connection is back; consuming again");
+                health.set_broker_connected(true);
+                self.last_delivery = tokio::time::Instant::now();
+            }
+            return self.check_stalled(channel, queue).await;
+        }
+        let since = *self.down_since.get_or_insert_with(|| {
+            tracing::warn!("lost the broker connection; waiting for lapin to recover it");
+            health.set_broker_connected(false);
+            tokio::time::Instant::now()
+        });
+        if since.elapsed() >= self.limit {
+            return Err(BrokerError::timed_out(
+                "the automatic recovery of the broker connection",
+            ));
+        }
+        Ok(())
+    }
+
+    /// An idle consumer that has received nothing for `limit` while its queue holds messages
+    /// ready to deliver has stopped working (for instance a consumer not resumed after a
+    /// recovery): end it, so that a new channel and consumer are started.
+    async fn check_stalled(
+        &mut self,
+        channel: &lapin::Channel,
+        queue: &str,
+    ) -> Result<(), BrokerError> {
+        if self.busy.load(Ordering::Relaxed) > 0 || self.last_delivery.elapsed() < self.limit {
+            return Ok(());
+        }
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        self.last_delivery = tokio::time::Instant::now();
+        if declared.message_count() > 0 {
+            return Err(BrokerError::lost(
+                "the consumer (messages are ready but none arrive)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -272,7 +377,7 @@ async fn consume_on(
     shared: &Shared<'_>,
     broker: &Broker,
     in_flight: &mut JoinSet<()>,
-) -> Result<(), crate::broker::BrokerError> {
+) -> Result<(), BrokerError> {
     let Shared {
         settings,
         store,
@@ -301,10 +406,11 @@ async fn consume_on(
     health.set_broker_connected(true);
     let handler = Handler {
         store: store.clone(),
-        parking,
+        parking: parking.clone(),
         settings: settings.clone(),
         stop: abandon.clone(),
     };
+    let busy = Arc::new(AtomicUsize::new(0));
     // Lanes: each teacher's messages go to one lane (by TRN), and each lane applies one batch at
     // a time, so that concurrent transactions rarely wait for each other's teacher locks.
     let lanes = settings.amqp.concurrency;
@@ -317,73 +423,105 @@ async fn consume_on(
             rx,
             settings.amqp.batch_size,
             Duration::from_millis(settings.amqp.batch_linger_millis),
+            busy.clone(),
         ));
     }
-    // Any connection error ends this connection: the caller builds a new connection, channel
-    // and consumer. lapin's own recovery re-establishes connections, but the fault-injection
-    // suite showed a consumer not resumed after two broker restarts in a row; starting afresh
-    // is simple and certain, and the inbox de-duplicates what is redelivered.
+    let mut watchdog = Watchdog {
+        down_since: None,
+        last_delivery: tokio::time::Instant::now(),
+        busy: busy.clone(),
+        limit: settings.amqp.recovery_timeout(),
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut events = Box::pin(broker.events());
-    loop {
+    let queue = settings.topology.inbox_queue.as_str();
+    let ended = loop {
         while in_flight.try_join_next().is_some() {}
         let next = tokio::select! {
             next = consumer.next() => next,
             event = events.next() => match event {
-                Some(lapin::Event::Error(error)) => {
-                    health.set_broker_connected(false);
-                    return Err(error.into());
-                }
+                // Only errors lapin cannot recover from are reported here.
+                Some(lapin::Event::Error(error)) => break Err(error.into()),
                 _ => continue,
             },
-            () = stop.cancelled() => break,
+            _ = tick.tick() => match watchdog.check(broker, &channel, queue, health).await {
+                Ok(()) => continue,
+                Err(error) => break Err(error),
+            },
+            () = stop.cancelled() => break Ok(()),
         };
         match next {
             Some(Ok(delivery)) => {
+                watchdog.last_delivery = tokio::time::Instant::now();
+                busy.fetch_add(1, Ordering::Relaxed);
                 let lane = lane_of(&delivery.data, lanes);
-                tokio::select! {
-                    sent = senders[lane].send(delivery) => {
-                        if sent.is_err() {
-                            break;
-                        }
+                let mut delivery = Some(delivery);
+                let mut interrupted = None;
+                // A full lane must not keep the watchdog from noticing a lost connection. A
+                // delivery not handed to a lane goes back to the queue when the channel closes.
+                while let Some(waiting) = delivery.take() {
+                    tokio::select! {
+                        sent = senders[lane].reserve() => match sent {
+                            Ok(permit) => permit.send(waiting),
+                            Err(_) => interrupted = Some(Ok(())),
+                        },
+                        _ = tick.tick() => match watchdog.check(broker, &channel, queue, health).await {
+                            Ok(()) => delivery = Some(waiting),
+                            Err(error) => interrupted = Some(Err(error)),
+                        },
+                        () = stop.cancelled() => interrupted = Some(Ok(())),
                     }
-                    // A full lane must not keep the consumer from noticing a lost connection.
-                    event = events.next() => {
-                        if let Some(lapin::Event::Error(error)) = event {
-                            health.set_broker_connected(false);
-                            return Err(error.into());
-                        }
-                    }
-                    // Not started: it goes back to the queue when the channel closes.
-                    () = stop.cancelled() => break,
+                }
+                if let Some(ended) = interrupted {
+                    break ended;
                 }
             }
+            // lapin reports a recoverable failure here and resumes the stream after recovery;
+            // the watchdog decides when to stop waiting for it.
             Some(Err(error)) => {
-                health.set_broker_connected(false);
-                return Err(error.into());
+                tracing::debug!(error = %error, "the consumer reported a broker failure");
             }
             None => {
-                return Err(crate::broker::BrokerError::nacked(
-                    "the consumer (the broker cancelled it)",
-                ));
+                break Err(BrokerError::lost("the consumer (the broker cancelled it)"));
             }
         }
-    }
-    drop(senders);
-    // Stop the broker sending more, and finish what is in flight while the channel is still
-    // open to acknowledge it (dropping the channel would close it); deliveries buffered but not
-    // started go back to the queue when the channel closes.
-    let _ = channel
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-        .await;
-    let waiting = in_flight.len();
-    if waiting > 0 {
-        tracing::info!(in_flight = waiting, "finishing in-flight messages");
-    }
-    while in_flight.join_next().await.is_some() {}
-    let _ = channel.close(200, "shutting down".into()).await;
-    Ok(())
+    };
+    finish(channel, &tag, senders, in_flight, ended).await
 }
 
+/// Ends a consumer. After a graceful stop: tells the broker to send no more and finishes what is
+/// in flight while the channel is still open to acknowledge it (deliveries buffered but not
+/// started go back to the queue when the channel closes). After a failure: closes the channel,
+/// so that its unacknowledged deliveries go back to the queue, and leaves the lanes to end.
+async fn finish(
+    channel: lapin::Channel,
+    tag: &str,
+    senders: Vec<tokio::sync::mpsc::Sender<lapin::message::Delivery>>,
+    in_flight: &mut JoinSet<()>,
+    ended: Result<(), BrokerError>,
+) -> Result<(), BrokerError> {
+    drop(senders);
+    let bound = Duration::from_secs(5);
+    if ended.is_ok() {
+        let _ = tokio::time::timeout(
+            bound,
+            channel.basic_cancel(tag.into(), BasicCancelOptions::default()),
+        )
+        .await;
+        let waiting = in_flight.len();
+        if waiting > 0 {
+            tracing::info!(in_flight = waiting, "finishing in-flight messages");
+        }
+        while in_flight.join_next().await.is_some() {}
+    }
+    let _ = tokio::time::timeout(bound, channel.close(200, "consumer ended".into())).await;
+    ended
+}
+
+/// Relays the outbox until `drained`, then flushes it (until `abandon`). Like the consumer, it
+/// leaves a lost connection to lapin's recovery for up to `amqp.recovery_timeout_seconds`, then
+/// gives it up and opens a new one.
 async fn relay_task(
     settings: Settings,
     store: Store,
@@ -393,21 +531,29 @@ async fn relay_task(
     let mut delays = delays(&settings);
     let exchange = settings.topology.outcome_exchange.clone();
     let poll = Duration::from_millis(settings.relay.poll_interval_millis);
-    let mut publisher = None;
+    let mut current: Option<(Broker, Option<Publisher>)> = None;
     loop {
         if drained.is_cancelled() {
             break;
         }
-        let broker = match connect_broker(&settings, "induction-reconciler relay", &drained).await {
-            Ok(Some(broker)) => broker,
-            _ => break,
+        let (broker, publisher) = match current.take() {
+            Some(open) => open,
+            None => match connect_broker(&settings, "induction-reconciler relay", &drained).await {
+                Ok(Some(broker)) => (broker, None),
+                _ => break,
+            },
         };
-        let result = match broker.publisher().await {
+        // lapin reopens the publishing channel with the connection; open a new one only if the
+        // channel itself was lost.
+        let publisher = match publisher.filter(Publisher::is_open) {
+            Some(publisher) => Ok(publisher),
+            None => broker.publisher().await,
+        };
+        let result = match &publisher {
             Ok(p) => {
-                publisher = Some((broker.clone(), p.clone()));
                 relay::relay_until(
                     &store,
-                    &p,
+                    p,
                     &exchange,
                     settings.relay.batch_size,
                     poll,
@@ -415,12 +561,17 @@ async fn relay_task(
                 )
                 .await
             }
-            Err(error) => Err(error.into()),
-        };
-        match result {
-            Ok(()) => break,
             Err(error) => {
-                broker.close().await;
+                Err(BrokerError::lost(&format!("the publishing channel ({error})")).into())
+            }
+        };
+        let publisher = publisher.ok();
+        match result {
+            Ok(()) => {
+                current = Some((broker, publisher));
+                break;
+            }
+            Err(error) => {
                 metrics()
                     .reconnects
                     .get_or_create(&ComponentLabel {
@@ -429,13 +580,28 @@ async fn relay_task(
                     .inc();
                 tracing::warn!(error = %error, "outbox relay interrupted; retrying");
                 if !pause(&mut delays, &drained).await {
+                    current = Some((broker, publisher));
                     break;
+                }
+                if broker
+                    .wait_until_up(settings.amqp.recovery_timeout(), &drained)
+                    .await
+                {
+                    current = Some((broker, publisher));
+                } else if drained.is_cancelled() {
+                    current = Some((broker, publisher));
+                    break;
+                } else {
+                    tracing::warn!(
+                        "the broker connection did not come back in time; opening a new one"
+                    );
+                    broker.retire();
                 }
             }
         }
     }
     // Last flush, bounded by the shutdown deadline.
-    if let Some((broker, publisher)) = publisher {
+    if let Some((broker, Some(publisher))) = current {
         let deadline = tokio::time::Instant::now() + settings.worker.shutdown_timeout();
         tokio::select! {
             result = relay::flush(&store, &publisher, &exchange, settings.relay.batch_size, deadline) => {
@@ -445,6 +611,8 @@ async fn relay_task(
             }
             () = abandon.cancelled() => {}
         }
+        broker.close().await;
+    } else if let Some((broker, None)) = current {
         broker.close().await;
     }
 }

@@ -23,6 +23,14 @@ impl BrokerError {
         }
     }
 
+    /// A connection, channel or consumer stopped working.
+    pub fn lost(what: &str) -> Self {
+        Self {
+            transient: true,
+            description: format!("lost {what}"),
+        }
+    }
+
     /// An operation on the broker did not finish in time.
     pub fn timed_out(what: &str) -> Self {
         Self {

@@ -45,7 +45,7 @@ impl Broker {
             .with_backoff(
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(10))
+                    .with_max_delay(Duration::from_secs(5))
                     .with_jitter()
                     .with_max_times(60),
             );
@@ -85,6 +85,59 @@ impl Broker {
         self.connection.status().connected()
     }
 
+    /// What the connection is doing: up, being recovered by lapin, or gone for good.
+    pub fn link(&self) -> Link {
+        let status = self.connection.status();
+        if status.connected() {
+            Link::Up
+        } else if status.reconnecting() || status.connecting() {
+            Link::Recovering
+        } else {
+            Link::Down
+        }
+    }
+
+    /// Waits up to `limit` for lapin's automatic recovery to bring the connection back. True
+    /// when it is up; false when it is gone for good, `limit` passed, or `stop` fired.
+    pub async fn wait_until_up(
+        &self,
+        limit: Duration,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match self.link() {
+                Link::Up => return true,
+                Link::Down => return false,
+                Link::Recovering if tokio::time::Instant::now() >= deadline => return false,
+                Link::Recovering => {}
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = stop.cancelled() => return false,
+            }
+        }
+    }
+
+    /// Gives the connection up: closes it now if it is up, otherwise as soon as lapin's recovery
+    /// brings it back (within ten minutes), so that a connection the worker replaced never
+    /// returns with a consumer nobody reads holding messages back.
+    pub fn retire(self) {
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+            while tokio::time::Instant::now() < deadline {
+                match self.link() {
+                    Link::Up => {
+                        self.close().await;
+                        return;
+                    }
+                    Link::Down => return,
+                    Link::Recovering => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+        });
+    }
+
     /// Closes the connection politely; unacknowledged deliveries go back to their queues. Gives
     /// up after five seconds: a connection that is recovering may never answer.
     pub async fn close(&self) {
@@ -93,11 +146,25 @@ impl Broker {
     }
 }
 
+/// The state of a connection, as the worker's watchdogs see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Connected.
+    Up,
+    /// Lost, and lapin's automatic recovery is re-establishing it.
+    Recovering,
+    /// Closed or failed for good: recovery gave up or was not possible.
+    Down,
+}
+
 /// A channel in confirm mode.
 #[derive(Clone)]
 pub struct Publisher {
     channel: Channel,
 }
+
+/// How long a publisher waits for the broker to confirm a message.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A message sent and waiting for its confirm.
 pub struct PendingConfirm {
@@ -107,9 +174,14 @@ pub struct PendingConfirm {
 }
 
 impl PendingConfirm {
-    /// Waits for the broker: `Ok` only for a positive confirm of a routed message.
+    /// Waits for the broker: `Ok` only for a positive confirm of a routed message. Gives up
+    /// after [`CONFIRM_TIMEOUT`]: lapin rejects the confirms of a lost connection only once its
+    /// recovery starts, and a worker must not wait on a broker that is down for good.
     pub async fn wait(self) -> Result<(), BrokerError> {
-        match self.confirm.await? {
+        let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, self.confirm)
+            .await
+            .map_err(|_| BrokerError::timed_out("a publisher confirm"))?;
+        match confirmed? {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
                 Err(BrokerError::unroutable(&self.exchange, &self.routing_key))
@@ -123,6 +195,11 @@ impl Publisher {
     /// The channel, for consumers of the same connection.
     pub fn channel(&self) -> &Channel {
         &self.channel
+    }
+
+    /// True while the channel is open (after lapin's recovery, too).
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
     }
 
     /// Sends a persistent, mandatory message and returns its pending confirm, so that a caller

@@ -306,6 +306,22 @@ impl TestApp {
         take(&self.channel, &self.settings.topology.parking_queue, n).await
     }
 
+    /// How many messages wait in the parking queue.
+    pub async fn parked_waiting(&self) -> u32 {
+        self.channel
+            .queue_declare(
+                self.settings.topology.parking_queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
     /// Takes up to `n` messages from the unrouted queue.
     pub async fn take_unrouted(&self, n: usize) -> Vec<(FieldTable, Vec<u8>)> {
         take(&self.channel, &self.settings.topology.unrouted_queue, n).await
