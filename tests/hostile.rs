@@ -389,7 +389,7 @@ fn corpus(reused: &Value) -> Vec<Case> {
         ),
         parked(
             "school_urn 1e400",
-            "invalid_field",
+            "invalid_json",
             with_raw(reg(49), "payload.school_urn", "1e400"),
         ),
         parked(

@@ -122,6 +122,7 @@ impl Handler {
         let decided = started.elapsed();
         let count = jobs.len();
         let mut results = Vec::with_capacity(jobs.len());
+        let mut unacknowledged = 0_usize;
         for job in jobs {
             let disposition = job.disposition.expect("every delivery was decided");
             let acked = match disposition {
@@ -134,9 +135,8 @@ impl Handler {
             let _entered = job.span.enter();
             job.span.record("message.result", disposition.as_str());
             if !acked && disposition != Disposition::Abandoned {
-                tracing::warn!(
-                    "could not acknowledge (channel closed); the broker will redeliver and the inbox will de-duplicate"
-                );
+                unacknowledged += 1;
+                tracing::debug!("could not acknowledge (channel closed)");
             }
             record_metrics(job.kind, &disposition, started);
             tracing::trace!(
@@ -144,6 +144,12 @@ impl Handler {
                 "message handled"
             );
             results.push(disposition);
+        }
+        if unacknowledged > 0 {
+            tracing::warn!(
+                messages = unacknowledged,
+                "could not acknowledge messages (channel closed); the broker will redeliver them and the inbox will de-duplicate"
+            );
         }
         tracing::debug!(
             messages = count,
@@ -322,7 +328,9 @@ impl Handler {
             if jobs[i].delivery.redelivered && already.contains(&jobs[i].digest) {
                 let reason = jobs[i].decoded.as_ref().expect_err("rejected").reason;
                 let _entered = jobs[i].span.enter();
-                tracing::info!("already parked before a restart; acknowledging the redelivery");
+                tracing::info!(
+                    "already parked before an interruption; acknowledging the redelivery"
+                );
                 jobs[i].disposition = Some(Disposition::Parked(reason));
             } else {
                 remaining.push(i);
@@ -330,6 +338,8 @@ impl Handler {
         }
         let mut delays = self.delays();
         let mut newly_parked: Vec<([u8; 32], &'static str)> = Vec::new();
+        let mut handed_back = 0_usize;
+        let mut last_error = None;
         while !remaining.is_empty() {
             let mut pending: Vec<(usize, Result<PendingConfirm, _>)> = Vec::new();
             for &i in &remaining {
@@ -363,10 +373,13 @@ impl Handler {
                         newly_parked.push((jobs[i].digest, reason.as_str()));
                     }
                     Err(error) => {
-                        tracing::error!(parent: &jobs[i].span, error = %error, "cannot park the message; it stays unacknowledged");
                         if jobs[i].delivery.acker.usable() && !error.is_transient() {
+                            tracing::error!(parent: &jobs[i].span, error = %error, "cannot park the message; will try again");
                             failed.push(i);
                         } else {
+                            tracing::debug!(parent: &jobs[i].span, error = %error, "cannot park the message; handing it back");
+                            handed_back += 1;
+                            last_error = Some(error);
                             // The connection is broken or recovering: hand the message back (the
                             // broker requeues it when the channel goes, if the nack cannot be
                             // sent) rather than hold the lane while the connection is rebuilt.
@@ -379,6 +392,10 @@ impl Handler {
             // (the channel may already be gone) must find it.
             self.remember_parked(&newly_parked).await;
             newly_parked.clear();
+            if let Some(error) = last_error.take() {
+                tracing::warn!(messages = handed_back, error = %error, "cannot park messages while the broker connection is down; handed them back for redelivery");
+                handed_back = 0;
+            }
             remaining = failed;
             if !remaining.is_empty() && !self.pause(&mut delays).await {
                 for &i in &remaining {
