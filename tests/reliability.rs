@@ -55,6 +55,8 @@ struct Harness {
     outcomes: Arc<Mutex<Vec<Value>>>,
     peak_rss_kib: Arc<AtomicUsize>,
     stop_sampling: Arc<AtomicBool>,
+    /// Workers killed with SIGKILL so far.
+    kills: usize,
 }
 
 fn topology() -> Topology {
@@ -153,6 +155,7 @@ impl Harness {
             outcomes: Arc::default(),
             peak_rss_kib: Arc::default(),
             stop_sampling: Arc::default(),
+            kills: 0,
         }
     }
 
@@ -195,6 +198,7 @@ impl Harness {
         if let Some(mut child) = self.workers[index].take() {
             let _ = child.kill();
             let _ = child.wait();
+            self.kills += 1;
         }
     }
 
@@ -434,14 +438,25 @@ impl Harness {
             }
         }
         // Identical bytes are one input (as they are for valid messages): each distinct invalid body
-        // must be parked at least once and never more often than it was published.
+        // must be parked at least once and never more often than it was published. The one
+        // exception is a worker killed between the parking queue's confirm and its record of it
+        // (`parked_log`): nothing can make a publish and a database write one atomic step, so a
+        // SIGKILL there parks the redelivery again. Such copies are counted, and allowed only in
+        // scenarios that kill workers.
         let mut parked_invalid = 0;
+        let mut parked_again_after_kill = 0;
         for (body, (carried, sent)) in &invalid {
             let times = parked_bodies.get(*body).copied().unwrap_or(0);
             assert!(
-                times >= 1 && times <= *sent,
+                times >= 1,
+                "{scenario}: an invalid body carried by {carried} messages was not parked"
+            );
+            let extra = times.saturating_sub(*sent);
+            assert!(
+                extra == 0 || self.kills > 0,
                 "{scenario}: an invalid body carried by {carried} messages was parked {times} times (sent {sent})"
             );
+            parked_again_after_kill += extra;
             parked_invalid += times;
         }
         for (reason, n) in &parked_reasons {
@@ -527,6 +542,8 @@ impl Harness {
             "distinct_invalid_bodies": invalid.len(),
             "invalid_messages": invalid.values().map(|(c, _)| c).sum::<usize>(),
             "parked_copies_of_invalid": parked_invalid,
+            "parked_again_after_a_kill": parked_again_after_kill,
+            "workers_killed": self.kills,
             "outcomes_emitted": emitted,
             "outcomes_received": outcomes.len(),
             "outcome_repeats": repeats,
@@ -536,6 +553,54 @@ impl Harness {
         });
         println!("RELIABILITY {figures}");
         figures
+    }
+
+    /// The largest resident memory of the running workers now, in MiB.
+    fn rss_now_mib(&self) -> f64 {
+        let kib = self
+            .worker_pids()
+            .iter()
+            .map(|p| rss_kib(*p, "VmRSS:"))
+            .max()
+            .unwrap_or(0);
+        kib as f64 / 1024.0
+    }
+
+    /// Samples the workers' memory every second for `outage` and returns (at 30 s, peak, at the
+    /// end), in MiB.
+    async fn rss_during(&self, outage: Duration) -> (f64, f64, f64) {
+        let started = Instant::now();
+        let (mut at_30s, mut peak, mut last) = (0.0_f64, 0.0_f64, 0.0_f64);
+        while started.elapsed() < outage {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            last = self.rss_now_mib();
+            peak = peak.max(last);
+            if started.elapsed() <= Duration::from_secs(30) {
+                at_30s = last;
+            }
+        }
+        (at_30s, peak, last)
+    }
+
+    /// Sends SIGTERM to a worker and waits for it to exit: its exit status and how long it took.
+    fn terminate_worker(&mut self, index: usize, bound: Duration) -> (bool, f64) {
+        let mut child = self.workers[index].take().expect("the worker runs");
+        let started = Instant::now();
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status.success(), started.elapsed().as_secs_f64());
+            }
+            if started.elapsed() > bound + Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("the worker did not exit within its shutdown bound");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Seconds until the inbox grows again after a fault ends.
@@ -581,6 +646,91 @@ async fn worker_killed_with_sigkill_and_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fault injection: run with deploy/dev reliability"]
+async fn worker_stopped_with_sigterm_under_load_and_restarted() {
+    let mut h = Harness::new(vec![]).await;
+    h.spawn_worker(None);
+    h.sample_memory();
+    let capture = h.capture();
+    let publisher = h.publish(2_500);
+    // The worker's bound (`worker.shutdown_timeout_seconds`, 20 s by default).
+    let bound = Duration::from_secs(20);
+    let (mut exits, mut recoveries) = (Vec::new(), Vec::new());
+    for delay in [2000u64, 3000] {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let (clean, seconds) = h.terminate_worker(0, bound);
+        assert!(clean, "the worker exits with status 0 after SIGTERM");
+        assert!(
+            seconds < bound.as_secs_f64(),
+            "exit within the bound: {seconds} s"
+        );
+        exits.push(seconds);
+        h.spawn_worker(Some(0));
+        recoveries.push(h.recovery_seconds(Instant::now()).await);
+    }
+    h.sample_memory();
+    h.wait_until_settled(publisher).await;
+    h.check(
+        "sigterm",
+        &[],
+        json!({"terminations": 2, "exit_seconds": exits, "shutdown_bound_seconds": bound.as_secs(),
+               "recovery_seconds": recoveries}),
+    )
+    .await;
+    capture.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection: run with deploy/dev reliability"]
+async fn long_outages_keep_memory_bounded() {
+    let mut h = Harness::new(vec![]).await;
+    h.spawn_worker(None);
+    h.sample_memory();
+    let capture = h.capture();
+    let publisher = h.publish(2_500);
+    let outage = Duration::from_secs(120);
+    let mut figures = serde_json::Map::new();
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = h.rss_now_mib();
+    h.rabbit.stop();
+    let (at_30s, peak, end) = h.rss_during(outage).await;
+    h.rabbit.restart();
+    let recovery = h.recovery_seconds(Instant::now()).await;
+    figures.insert("rabbitmq_down_seconds".into(), json!(outage.as_secs()));
+    figures.insert(
+        "rabbitmq_rss_mib".into(),
+        json!({"before": before, "at_30s": at_30s, "peak": peak, "end": end}),
+    );
+    figures.insert("rabbitmq_recovery_seconds".into(), json!(recovery));
+    assert!(
+        end <= at_30s + 8.0,
+        "memory grew while RabbitMQ was down: {at_30s} -> {end} MiB"
+    );
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = h.rss_now_mib();
+    h.pg.stop();
+    let (at_30s, peak, end) = h.rss_during(outage).await;
+    h.pg.start();
+    let recovery = h.recovery_seconds(Instant::now()).await;
+    figures.insert("postgres_down_seconds".into(), json!(outage.as_secs()));
+    figures.insert(
+        "postgres_rss_mib".into(),
+        json!({"before": before, "at_30s": at_30s, "peak": peak, "end": end}),
+    );
+    figures.insert("postgres_recovery_seconds".into(), json!(recovery));
+    assert!(
+        end <= at_30s + 8.0,
+        "memory grew while PostgreSQL was down: {at_30s} -> {end} MiB"
+    );
+
+    h.wait_until_settled(publisher).await;
+    h.check("long_outages", &[], Value::Object(figures)).await;
+    capture.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection: run with deploy/dev reliability"]
 async fn rabbitmq_restarted_twice_mid_stream() {
     let mut h = Harness::new(vec![]).await;
     h.spawn_worker(None);
@@ -619,19 +769,9 @@ async fn postgres_restarted_and_stopped_for_30_seconds() {
     let first = h.recovery_seconds(Instant::now()).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     h.pg.stop();
-    let rss_before = h
-        .worker_pids()
-        .iter()
-        .map(|p| rss_kib(*p, "VmRSS:"))
-        .max()
-        .unwrap_or(0);
+    let rss_before = h.rss_now_mib();
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let rss_during = h
-        .worker_pids()
-        .iter()
-        .map(|p| rss_kib(*p, "VmRSS:"))
-        .max()
-        .unwrap_or(0);
+    let rss_during = h.rss_now_mib();
     h.pg.start();
     let second = h.recovery_seconds(Instant::now()).await;
     h.wait_until_settled(publisher).await;
@@ -639,7 +779,7 @@ async fn postgres_restarted_and_stopped_for_30_seconds() {
         "postgres_outage",
         &[],
         json!({"recovery_seconds_after_restart": first, "recovery_seconds_after_30s_outage": second,
-               "worker_rss_mib_before_outage": rss_before as f64 / 1024.0, "worker_rss_mib_after_30s_outage": rss_during as f64 / 1024.0}),
+               "worker_rss_mib_before_outage": rss_before, "worker_rss_mib_after_30s_outage": rss_during}),
     )
     .await;
     capture.abort();
