@@ -75,7 +75,8 @@ pub async fn relay_once(
 }
 
 /// Relays until `stop`, waking on every commit that wrote to the outbox and at least every
-/// `poll` otherwise. Returns on the first error so that the caller can reconnect.
+/// `poll` otherwise. A round in progress when `stop` fires is finished, unless `abandon` fires
+/// too. Returns on the first error so that the caller can reconnect.
 pub async fn relay_until(
     store: &Store,
     publisher: &Publisher,
@@ -83,6 +84,7 @@ pub async fn relay_until(
     batch_size: i64,
     poll: Duration,
     stop: &CancellationToken,
+    abandon: &CancellationToken,
 ) -> Result<(), RelayError> {
     let mut listener = PgListener::connect_with(store.pool())
         .await
@@ -95,11 +97,11 @@ pub async fn relay_until(
         // Drain: a full batch means there may be more (including later versions of the same
         // teachers, which become publishable once the earlier ones are marked).
         loop {
-            // A round cut short (the broker is down at shutdown) rolls its claim back: the rows
-            // stay pending for the final flush or the next worker.
+            // A round abandoned at the shutdown deadline (the broker is down) rolls its claim
+            // back: the rows stay pending for the next worker.
             let published = tokio::select! {
                 round = relay_once(store, publisher, exchange, batch_size) => round?,
-                () = stop.cancelled() => return Ok(()),
+                () = abandon.cancelled() => return Ok(()),
             };
             if published > 0 {
                 tracing::debug!(outcomes = published, "published outcomes");

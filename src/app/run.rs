@@ -219,20 +219,20 @@ async fn consume(
                     })
                     .inc();
                 tracing::warn!(error = %error, "consuming stopped; starting again");
-                let paused = pause(&mut delays, stop).await;
-                if paused
-                    && broker
-                        .wait_until_up(settings.amqp.recovery_timeout(), stop)
-                        .await
+                if !pause(&mut delays, stop).await {
+                    current = Some(broker);
+                    break Ok(());
+                }
+                if broker
+                    .wait_until_up(settings.amqp.recovery_timeout(), stop)
+                    .await
                 {
                     current = Some(broker);
-                } else if paused {
+                } else {
                     tracing::warn!(
                         "the broker connection did not come back in time; opening a new one"
                     );
                     broker.retire();
-                } else {
-                    current = Some(broker);
                 }
             }
             Err(error) => break Err(anyhow::Error::new(error).context("cannot consume")),
@@ -558,6 +558,7 @@ async fn relay_task(
                     settings.relay.batch_size,
                     poll,
                     &drained,
+                    &abandon,
                 )
                 .await
             }
