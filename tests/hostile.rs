@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::app::{TestApp, header};
-use common::{bytes, claim, registration, set, without};
+use common::{bytes, claim, poison_trigger_sql, registration, set, without};
 use induction_reconciler::broker::json_properties;
 use lapin::BasicProperties;
 use lapin::types::FieldTable;
@@ -626,14 +626,10 @@ fn corpus(reused: &Value) -> Vec<Case> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_corpus_is_parked_case_by_case_and_the_worker_goes_on() {
     let mut app = TestApp::spawn().await;
-    sqlx::raw_sql(
-        "create function poison() returns trigger language plpgsql as $$ begin
-           if new.registration_id = 'poison' then raise exception 'poisoned record'; end if; return new; end $$;
-         create trigger poison before insert on registrations for each row execute function poison();",
-    )
-    .execute(app.store.pool())
-    .await
-    .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(poison_trigger_sql("poison")))
+        .execute(app.store.pool())
+        .await
+        .unwrap();
     let reused = reg(79);
     app.publish(&reused).await;
     assert_eq!(app.next_outcome().await["version"], 1);

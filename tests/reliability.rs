@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::PgCluster;
+use common::poison_trigger_sql;
 use common::rabbit::RabbitNode;
 use futures_lite::StreamExt;
 use induction_reconciler::app::workload::{Generated, generate};
@@ -582,6 +583,30 @@ impl Harness {
         (at_30s, peak, last)
     }
 
+    /// Stops a service for `outage` while sampling the workers' memory, starts it again, waits
+    /// for the worker to recover, and returns the figures. Memory may not grow by more than
+    /// 8 MiB between 30 s into the outage and its end.
+    async fn outage(
+        &self,
+        service: &str,
+        outage: Duration,
+        stop: impl FnOnce(&Self),
+        start: impl FnOnce(&Self),
+    ) -> Value {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = self.rss_now_mib();
+        stop(self);
+        let (at_30s, peak, end) = self.rss_during(outage).await;
+        start(self);
+        let recovery = self.recovery_seconds(Instant::now()).await;
+        assert!(
+            end <= at_30s + 8.0,
+            "memory grew while {service} was down: {at_30s} -> {end} MiB"
+        );
+        json!({"down_seconds": outage.as_secs(), "recovery_seconds": recovery,
+               "rss_mib": {"before": before, "at_30s": at_30s, "peak": peak, "end": end}})
+    }
+
     /// Sends SIGTERM to a worker and waits for it to exit: its exit status and how long it took.
     fn terminate_worker(&mut self, index: usize, bound: Duration) -> (bool, f64) {
         let mut child = self.workers[index].take().expect("the worker runs");
@@ -688,44 +713,24 @@ async fn long_outages_keep_memory_bounded() {
     let capture = h.capture();
     let publisher = h.publish(2_500);
     let outage = Duration::from_secs(120);
-    let mut figures = serde_json::Map::new();
-
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = h.rss_now_mib();
-    h.rabbit.stop();
-    let (at_30s, peak, end) = h.rss_during(outage).await;
-    h.rabbit.restart();
-    let recovery = h.recovery_seconds(Instant::now()).await;
-    figures.insert("rabbitmq_down_seconds".into(), json!(outage.as_secs()));
-    figures.insert(
-        "rabbitmq_rss_mib".into(),
-        json!({"before": before, "at_30s": at_30s, "peak": peak, "end": end}),
-    );
-    figures.insert("rabbitmq_recovery_seconds".into(), json!(recovery));
-    assert!(
-        end <= at_30s + 8.0,
-        "memory grew while RabbitMQ was down: {at_30s} -> {end} MiB"
-    );
-
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = h.rss_now_mib();
-    h.pg.stop();
-    let (at_30s, peak, end) = h.rss_during(outage).await;
-    h.pg.start();
-    let recovery = h.recovery_seconds(Instant::now()).await;
-    figures.insert("postgres_down_seconds".into(), json!(outage.as_secs()));
-    figures.insert(
-        "postgres_rss_mib".into(),
-        json!({"before": before, "at_30s": at_30s, "peak": peak, "end": end}),
-    );
-    figures.insert("postgres_recovery_seconds".into(), json!(recovery));
-    assert!(
-        end <= at_30s + 8.0,
-        "memory grew while PostgreSQL was down: {at_30s} -> {end} MiB"
-    );
-
+    let rabbitmq = h
+        .outage(
+            "RabbitMQ",
+            outage,
+            |h| h.rabbit.stop(),
+            |h| h.rabbit.restart(),
+        )
+        .await;
+    let postgres = h
+        .outage("PostgreSQL", outage, |h| h.pg.stop(), |h| h.pg.start())
+        .await;
     h.wait_until_settled(publisher).await;
-    h.check("long_outages", &[], Value::Object(figures)).await;
+    h.check(
+        "long_outages",
+        &[],
+        json!({"rabbitmq": rabbitmq, "postgres": postgres}),
+    )
+    .await;
     capture.abort();
 }
 
@@ -824,14 +829,10 @@ async fn a_poison_message_is_parked_and_does_not_hold_up_the_rest() {
     }])
     .await;
     let mut db = PgConnection::connect(&h.db_url).await.unwrap();
-    sqlx::raw_sql(
-        "create function poison() returns trigger language plpgsql as $$ begin
-           if new.registration_id = 'POISON-1' then raise exception 'poisoned record'; end if; return new; end $$;
-         create trigger poison before insert or update on registrations for each row execute function poison();",
-    )
-    .execute(&mut db)
-    .await
-    .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(poison_trigger_sql(poison_id)))
+        .execute(&mut db)
+        .await
+        .unwrap();
     h.spawn_worker(None);
     h.sample_memory();
     let capture = h.capture();

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::app::{TestApp, header};
-use common::{NOW, bytes, claim, registration, set};
+use common::{NOW, bytes, claim, poison_trigger_sql, registration, set};
 use induction_reconciler::broker::json_properties;
 use induction_reconciler::domain::{Ledger, Trn};
 use induction_reconciler::messages::decode;
@@ -229,14 +229,10 @@ async fn redelivery_reuse_and_stale_snapshots() {
 async fn bad_input_of_every_reason_code_is_parked_with_headers_and_the_worker_goes_on() {
     let mut app = TestApp::spawn().await;
     // A trigger that fails for one record id: a processing failure that is not an outage.
-    sqlx::raw_sql(
-        "create function poison() returns trigger language plpgsql as $$ begin
-           if new.registration_id = 'poison' then raise exception 'poisoned record'; end if; return new; end $$;
-         create trigger poison before insert on registrations for each row execute function poison();",
-    )
-    .execute(app.store.pool())
-    .await
-    .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(poison_trigger_sql("poison")))
+        .execute(app.store.pool())
+        .await
+        .unwrap();
 
     let accepted = registration(1, "r1", "1000001");
     app.publish(&accepted).await;

@@ -5,10 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_lite::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 
-use crate::broker::json_properties;
+use crate::broker::{json_properties, subscribe};
 use crate::config::Settings;
 use crate::store::Store;
 
@@ -84,40 +83,10 @@ pub async fn watch(
         .connect_broker("induction-reconciler watch")
         .await?;
     let channel = broker.channel().await?;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .context("cannot declare a temporary queue")?;
     let pattern = format!("outcome.{}", status.unwrap_or("*"));
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            settings.topology.outcome_exchange.as_str().into(),
-            pattern.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
+    let mut consumer = subscribe(&channel, "", &settings.topology.outcome_exchange, &pattern)
         .await
-        .context("cannot bind to the outcome exchange (is the topology declared?)")?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "watch".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+        .context("cannot subscribe to the outcome exchange (is the topology declared?)")?;
     tracing::info!(pattern = %pattern, "watching outcomes");
     let mut printed = 0u64;
     let mut stop = std::pin::pin!(stop);

@@ -22,6 +22,13 @@ pub enum RelayError {
     Broker(#[from] BrokerError),
 }
 
+impl RelayError {
+    /// True when a broker operation timed out (the connection may be wedged).
+    pub fn broker_timeout(&self) -> bool {
+        matches!(self, Self::Broker(error) if error.is_timeout())
+    }
+}
+
 /// Publishes one batch. Returns how many outcomes were published.
 pub async fn relay_once(
     store: &Store,

@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::handler::{Handler, now};
 use super::relay;
-use crate::broker::{Broker, BrokerError, Link, Publisher, declare_topology};
+use crate::broker::{
+    Broker, BrokerError, Link, OPERATION_TIMEOUT, Publisher, bounded, declare_topology,
+};
 use crate::config::Settings;
 use crate::store::Store;
 use crate::telemetry::metrics::{ComponentLabel, metrics};
@@ -87,7 +89,10 @@ async fn connect_broker(
         };
         match attempt {
             Ok(broker) => return Ok(Some(broker)),
-            Err(error) => tracing::warn!(error = %error, "cannot reach the broker yet; retrying"),
+            Err(error) if error.is_transient() => {
+                tracing::warn!(error = %error, "cannot reach the broker yet; retrying");
+            }
+            Err(error) => return Err(error).context("cannot connect to the broker"),
         }
         if !pause(&mut delays, stop).await {
             return Ok(None);
@@ -223,17 +228,7 @@ async fn consume(
                     current = Some(broker);
                     break Ok(());
                 }
-                if broker
-                    .wait_until_up(settings.amqp.recovery_timeout(), stop)
-                    .await
-                {
-                    current = Some(broker);
-                } else {
-                    tracing::warn!(
-                        "the broker connection did not come back in time; opening a new one"
-                    );
-                    broker.retire();
-                }
+                current = keep_or_replace(broker, error.is_timeout(), settings, stop).await;
             }
             Err(error) => break Err(anyhow::Error::new(error).context("cannot consume")),
         }
@@ -245,6 +240,31 @@ async fn consume(
         broker.close().await;
     }
     result
+}
+
+/// After a failure on a connection: keeps it if lapin has it up (or brings it back within
+/// `amqp.recovery_timeout_seconds`), so that the caller opens a new channel on it; gives it up
+/// (see [`Broker::retire`]) if it does not come back, or if an operation on it timed out (a
+/// wedged connection can look up).
+async fn keep_or_replace(
+    broker: Broker,
+    timed_out: bool,
+    settings: &Settings,
+    stop: &CancellationToken,
+) -> Option<Broker> {
+    if !timed_out
+        && broker
+            .wait_until_up(settings.amqp.recovery_timeout(), stop)
+            .await
+    {
+        return Some(broker);
+    }
+    if stop.is_cancelled() {
+        return Some(broker);
+    }
+    tracing::warn!("giving up this broker connection; opening a new one");
+    broker.retire();
+    None
 }
 
 /// The lane a delivery belongs to: by the TRN in its payload, so that one teacher's messages
@@ -315,6 +335,12 @@ impl Watchdog {
         if link == Link::Up && channel.status().connected() {
             if self.down_since.take().is_some() {
                 tracing::info!("the broker connection is back; consuming again");
+                metrics()
+                    .reconnects
+                    .get_or_create(&ComponentLabel {
+                        component: "consumer".into(),
+                    })
+                    .inc();
                 health.set_broker_connected(true);
                 self.last_delivery = tokio::time::Instant::now();
             }
@@ -344,16 +370,18 @@ impl Watchdog {
         if self.busy.load(Ordering::Relaxed) > 0 || self.last_delivery.elapsed() < self.limit {
             return Ok(());
         }
-        let declared = channel
-            .queue_declare(
+        let declared = bounded(
+            "a passive declare of the inbox queue",
+            channel.queue_declare(
                 queue.into(),
                 lapin::options::QueueDeclareOptions {
                     passive: true,
                     ..Default::default()
                 },
                 FieldTable::default(),
-            )
-            .await?;
+            ),
+        )
+        .await?;
         self.last_delivery = tokio::time::Instant::now();
         if declared.message_count() > 0 {
             return Err(BrokerError::lost(
@@ -387,21 +415,30 @@ async fn consume_on(
     } = *shared;
     let channel = broker.channel().await?;
     if settings.amqp.declare_topology {
-        declare_topology(&channel, &settings.topology).await?;
+        tokio::time::timeout(
+            OPERATION_TIMEOUT,
+            declare_topology(&channel, &settings.topology),
+        )
+        .await
+        .map_err(|_| BrokerError::timed_out("the topology to be declared"))??;
     }
     let parking = broker.publisher().await?;
-    channel
-        .basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
-        .await?;
+    bounded(
+        "the QoS",
+        channel.basic_qos(settings.amqp.prefetch, BasicQosOptions::default()),
+    )
+    .await?;
     let tag = format!("induction-reconciler-{}", uuid::Uuid::new_v4());
-    let mut consumer = channel
-        .basic_consume(
+    let mut consumer = bounded(
+        "a consumer",
+        channel.basic_consume(
             settings.topology.inbox_queue.as_str().into(),
             tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
-        )
-        .await?;
+        ),
+    )
+    .await?;
     tracing::info!(queue = %settings.topology.inbox_queue, prefetch = settings.amqp.prefetch, "consuming");
     health.set_broker_connected(true);
     let handler = Handler {
@@ -531,29 +568,26 @@ async fn relay_task(
     let mut delays = delays(&settings);
     let exchange = settings.topology.outcome_exchange.clone();
     let poll = Duration::from_millis(settings.relay.poll_interval_millis);
-    let mut current: Option<(Broker, Option<Publisher>)> = None;
+    let mut current: Option<Broker> = None;
+    let mut last: Option<(Broker, Publisher)> = None;
     loop {
         if drained.is_cancelled() {
             break;
         }
-        let (broker, publisher) = match current.take() {
-            Some(open) => open,
+        let broker = match current.take() {
+            Some(broker) => broker,
             None => match connect_broker(&settings, "induction-reconciler relay", &drained).await {
-                Ok(Some(broker)) => (broker, None),
+                Ok(Some(broker)) => broker,
                 _ => break,
             },
         };
-        // lapin reopens the publishing channel with the connection; open a new one only if the
-        // channel itself was lost.
-        let publisher = match publisher.filter(Publisher::is_open) {
-            Some(publisher) => Ok(publisher),
-            None => broker.publisher().await,
-        };
-        let result = match &publisher {
-            Ok(p) => {
+        // A new publishing channel after any failure: one that failed may be wedged.
+        let result = match broker.publisher().await {
+            Ok(publisher) => {
+                last = Some((broker.clone(), publisher.clone()));
                 relay::relay_until(
                     &store,
-                    p,
+                    &publisher,
                     &exchange,
                     settings.relay.batch_size,
                     poll,
@@ -561,18 +595,16 @@ async fn relay_task(
                     &abandon,
                 )
                 .await
+                .map_err(|error| {
+                    let timed_out = error.broker_timeout();
+                    (error.to_string(), timed_out)
+                })
             }
-            Err(error) => {
-                Err(BrokerError::lost(&format!("the publishing channel ({error})")).into())
-            }
+            Err(error) => Err((error.to_string(), error.is_timeout())),
         };
-        let publisher = publisher.ok();
         match result {
-            Ok(()) => {
-                current = Some((broker, publisher));
-                break;
-            }
-            Err(error) => {
+            Ok(()) => break,
+            Err((error, timed_out)) => {
                 metrics()
                     .reconnects
                     .get_or_create(&ComponentLabel {
@@ -581,28 +613,14 @@ async fn relay_task(
                     .inc();
                 tracing::warn!(error = %error, "outbox relay interrupted; retrying");
                 if !pause(&mut delays, &drained).await {
-                    current = Some((broker, publisher));
                     break;
                 }
-                if broker
-                    .wait_until_up(settings.amqp.recovery_timeout(), &drained)
-                    .await
-                {
-                    current = Some((broker, publisher));
-                } else if drained.is_cancelled() {
-                    current = Some((broker, publisher));
-                    break;
-                } else {
-                    tracing::warn!(
-                        "the broker connection did not come back in time; opening a new one"
-                    );
-                    broker.retire();
-                }
+                current = keep_or_replace(broker, timed_out, &settings, &drained).await;
             }
         }
     }
     // Last flush, bounded by the shutdown deadline.
-    if let Some((broker, Some(publisher))) = current {
+    if let Some((broker, publisher)) = last {
         let deadline = tokio::time::Instant::now() + settings.worker.shutdown_timeout();
         tokio::select! {
             result = relay::flush(&store, &publisher, &exchange, settings.relay.batch_size, deadline) => {
@@ -612,8 +630,6 @@ async fn relay_task(
             }
             () = abandon.cancelled() => {}
         }
-        broker.close().await;
-    } else if let Some((broker, None)) = current {
         broker.close().await;
     }
 }

@@ -6,6 +6,7 @@ use std::fmt;
 #[derive(Debug)]
 pub struct BrokerError {
     transient: bool,
+    timed_out: bool,
     description: String,
 }
 
@@ -15,11 +16,36 @@ impl BrokerError {
         self.transient
     }
 
+    /// True when an operation got no answer in time: the connection may be wedged, so the worker
+    /// replaces it rather than waiting for it.
+    pub fn is_timeout(&self) -> bool {
+        self.timed_out
+    }
+
     /// The broker refused a published message (a negative confirm).
     pub fn nacked(what: &str) -> Self {
         Self {
             transient: true,
+            timed_out: false,
             description: format!("the broker did not confirm {what}"),
+        }
+    }
+
+    /// The broker does not accept TCP connections (down, or the address is wrong).
+    pub fn unreachable(error: &std::io::Error) -> Self {
+        Self {
+            transient: true,
+            timed_out: false,
+            description: format!("cannot open a TCP connection: {error}"),
+        }
+    }
+
+    /// The AMQP URL cannot be parsed (its text is not repeated: it may hold a password).
+    pub fn invalid_url() -> Self {
+        Self {
+            transient: false,
+            timed_out: false,
+            description: "the AMQP URL cannot be parsed".to_owned(),
         }
     }
 
@@ -27,6 +53,7 @@ impl BrokerError {
     pub fn lost(what: &str) -> Self {
         Self {
             transient: true,
+            timed_out: false,
             description: format!("lost {what}"),
         }
     }
@@ -35,6 +62,7 @@ impl BrokerError {
     pub fn timed_out(what: &str) -> Self {
         Self {
             transient: true,
+            timed_out: true,
             description: format!("timed out waiting for {what}"),
         }
     }
@@ -43,6 +71,7 @@ impl BrokerError {
     pub fn unroutable(exchange: &str, routing_key: &str) -> Self {
         Self {
             transient: false,
+            timed_out: false,
             description: format!(
                 "no queue is bound for exchange {exchange:?} with routing key {routing_key:?}"
             ),
@@ -82,6 +111,7 @@ impl From<lapin::Error> for BrokerError {
         // lapin's messages name the operation and the AMQP reply; they carry no message data.
         Self {
             transient,
+            timed_out: false,
             description: error.to_string(),
         }
     }

@@ -18,7 +18,7 @@ use lapin::{
 use secrecy::{ExposeSecret, SecretString};
 
 pub use error::BrokerError;
-pub use topology::{declare_topology, inbox_arguments};
+pub use topology::{declare_topology, inbox_arguments, subscribe};
 
 /// An AMQP connection that recovers by itself from network failures.
 #[derive(Clone)]
@@ -49,6 +49,21 @@ impl Broker {
                     .with_jitter()
                     .with_max_times(60),
             );
+        // lapin retries a first connection that is refused, in a thread of its own, until its
+        // back-off runs out (minutes). Check the broker accepts TCP connections first, so that an
+        // attempt while it is down fails at once and leaves nothing running behind it.
+        let uri: lapin::uri::AMQPUri = url
+            .expose_secret()
+            .parse()
+            .map_err(|_| BrokerError::invalid_url())?;
+        let address = (uri.authority.host.as_str(), uri.authority.port);
+        match tokio::time::timeout(OPERATION_TIMEOUT, tokio::net::TcpStream::connect(address))
+            .await
+        {
+            Ok(Ok(_probe)) => {}
+            Ok(Err(error)) => return Err(BrokerError::unreachable(&error)),
+            Err(_) => return Err(BrokerError::timed_out("a TCP connection to the broker")),
+        }
         let tls = lapin::tcp::OwnedTLSConfig {
             identity: None,
             cert_chain: ca_pem.map(str::to_owned),
@@ -63,15 +78,17 @@ impl Broker {
 
     /// A new channel.
     pub async fn channel(&self) -> Result<Channel, BrokerError> {
-        Ok(self.connection.create_channel().await?)
+        bounded("a new channel", self.connection.create_channel()).await
     }
 
     /// A new channel in confirm mode, for publishing.
     pub async fn publisher(&self) -> Result<Publisher, BrokerError> {
         let channel = self.channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        bounded(
+            "confirm mode",
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
         Ok(Publisher { channel })
     }
 
@@ -163,6 +180,23 @@ pub struct Publisher {
     channel: Channel,
 }
 
+/// How long any single broker operation (opening a channel, declaring, sending a message's
+/// frames) may take. lapin queues operations on a connection that is being recovered, and one
+/// caught at the moment the connection dropped can wait for ever; past this bound the worker
+/// treats the connection as wedged and replaces it.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs one broker operation, giving up after [`OPERATION_TIMEOUT`].
+pub async fn bounded<T>(
+    what: &str,
+    operation: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, BrokerError> {
+    match tokio::time::timeout(OPERATION_TIMEOUT, operation).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(BrokerError::timed_out(what)),
+    }
+}
+
 /// How long a publisher waits for the broker to confirm a message.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -211,9 +245,9 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<PendingConfirm, BrokerError> {
-        let confirm = self
-            .channel
-            .basic_publish(
+        let confirm = bounded(
+            "a message to be sent",
+            self.channel.basic_publish(
                 exchange.into(),
                 routing_key.into(),
                 BasicPublishOptions {
@@ -222,8 +256,9 @@ impl Publisher {
                 },
                 body,
                 properties.with_delivery_mode(2),
-            )
-            .await?;
+            ),
+        )
+        .await?;
         Ok(PendingConfirm {
             confirm,
             exchange: exchange.to_owned(),

@@ -126,3 +126,45 @@ pub async fn declare_topology(channel: &Channel, t: &Topology) -> Result<(), Bro
     }
     Ok(())
 }
+
+/// Consumes, without acknowledgements, a new exclusive queue bound to `exchange` with `pattern`:
+/// how `watch` and the tests see outcomes as they are published. An empty `queue` lets the broker
+/// name it. The queue goes when the channel closes.
+pub async fn subscribe(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    pattern: &str,
+) -> Result<lapin::Consumer, BrokerError> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            declared.name().clone(),
+            exchange.into(),
+            pattern.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(channel
+        .basic_consume(
+            declared.name().clone(),
+            "subscriber".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?)
+}

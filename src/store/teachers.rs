@@ -10,18 +10,27 @@ use super::records;
 use crate::domain::{Outcome, Snapshot, Trn};
 use crate::messages::{Input, OutcomeMessage};
 
-/// The last outcome emitted for a teacher, read back into the domain.
-pub async fn last_outcome(
+/// The last outcome emitted for a teacher, as it was published.
+async fn last_outcome_message(
     conn: &mut PgConnection,
     trn: &Trn,
-) -> Result<Option<Outcome>, StoreError> {
+) -> Result<Option<OutcomeMessage>, StoreError> {
     let stored: Option<Json<OutcomeMessage>> =
         sqlx::query_scalar("select last_outcome from teachers where trn = $1")
             .bind(trn.as_str())
             .fetch_optional(conn)
             .await?;
-    stored
-        .map(|Json(message)| {
+    Ok(stored.map(|Json(message)| message))
+}
+
+/// The last outcome emitted for a teacher, read back into the domain.
+pub async fn last_outcome(
+    conn: &mut PgConnection,
+    trn: &Trn,
+) -> Result<Option<Outcome>, StoreError> {
+    last_outcome_message(conn, trn)
+        .await?
+        .map(|message| {
             message
                 .to_domain()
                 .map_err(|e| StoreError::corrupt(e.to_string()))
@@ -131,11 +140,7 @@ impl super::Store {
     pub async fn explain(&self, trn: &Trn) -> Result<Explanation, StoreError> {
         let mut conn = self.pool().acquire().await?;
         let records = records::for_teacher(&mut conn, trn).await?;
-        let last_outcome: Option<Json<OutcomeMessage>> =
-            sqlx::query_scalar("select last_outcome from teachers where trn = $1")
-                .bind(trn.as_str())
-                .fetch_optional(&mut *conn)
-                .await?;
+        let last_outcome = last_outcome_message(&mut conn, trn).await?;
         let history = sqlx::query(
             "select at, event, message_id, message_type, record_kind, record_id, outcome_id, version, status
              from history where trn = $1 order by id",
@@ -160,7 +165,7 @@ impl super::Store {
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
         Ok(Explanation {
             records,
-            last_outcome: last_outcome.map(|Json(m)| m),
+            last_outcome,
             history,
         })
     }

@@ -5,13 +5,12 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures_lite::StreamExt;
-use induction_reconciler::broker::{Broker, Publisher, declare_topology, json_properties};
+use induction_reconciler::broker::{
+    Broker, Publisher, declare_topology, json_properties, subscribe,
+};
 use induction_reconciler::config::{Settings, Topology};
 use induction_reconciler::store::Store;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Consumer};
 use secrecy::SecretString;
@@ -122,40 +121,14 @@ impl TestApp {
             .await
             .expect("declare topology");
         let outcome_queue = format!("{prefix}.capture");
-        channel
-            .queue_declare(
-                outcome_queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                outcome_queue.as_str().into(),
-                settings.topology.outcome_exchange.as_str().into(),
-                "outcome.#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let outcomes = channel
-            .basic_consume(
-                outcome_queue.as_str().into(),
-                "capture".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let outcomes = subscribe(
+            &channel,
+            &outcome_queue,
+            &settings.topology.outcome_exchange,
+            "outcome.#",
+        )
+        .await
+        .unwrap();
         let publisher = broker.publisher().await.unwrap();
         Self {
             settings,

@@ -17,6 +17,23 @@ pub fn mid(n: u64) -> String {
     format!("00000000-0000-4000-8000-{n:012x}")
 }
 
+/// SQL that makes the database refuse every registration with this id (a trigger raises an
+/// error): a processing failure that is not an outage, for the poison-message tests.
+pub fn poison_trigger_sql(registration_id: &str) -> String {
+    assert!(
+        registration_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    );
+    format!(
+        "create function poison() returns trigger language plpgsql as $$ begin
+           if new.registration_id = '{registration_id}' then raise exception 'poisoned record'; end if;
+           return new; end $$;
+         create trigger poison before insert or update on registrations
+           for each row execute function poison();"
+    )
+}
+
 /// A valid, open, provider-led school registration.
 pub fn registration(n: u64, registration_id: &str, trn: &str) -> Value {
     json!({
