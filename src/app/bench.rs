@@ -24,7 +24,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::workload::{Generated, generate};
-use crate::broker::{Broker, Publisher, declare_topology, json_properties};
+use crate::broker::{Broker, Publisher, declare_topology, json_properties, subscribe};
 use crate::config::Settings;
 use crate::store::Store;
 
@@ -162,27 +162,14 @@ pub async fn bench(settings: &Settings, options: BenchOptions) -> anyhow::Result
         .await?;
     let channel = broker.channel().await?;
     declare_topology(&channel, &topology).await?;
-    let capture = format!("{prefix}.capture");
-    channel
-        .queue_declare(
-            capture.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            capture.as_str().into(),
-            topology.outcome_exchange.as_str().into(),
-            "outcome.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    // Every outcome, timed on arrival (collected below, once the worker runs).
+    let mut outcomes = subscribe(
+        &channel,
+        &format!("{prefix}.capture"),
+        &topology.outcome_exchange,
+        "outcome.#",
+    )
+    .await?;
     let publisher = broker.publisher().await?;
 
     // The worker, as operators run it.
@@ -220,17 +207,6 @@ pub async fn bench(settings: &Settings, options: BenchOptions) -> anyhow::Result
 
     // Every outcome, timed on arrival, by the input that caused it.
     let arrivals: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
-    let mut outcomes = channel
-        .basic_consume(
-            capture.as_str().into(),
-            "bench".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
     let sink = arrivals.clone();
     let collector = tokio::spawn(async move {
         while let Some(Ok(delivery)) = outcomes.next().await {

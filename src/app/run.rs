@@ -48,6 +48,7 @@ pub async fn connect_store(
 ) -> anyhow::Result<Option<Store>> {
     let url = settings.database_url()?;
     let mut delays = delays(settings);
+    let mut warned = Quiet::default();
     loop {
         match Store::connect(
             &url,
@@ -58,13 +59,43 @@ pub async fn connect_store(
         {
             Ok(store) => return Ok(Some(store)),
             Err(error) if error.is_transient() => {
-                tracing::warn!(error = %error, "cannot reach the database yet; retrying");
+                if warned.due() {
+                    tracing::warn!(error = %error, "cannot reach the database yet; retrying");
+                } else {
+                    tracing::debug!(error = %error, "cannot reach the database yet; retrying");
+                }
             }
             Err(error) => return Err(error).context("cannot connect to the database"),
         }
         if !pause(&mut delays, stop).await {
             return Ok(None);
         }
+    }
+}
+
+/// Rate-limits a repeated warning: the first, then at most one a minute (the rest at debug), so
+/// that an outage is logged when it starts and while it lasts, not on every retry.
+#[derive(Default)]
+struct Quiet {
+    last: Option<tokio::time::Instant>,
+}
+
+impl Quiet {
+    /// True when the warning should be logged now.
+    fn due(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let due = self
+            .last
+            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(60));
+        if due {
+            self.last = Some(now);
+        }
+        due
+    }
+
+    /// True when a warning was logged.
+    fn any(&self) -> bool {
+        self.last.is_some()
     }
 }
 
@@ -77,6 +108,7 @@ async fn connect_broker(
     let url = settings.amqp_url()?;
     let ca = settings.amqp_tls_ca()?;
     let mut delays = delays(settings);
+    let mut warned = Quiet::default();
     loop {
         // Bounded: a connection attempt to a broker that is still starting can hang.
         let connecting = tokio::time::timeout(
@@ -88,9 +120,18 @@ async fn connect_broker(
             () = stop.cancelled() => return Ok(None),
         };
         match attempt {
-            Ok(broker) => return Ok(Some(broker)),
+            Ok(broker) => {
+                if warned.any() {
+                    tracing::info!("reached the broker");
+                }
+                return Ok(Some(broker));
+            }
             Err(error) if error.is_transient() => {
-                tracing::warn!(error = %error, "cannot reach the broker yet; retrying");
+                if warned.due() {
+                    tracing::warn!(error = %error, "cannot reach the broker yet; retrying");
+                } else {
+                    tracing::debug!(error = %error, "cannot reach the broker yet; retrying");
+                }
             }
             Err(error) => return Err(error).context("cannot connect to the broker"),
         }
@@ -570,6 +611,7 @@ async fn relay_task(
     let poll = Duration::from_millis(settings.relay.poll_interval_millis);
     let mut current: Option<Broker> = None;
     let mut last: Option<(Broker, Publisher)> = None;
+    let mut warned = Quiet::default();
     loop {
         if drained.is_cancelled() {
             break;
@@ -611,7 +653,11 @@ async fn relay_task(
                         component: "relay".into(),
                     })
                     .inc();
-                tracing::warn!(error = %error, "outbox relay interrupted; retrying");
+                if warned.due() {
+                    tracing::warn!(error = %error, "outbox relay interrupted; retrying");
+                } else {
+                    tracing::debug!(error = %error, "outbox relay interrupted; retrying");
+                }
                 if !pause(&mut delays, &drained).await {
                     break;
                 }

@@ -57,8 +57,7 @@ impl Broker {
             .parse()
             .map_err(|_| BrokerError::invalid_url())?;
         let address = (uri.authority.host.as_str(), uri.authority.port);
-        match tokio::time::timeout(OPERATION_TIMEOUT, tokio::net::TcpStream::connect(address))
-            .await
+        match tokio::time::timeout(OPERATION_TIMEOUT, tokio::net::TcpStream::connect(address)).await
         {
             Ok(Ok(_probe)) => {}
             Ok(Err(error)) => return Err(BrokerError::unreachable(&error)),
