@@ -59,11 +59,7 @@ pub async fn connect_store(
         {
             Ok(store) => return Ok(Some(store)),
             Err(error) if error.is_transient() => {
-                if warned.due() {
-                    tracing::warn!(error = %error, "cannot reach the database yet; retrying");
-                } else {
-                    tracing::debug!(error = %error, "cannot reach the database yet; retrying");
-                }
+                warned.log(&error, "cannot reach the database yet; retrying");
             }
             Err(error) => return Err(error).context("cannot connect to the database"),
         }
@@ -97,6 +93,15 @@ impl Quiet {
     fn any(&self) -> bool {
         self.last.is_some()
     }
+
+    /// Logs `message` with `error` at `warn` when due, at `debug` otherwise.
+    fn log(&mut self, error: &dyn std::fmt::Display, message: &'static str) {
+        if self.due() {
+            tracing::warn!(error = %error, "{message}");
+        } else {
+            tracing::debug!(error = %error, "{message}");
+        }
+    }
 }
 
 /// Connects to RabbitMQ, waiting with back-off while it is unavailable. `None` if stopped first.
@@ -127,11 +132,7 @@ async fn connect_broker(
                 return Ok(Some(broker));
             }
             Err(error) if error.is_transient() => {
-                if warned.due() {
-                    tracing::warn!(error = %error, "cannot reach the broker yet; retrying");
-                } else {
-                    tracing::debug!(error = %error, "cannot reach the broker yet; retrying");
-                }
+                warned.log(&error, "cannot reach the broker yet; retrying");
             }
             Err(error) => return Err(error).context("cannot connect to the broker"),
         }
@@ -653,11 +654,7 @@ async fn relay_task(
                         component: "relay".into(),
                     })
                     .inc();
-                if warned.due() {
-                    tracing::warn!(error = %error, "outbox relay interrupted; retrying");
-                } else {
-                    tracing::debug!(error = %error, "outbox relay interrupted; retrying");
-                }
+                warned.log(&error, "outbox relay interrupted; retrying");
                 if !pause(&mut delays, &drained).await {
                     break;
                 }
