@@ -71,29 +71,7 @@ pub enum Command {
     /// Measure end-to-end throughput and latency against the running PostgreSQL and RabbitMQ,
     /// next to the raw broker-only limit, with a throwaway database and queues. Prints a summary
     /// and one JSON line.
-    Bench {
-        /// Messages in the full-speed run.
-        #[arg(long, default_value_t = 20_000)]
-        messages: usize,
-        /// Distinct teachers the messages are about.
-        #[arg(long, default_value_t = 5_000)]
-        teachers: u32,
-        /// Offered rate of the fixed-rate run, messages per second (0 skips it).
-        #[arg(long, default_value_t = 1_000)]
-        rate: u32,
-        /// Messages in the fixed-rate run.
-        #[arg(long, default_value_t = 10_000)]
-        rate_messages: usize,
-        /// Teachers already in the database before the run (the stream's are among them).
-        #[arg(long, default_value_t = 0)]
-        seed_teachers: u32,
-        /// Skip the raw broker-only relay.
-        #[arg(long)]
-        no_raw: bool,
-        /// Keep the throwaway database and queues.
-        #[arg(long)]
-        keep: bool,
-    },
+    Bench(crate::app::bench::BenchOptions),
     /// Print outcomes as they are published (JSON lines), from a temporary queue bound to the
     /// outcome exchange. Stops after --count outcomes, or on SIGINT/SIGTERM.
     Watch {
@@ -235,26 +213,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     Command::Outbox {
                         action: OutboxCommand::Status,
                     } => crate::app::ops::outbox_status(&settings).await,
-                    Command::Bench {
-                        messages,
-                        teachers,
-                        rate,
-                        rate_messages,
-                        seed_teachers,
-                        no_raw,
-                        keep,
-                    } => {
-                        let options = crate::app::bench::BenchOptions {
-                            messages,
-                            teachers,
-                            rate,
-                            rate_messages,
-                            seed_teachers,
-                            no_raw,
-                            keep,
-                        };
-                        crate::app::bench::bench(&settings, options).await
-                    }
+                    Command::Bench(options) => crate::app::bench::bench(&settings, options).await,
                     Command::CheckConfig => {
                         print!("{}", settings.redacted());
                         Ok(())

@@ -28,23 +28,29 @@ use crate::broker::{Broker, Publisher, declare_topology, json_properties, subscr
 use crate::config::Settings;
 use crate::store::Store;
 
-/// What to measure.
-#[derive(Debug, Clone)]
+/// What to measure (the `bench` command's options).
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
     /// Messages in the full-speed run.
+    #[arg(long, default_value_t = 20_000)]
     pub messages: usize,
-    /// Distinct teachers they are about.
+    /// Distinct teachers the messages are about.
+    #[arg(long, default_value_t = 5_000)]
     pub teachers: u32,
-    /// Offered rate of the fixed-rate run (messages per second); 0 skips it.
+    /// Offered rate of the fixed-rate run, messages per second (0 skips it).
+    #[arg(long, default_value_t = 1_000)]
     pub rate: u32,
     /// Messages in the fixed-rate run.
+    #[arg(long, default_value_t = 10_000)]
     pub rate_messages: usize,
-    /// Teachers already in the database before the run (seeded with a registration and an
-    /// outcome each); the stream's teachers are among them.
+    /// Teachers already in the database before the run (the stream's are among them).
+    #[arg(long, default_value_t = 0)]
     pub seed_teachers: u32,
     /// Skip the raw broker-only relay.
+    #[arg(long)]
     pub no_raw: bool,
-    /// Keep the database and queues afterwards.
+    /// Keep the throwaway database and queues.
+    #[arg(long)]
     pub keep: bool,
 }
 
