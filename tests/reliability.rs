@@ -62,6 +62,12 @@ struct Harness {
     broker_stops: AtomicUsize,
 }
 
+/// A scenario under way: the producer and the outcome capture.
+struct Running {
+    publisher: tokio::task::JoinHandle<()>,
+    capture: tokio::task::JoinHandle<()>,
+}
+
 fn topology() -> Topology {
     let mut t = Settings::load(None).unwrap().topology;
     t.delivery_limit = 20;
@@ -341,6 +347,33 @@ impl Harness {
                     .map(str::to_lowercase)
             })
             .collect()
+    }
+
+    /// Starts `workers` workers, samples their memory, captures the outcomes and publishes the
+    /// stream at `rate` per second.
+    fn start(&mut self, workers: usize, rate: u32) -> Running {
+        for _ in 0..workers {
+            self.spawn_worker(None);
+        }
+        self.sample_memory();
+        Running {
+            capture: self.capture(),
+            publisher: self.publish(rate),
+        }
+    }
+
+    /// Waits until the system settles, runs every check and returns the figures.
+    async fn finish(
+        &mut self,
+        running: Running,
+        scenario: &str,
+        allowed_failures: &[&str],
+        extra: Value,
+    ) -> Value {
+        self.wait_until_settled(running.publisher).await;
+        let figures = self.check(scenario, allowed_failures, extra).await;
+        running.capture.abort();
+        figures
     }
 
     /// Waits until every valid message is in the inbox, the outbox is empty, and the capture
@@ -659,10 +692,7 @@ impl Harness {
 #[ignore = "fault injection: run with deploy/dev reliability"]
 async fn worker_killed_with_sigkill_and_restarted() {
     let mut h = Harness::new(vec![]).await;
-    h.spawn_worker(None);
-    h.sample_memory();
-    let capture = h.capture();
-    let publisher = h.publish(2_500);
+    let running = h.start(1, 2_500);
     let mut recoveries = Vec::new();
     for delay in [1500u64, 2500, 2000] {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -672,24 +702,20 @@ async fn worker_killed_with_sigkill_and_restarted() {
         recoveries.push(h.recovery_seconds(Instant::now()).await);
     }
     h.sample_memory();
-    h.wait_until_settled(publisher).await;
-    h.check(
+    h.finish(
+        running,
         "sigkill",
         &[],
         json!({"kills": 3, "recovery_seconds": recoveries}),
     )
     .await;
-    capture.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fault injection: run with deploy/dev reliability"]
 async fn worker_stopped_with_sigterm_under_load_and_restarted() {
     let mut h = Harness::new(vec![]).await;
-    h.spawn_worker(None);
-    h.sample_memory();
-    let capture = h.capture();
-    let publisher = h.publish(2_500);
+    let running = h.start(1, 2_500);
     // The worker's bound (`worker.shutdown_timeout_seconds`, 20 s by default).
     let bound = Duration::from_secs(20);
     let (mut exits, mut recoveries) = (Vec::new(), Vec::new());
@@ -706,25 +732,21 @@ async fn worker_stopped_with_sigterm_under_load_and_restarted() {
         recoveries.push(h.recovery_seconds(Instant::now()).await);
     }
     h.sample_memory();
-    h.wait_until_settled(publisher).await;
-    h.check(
+    h.finish(
+        running,
         "sigterm",
         &[],
         json!({"terminations": 2, "exit_seconds": exits, "shutdown_bound_seconds": bound.as_secs(),
                "recovery_seconds": recoveries}),
     )
     .await;
-    capture.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fault injection: run with deploy/dev reliability"]
 async fn long_outages_keep_memory_bounded() {
     let mut h = Harness::new(vec![]).await;
-    h.spawn_worker(None);
-    h.sample_memory();
-    let capture = h.capture();
-    let publisher = h.publish(2_500);
+    let running = h.start(1, 2_500);
     let outage = Duration::from_secs(120);
     let rabbitmq = h
         .outage(
@@ -737,24 +759,20 @@ async fn long_outages_keep_memory_bounded() {
     let postgres = h
         .outage("PostgreSQL", outage, |h| h.pg.stop(), |h| h.pg.start())
         .await;
-    h.wait_until_settled(publisher).await;
-    h.check(
+    h.finish(
+        running,
         "long_outages",
         &[],
         json!({"rabbitmq": rabbitmq, "postgres": postgres}),
     )
     .await;
-    capture.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fault injection: run with deploy/dev reliability"]
 async fn rabbitmq_restarted_twice_mid_stream() {
     let mut h = Harness::new(vec![]).await;
-    h.spawn_worker(None);
-    h.sample_memory();
-    let capture = h.capture();
-    let publisher = h.publish(2_500);
+    let running = h.start(1, 2_500);
     let mut recoveries = Vec::new();
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -763,24 +781,20 @@ async fn rabbitmq_restarted_twice_mid_stream() {
         h.rabbit.restart();
         recoveries.push(h.recovery_seconds(Instant::now()).await);
     }
-    h.wait_until_settled(publisher).await;
-    h.check(
+    h.finish(
+        running,
         "rabbitmq_restart",
         &[],
         json!({"restarts": 2, "recovery_seconds_after_restart": recoveries}),
     )
     .await;
-    capture.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fault injection: run with deploy/dev reliability"]
 async fn postgres_restarted_and_stopped_for_30_seconds() {
     let mut h = Harness::new(vec![]).await;
-    h.spawn_worker(None);
-    h.sample_memory();
-    let capture = h.capture();
-    let publisher = h.publish(2_500);
+    let running = h.start(1, 2_500);
     tokio::time::sleep(Duration::from_secs(2)).await;
     h.pg.stop();
     h.pg.start();
@@ -792,35 +806,28 @@ async fn postgres_restarted_and_stopped_for_30_seconds() {
     let rss_during = h.rss_now_mib();
     h.pg.start();
     let second = h.recovery_seconds(Instant::now()).await;
-    h.wait_until_settled(publisher).await;
-    h.check(
-        "postgres_outage",
+    h.finish(running, "postgres_outage",
         &[],
         json!({"recovery_seconds_after_restart": first, "recovery_seconds_after_30s_outage": second,
-               "worker_rss_mib_before_outage": rss_before, "worker_rss_mib_after_30s_outage": rss_during}),
-    )
-    .await;
-    capture.abort();
+               "worker_rss_mib_before_outage": rss_before, "worker_rss_mib_after_30s_outage": rss_during})).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fault injection: run with deploy/dev reliability"]
 async fn three_workers_one_killed_and_restarted() {
     let mut h = Harness::new(vec![]).await;
-    for _ in 0..3 {
-        h.spawn_worker(None);
-    }
-    h.sample_memory();
-    let capture = h.capture();
-    let publisher = h.publish(2_500);
+    let running = h.start(3, 2_500);
     tokio::time::sleep(Duration::from_secs(3)).await;
     h.kill_worker(1);
     tokio::time::sleep(Duration::from_secs(2)).await;
     h.spawn_worker(Some(1));
-    h.wait_until_settled(publisher).await;
-    h.check("three_workers", &[], json!({"workers": 3, "killed": 1}))
-        .await;
-    capture.abort();
+    h.finish(
+        running,
+        "three_workers",
+        &[],
+        json!({"workers": 3, "killed": 1}),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -846,11 +853,8 @@ async fn a_poison_message_is_parked_and_does_not_hold_up_the_rest() {
         .execute(&mut db)
         .await
         .unwrap();
-    h.spawn_worker(None);
-    h.sample_memory();
-    let capture = h.capture();
-    let publisher = h.publish(4_000);
-    tokio::time::timeout(Duration::from_secs(600), publisher)
+    let running = h.start(1, 4_000);
+    tokio::time::timeout(Duration::from_secs(600), running.publisher)
         .await
         .unwrap()
         .unwrap();
@@ -873,5 +877,5 @@ async fn a_poison_message_is_parked_and_does_not_hold_up_the_rest() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let figures = h.check("poison", &["processing_failed"], json!({})).await;
     assert_eq!(figures["parked"]["processing_failed"], 1);
-    capture.abort();
+    running.capture.abort();
 }
