@@ -192,7 +192,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(async move {
+            let result = runtime.block_on(async move {
                 match command {
                     Command::Run {
                         no_migrate,
@@ -229,7 +229,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     Command::Simulate { .. } => unreachable!("handled above"),
                 }
-            })
+            });
+            // Tasks still running (a connection being retired, a blocking DNS lookup) must not
+            // hold the process past its shutdown bound.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
         }
     }
 }

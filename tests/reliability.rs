@@ -43,6 +43,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_induction-reconciler");
 const MESSAGES: usize = 20_000;
 const TEACHERS: u32 = 3_000;
 const FIRST_TRN: u32 = 6_000_000;
+/// The workers' shutdown bound (`worker.shutdown_timeout_seconds`, 20 s by default).
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(20);
 
 struct Harness {
     pg: PgCluster,
@@ -326,13 +328,25 @@ impl Harness {
         })
     }
 
+    /// Runs a count query, retrying while the database is down (a scenario may have stopped
+    /// it), for at most five minutes.
     async fn count(&self, sql: &'static str) -> i64 {
+        let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            if let Ok(mut c) = PgConnection::connect(&self.db_url).await
-                && let Ok(n) = sqlx::query_scalar::<_, i64>(sql).fetch_one(&mut c).await
-            {
+            let attempt = tokio::time::timeout(Duration::from_secs(10), async {
+                let mut c = PgConnection::connect(&self.db_url).await.ok()?;
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&mut c)
+                    .await
+                    .ok()
+            });
+            if let Ok(Some(n)) = attempt.await {
                 return n;
             }
+            assert!(
+                Instant::now() < deadline,
+                "the database did not answer {sql:?} within 300 s"
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
@@ -414,11 +428,9 @@ impl Harness {
             .max()
             .unwrap_or(0);
         for i in 0..self.workers.len() {
-            if let Some(child) = self.workers[i].as_mut() {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &child.id().to_string()])
-                    .status();
-                let _ = child.wait();
+            if self.workers[i].is_some() {
+                let (_, seconds) = self.terminate_worker(i, SHUTDOWN_BOUND);
+                println!("{scenario}: worker {i} exited {seconds:.1} s after SIGTERM");
             }
         }
         // 1. No input lost.
@@ -668,7 +680,11 @@ impl Harness {
             }
             if started.elapsed() > bound + Duration::from_secs(10) {
                 let _ = child.kill();
-                panic!("the worker did not exit within its shutdown bound");
+                let _ = child.wait();
+                panic!(
+                    "worker {index} did not exit within its shutdown bound ({} s) after SIGTERM",
+                    bound.as_secs()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -683,7 +699,24 @@ impl Harness {
             if now > before || now >= expected {
                 return since.elapsed().as_secs_f64();
             }
+            assert!(
+                since.elapsed() < Duration::from_secs(300),
+                "the inbox did not grow within 300 s of the fault ending (stuck at {now} of {expected})"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Whatever a scenario did, and however it ended: no worker outlives it (a stray worker would
+/// consume the next scenario's messages). The PostgreSQL cluster and RabbitMQ node stop in their
+/// own `Drop`.
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop_sampling.store(true, Ordering::Relaxed);
+        for child in self.workers.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
@@ -716,8 +749,7 @@ async fn worker_killed_with_sigkill_and_restarted() {
 async fn worker_stopped_with_sigterm_under_load_and_restarted() {
     let mut h = Harness::new(vec![]).await;
     let running = h.start(1, 2_500);
-    // The worker's bound (`worker.shutdown_timeout_seconds`, 20 s by default).
-    let bound = Duration::from_secs(20);
+    let bound = SHUTDOWN_BOUND;
     let (mut exits, mut recoveries) = (Vec::new(), Vec::new());
     for delay in [2000u64, 3000] {
         tokio::time::sleep(Duration::from_millis(delay)).await;

@@ -62,7 +62,9 @@ pub struct Handler {
     pub(crate) store: Store,
     pub(crate) parking: Publisher,
     pub(crate) settings: Settings,
-    pub(crate) stop: CancellationToken,
+    /// Fires near the shutdown deadline: retries give up and leave their deliveries
+    /// unacknowledged.
+    pub(crate) abandon: CancellationToken,
 }
 
 /// One delivery on its way through a batch.
@@ -91,7 +93,7 @@ impl Handler {
         let delay = delays.next().unwrap_or(Duration::from_secs(30));
         tokio::select! {
             () = tokio::time::sleep(delay) => true,
-            () = self.stop.cancelled() => false,
+            () = self.abandon.cancelled() => false,
         }
     }
 

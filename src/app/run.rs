@@ -142,20 +142,66 @@ async fn connect_broker(
     }
 }
 
-/// Runs the worker until `shutdown` resolves. Returns `Ok` after a graceful shutdown.
+/// The worker's shutdown, in three steps from the moment `shutdown` resolves: `stop` (take no
+/// new messages, finish what is in flight), `abandon` (shortly before the deadline: give up
+/// retries and relay rounds, leaving their deliveries unacknowledged for redelivery) and
+/// `deadline` (`worker.shutdown_timeout_seconds` after the request: whatever is still running is
+/// dropped, so the process ends within its bound whatever state its lanes and connections are in).
+struct Shutdown {
+    stop: CancellationToken,
+    abandon: CancellationToken,
+    deadline: CancellationToken,
+}
+
+impl Shutdown {
+    fn start(timeout: Duration, shutdown: impl Future<Output = ()> + Send + 'static) -> Self {
+        let plan = Self {
+            stop: CancellationToken::new(),
+            abandon: CancellationToken::new(),
+            deadline: CancellationToken::new(),
+        };
+        // The last part of the bound is left for abandoned work to roll back and channels to close.
+        let grace = (timeout / 4).min(Duration::from_secs(2));
+        let (stop, abandon, deadline) = (
+            plan.stop.clone(),
+            plan.abandon.clone(),
+            plan.deadline.clone(),
+        );
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: no new messages will be taken");
+            stop.cancel();
+            tokio::time::sleep(timeout.saturating_sub(grace)).await;
+            abandon.cancel();
+            tokio::time::sleep(grace).await;
+            deadline.cancel();
+        });
+        plan
+    }
+}
+
+/// Runs the worker until `shutdown` resolves. Returns `Ok` after a graceful shutdown, and also
+/// when the shutdown deadline cut in-flight work short (that work is redelivered by the broker).
 pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let stop = CancellationToken::new();
-    let stopper = stop.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutdown requested: no new messages will be taken");
-        stopper.cancel();
-    });
+    let plan = Shutdown::start(settings.worker.shutdown_timeout(), shutdown);
+    tokio::select! {
+        result = run_until_drained(&settings, &plan) => result,
+        () = plan.deadline.cancelled() => {
+            tracing::warn!(
+                timeout_s = settings.worker.shutdown_timeout_seconds,
+                "shutdown deadline reached; unfinished messages stay unacknowledged and will be redelivered"
+            );
+            Ok(())
+        }
+    }
+}
 
-    let Some(store) = connect_store(&settings, &stop).await? else {
+async fn run_until_drained(settings: &Settings, plan: &Shutdown) -> anyhow::Result<()> {
+    let Shutdown { stop, abandon, .. } = plan;
+    let Some(store) = connect_store(settings, stop).await? else {
         return Ok(());
     };
     if settings.database.migrate_on_start {
@@ -167,9 +213,8 @@ pub async fn run(
     tracing::info!("worker started");
 
     // `drained` fires once in-flight messages are finished, so the relay's last flush includes
-    // their outcomes; `abandon` fires at the shutdown deadline and stops any retry still going.
+    // their outcomes; `abandon` fires near the shutdown deadline and stops any retry still going.
     let drained = CancellationToken::new();
-    let abandon = CancellationToken::new();
     let mut background = JoinSet::new();
     if settings.relay.enabled {
         background.spawn(relay_task(
@@ -199,18 +244,9 @@ pub async fn run(
         ));
     }
 
-    let consumed = consume(&settings, &store, &stop, &abandon, &health).await;
+    let consumed = consume(settings, &store, stop, abandon, &health).await;
     drained.cancel();
-    let deadline = tokio::time::Instant::now() + settings.worker.shutdown_timeout();
-    let abandon_at_deadline = {
-        let abandon = abandon.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(deadline).await;
-            abandon.cancel();
-        })
-    };
     while background.join_next().await.is_some() {}
-    abandon_at_deadline.abort();
     store.pool().close().await;
     consumed?;
     tracing::info!("worker stopped");
@@ -276,8 +312,8 @@ async fn consume(
         }
     };
     // Deliveries still in flight from a channel that is gone cannot be acknowledged; the broker
-    // redelivers them and the inbox de-duplicates. Let them end.
-    while in_flight.join_next().await.is_some() {}
+    // redelivers them and the inbox de-duplicates. Let them end, or drop them when abandoned.
+    join_until(&mut in_flight, abandon).await;
     if let Some(broker) = current {
         broker.close().await;
     }
@@ -487,7 +523,7 @@ async fn consume_on(
         store: store.clone(),
         parking: parking.clone(),
         settings: settings.clone(),
-        stop: abandon.clone(),
+        abandon: abandon.clone(),
     };
     let busy = Arc::new(AtomicUsize::new(0));
     // Lanes: each teacher's messages go to one lane (by TRN), and each lane applies one batch at
@@ -566,7 +602,7 @@ async fn consume_on(
             }
         }
     };
-    finish(channel, &tag, senders, in_flight, ended).await
+    finish(channel, &tag, senders, in_flight, abandon, ended).await
 }
 
 /// Ends a consumer. After a graceful stop: tells the broker to send no more and finishes what is
@@ -578,6 +614,7 @@ async fn finish(
     tag: &str,
     senders: Vec<tokio::sync::mpsc::Sender<lapin::message::Delivery>>,
     in_flight: &mut JoinSet<()>,
+    abandon: &CancellationToken,
     ended: Result<(), BrokerError>,
 ) -> Result<(), BrokerError> {
     drop(senders);
@@ -592,10 +629,32 @@ async fn finish(
         if waiting > 0 {
             tracing::info!(in_flight = waiting, "finishing in-flight messages");
         }
-        while in_flight.join_next().await.is_some() {}
+        join_until(in_flight, abandon).await;
     }
     let _ = tokio::time::timeout(bound, channel.close(200, "consumer ended".into())).await;
     ended
+}
+
+/// Waits for every task of `tasks` to end; once `abandon` fires, gives them a moment to see it
+/// (a retry that gives up marks its deliveries abandoned) and then aborts what is left: an
+/// acknowledgement or a commit caught on a dead connection must not hold the shutdown.
+async fn join_until(tasks: &mut JoinSet<()>, abandon: &CancellationToken) {
+    let all = async { while tasks.join_next().await.is_some() {} };
+    tokio::select! {
+        () = all => return,
+        () = abandon.cancelled() => {}
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if !tasks.is_empty() {
+        tracing::warn!(
+            lanes = tasks.len(),
+            "abandoning in-flight messages at the shutdown deadline; the broker will redeliver them"
+        );
+        tasks.shutdown().await;
+    }
 }
 
 /// Relays the outbox until `drained`, then flushes it (until `abandon`). Like the consumer, it

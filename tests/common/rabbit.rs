@@ -77,8 +77,9 @@ impl RabbitNode {
 
     /// Stops the node (its queues persist on disk).
     pub fn stop(&self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["-n", &self.name, "stop"])
+        // Bounded: rabbitmqctl can wait for a node that no longer answers.
+        let _ = Command::new("timeout")
+            .args(["90", "rabbitmqctl", "-n", &self.name, "stop"])
             .output();
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
