@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::app::parked::{Action, Selection};
 use crate::app::simulate::simulate;
 use crate::config::Settings;
 
@@ -68,10 +69,6 @@ pub enum Command {
     },
     /// Print the effective settings, with secrets redacted, and exit.
     CheckConfig,
-    /// Measure end-to-end throughput and latency against the running PostgreSQL and RabbitMQ,
-    /// next to the raw broker-only limit, with a throwaway database and queues. Prints a summary
-    /// and one JSON line.
-    Bench(crate::app::bench::BenchOptions),
     /// Print outcomes as they are published (JSON lines), from a temporary queue bound to the
     /// outcome exchange. Stops after --count outcomes, or on SIGINT/SIGTERM.
     Watch {
@@ -134,11 +131,19 @@ pub struct SelectionArgs {
     limit: Option<usize>,
 }
 
+impl ParkedCommand {
+    /// The action, which messages it applies to, and whether to print JSON.
+    fn into_request(self) -> anyhow::Result<(Action, Selection, bool)> {
+        Ok(match self {
+            Self::List { selection, json } => (Action::List, selection.into_selection(true)?, json),
+            Self::Replay { selection } => (Action::Replay, selection.into_selection(false)?, false),
+            Self::Purge { selection } => (Action::Purge, selection.into_selection(false)?, false),
+        })
+    }
+}
+
 impl SelectionArgs {
-    pub(crate) fn into_selection(
-        self,
-        listing: bool,
-    ) -> anyhow::Result<crate::app::parked::Selection> {
+    fn into_selection(self, listing: bool) -> anyhow::Result<Selection> {
         anyhow::ensure!(
             listing || self.all || !self.message_ids.is_empty() || self.reason.is_some(),
             "say which messages: --all, --message-id or --reason"
@@ -148,7 +153,7 @@ impl SelectionArgs {
                 crate::messages::ReasonCode::parse(reason).is_some() || reason == "delivery_limit";
             anyhow::ensure!(known, "unknown reason code {reason:?}");
         }
-        Ok(crate::app::parked::Selection {
+        Ok(Selection {
             message_ids: self.message_ids,
             reason: self.reason,
             limit: self.limit,
@@ -200,7 +205,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     } => {
                         settings.database.migrate_on_start &= !no_migrate;
                         settings.amqp.declare_topology &= !no_declare;
-                        crate::app::run::run(settings, shutdown_signal()).await
+                        crate::app::worker::run(settings, shutdown_signal()).await
                     }
                     Command::Migrate => crate::app::ops::migrate(&settings).await,
                     Command::Publish { file } => {
@@ -209,11 +214,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     Command::Explain { trn, json } => {
                         crate::app::ops::explain(&settings, &trn, json).await
                     }
-                    Command::Parked { action } => crate::app::ops::parked(&settings, action).await,
+                    Command::Parked { action } => {
+                        let (action, selection, json) = action.into_request()?;
+                        crate::app::ops::parked(&settings, action, &selection, json).await
+                    }
                     Command::Outbox {
                         action: OutboxCommand::Status,
                     } => crate::app::ops::outbox_status(&settings).await,
-                    Command::Bench(options) => crate::app::bench::bench(&settings, options).await,
                     Command::CheckConfig => {
                         print!("{}", settings.redacted());
                         Ok(())

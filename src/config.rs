@@ -268,15 +268,6 @@ impl Settings {
             .transpose()
     }
 
-    /// Connects to RabbitMQ with these settings (URL, password file, CA file).
-    pub async fn connect_broker(&self, name: &str) -> anyhow::Result<crate::broker::Broker> {
-        let url = self.amqp_url()?;
-        let ca = self.amqp_tls_ca()?;
-        crate::broker::Broker::connect_with_ca(&url, name, ca.as_deref())
-            .await
-            .context("cannot connect to the broker")
-    }
-
     /// The AMQP URL with the password from `password_file` applied, if one is configured.
     pub fn amqp_url(&self) -> anyhow::Result<SecretString> {
         with_password_file(&self.amqp.url, self.amqp.password_file.as_deref())

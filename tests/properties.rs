@@ -206,7 +206,7 @@ proptest! {
         replay(&mut ledger, &inputs);
         let again = &inputs[pick.index(inputs.len())];
         let applied = ledger.apply(again.snapshot.clone(), again.cause.clone(), NOW);
-        prop_assert!(matches!(applied.admission, Admission::Duplicate | Admission::Stale));
+        prop_assert!(matches!(applied.admission, Admission::AlreadyHeld | Admission::Stale));
         prop_assert!(applied.outcomes.is_empty());
     }
 

@@ -546,7 +546,7 @@ fn stale_and_duplicate_snapshots_emit_nothing() {
     run(&mut ledger, std::slice::from_ref(&newer));
     for (message, expected) in [
         (registration(1, "r1", T), Admission::Stale),
-        (newer, Admission::Duplicate),
+        (newer, Admission::AlreadyHeld),
     ] {
         let input = decode(&bytes(&message), NOW).unwrap();
         let applied = ledger.apply(input.snapshot, input.cause, NOW);

@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::PgCluster;
-use common::poison_trigger_sql;
 use common::rabbit::RabbitNode;
+use common::workload::{Generated, generate};
+use common::{poison_trigger_sql, rss_kib};
 use futures_lite::StreamExt;
-use induction_reconciler::app::workload::{Generated, generate};
 use induction_reconciler::broker::{Broker, declare_topology, json_properties};
 use induction_reconciler::config::{Settings, Topology};
 use induction_reconciler::domain::Ledger;
@@ -74,17 +74,6 @@ fn topology() -> Topology {
     let mut t = Settings::load(None).unwrap().topology;
     t.delivery_limit = 20;
     t
-}
-
-fn rss_kib(pid: u32, field: &str) -> usize {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 impl Harness {

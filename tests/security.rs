@@ -6,7 +6,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::app::{TestApp, admin_url};
+use common::admin_url;
+use common::app::TestApp;
 use common::cluster::PgCluster;
 use common::registration;
 use induction_reconciler::store::Store;

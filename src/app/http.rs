@@ -28,6 +28,11 @@ impl Health {
         })
     }
 
+    /// The store readiness pings.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Records whether the consumer has a working broker connection.
     pub fn set_broker_connected(&self, connected: bool) {
         self.broker_connected.store(connected, Ordering::Relaxed);

@@ -1,15 +1,17 @@
-//! One-shot operator commands: `migrate` and `publish`.
+//! One-shot operator commands: `migrate`, `publish`, `watch`, `explain`, `parked` and
+//! `outbox status`.
 
 use std::io::BufRead;
-use std::time::Duration;
 
 use anyhow::Context;
 use futures_lite::StreamExt;
 use lapin::types::FieldTable;
 
-use crate::broker::{json_properties, subscribe};
+use super::connect::{self, store};
+use super::parked::{Action, Selection, act};
+use crate::broker::{Outgoing, Publisher, json_properties, subscribe};
 use crate::config::Settings;
-use crate::store::Store;
+use crate::messages::peek;
 
 /// Applies pending migrations.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
@@ -23,52 +25,54 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 /// JSON object with a known `message_type` goes with the registration routing key, so that the
 /// worker parks it (this command is also how test data reaches the worker).
 pub async fn publish(settings: &Settings, input: Box<dyn BufRead>) -> anyhow::Result<()> {
-    let broker = settings
-        .connect_broker("induction-reconciler publish")
-        .await?;
+    /// Lines sent before their confirms are awaited.
+    const WINDOW: usize = 500;
+    let broker = connect::broker(settings, "induction-reconciler publish").await?;
     let publisher = broker.publisher().await?;
-    let t = &settings.topology;
-    let mut pending = Vec::new();
+    let mut window: Vec<Vec<u8>> = Vec::with_capacity(WINDOW);
     let mut count = 0usize;
     for line in input.split(b'\n') {
         let line = line.context("cannot read the input")?;
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let value: Option<serde_json::Value> = serde_json::from_slice(&line).ok();
-        let routing_key = match value
-            .as_ref()
-            .and_then(|v| v.get("message_type"))
-            .and_then(|v| v.as_str())
-        {
-            Some("ab_claim") => &t.claim_routing_key,
-            _ => &t.registration_routing_key,
-        };
-        let message_id = value
-            .as_ref()
-            .and_then(|v| v.get("message_id"))
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_owned();
-        let properties = json_properties(&message_id, FieldTable::default());
-        pending.push(
-            publisher
-                .send(&t.input_exchange, routing_key, &line, properties)
-                .await?,
-        );
-        count += 1;
-        if pending.len() >= 500 {
-            for confirm in pending.drain(..) {
-                confirm.wait().await?;
-            }
+        window.push(line);
+        if window.len() >= WINDOW {
+            count += publish_lines(settings, &publisher, &window).await?;
+            window.clear();
         }
     }
-    for confirm in pending {
-        confirm.wait().await?;
-    }
+    count += publish_lines(settings, &publisher, &window).await?;
     broker.close().await;
     println!("published {count} messages");
     Ok(())
+}
+
+/// Publishes `lines` with confirms; the routing key follows each line's `message_type`.
+async fn publish_lines(
+    settings: &Settings,
+    publisher: &Publisher,
+    lines: &[Vec<u8>],
+) -> anyhow::Result<usize> {
+    let t = &settings.topology;
+    let messages = lines.iter().map(|line| {
+        let peeked = peek(line);
+        let routing_key = match peeked.message_type.as_deref() {
+            Some("ab_claim") => &t.claim_routing_key,
+            _ => &t.registration_routing_key,
+        };
+        let message_id = peeked.message_id.unwrap_or_default();
+        Outgoing {
+            exchange: &t.input_exchange,
+            routing_key,
+            body: line,
+            properties: json_properties(&message_id, FieldTable::default()),
+        }
+    });
+    for result in publisher.publish_all(messages).await {
+        result?;
+    }
+    Ok(lines.len())
 }
 
 /// Prints outcomes as they are published, until `count` were printed or `stop` resolves.
@@ -79,9 +83,7 @@ pub async fn watch(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     use std::io::Write;
-    let broker = settings
-        .connect_broker("induction-reconciler watch")
-        .await?;
+    let broker = connect::broker(settings, "induction-reconciler watch").await?;
     let channel = broker.channel().await?;
     let pattern = format!("outcome.{}", status.unwrap_or("*"));
     let mut consumer = subscribe(&channel, "", &settings.topology.outcome_exchange, &pattern)
@@ -106,16 +108,6 @@ pub async fn watch(
     }
     broker.close().await;
     Ok(())
-}
-
-async fn store(settings: &Settings) -> anyhow::Result<Store> {
-    Store::connect(
-        &settings.database_url()?,
-        2,
-        Duration::from_secs(settings.database.acquire_timeout_seconds),
-    )
-    .await
-    .context("cannot connect to the database")
 }
 
 /// `explain <TRN>`.
@@ -244,16 +236,14 @@ fn record_json(snapshot: &crate::domain::Snapshot) -> serde_json::Value {
     }
 }
 
-/// `parked list | replay | purge`.
-pub async fn parked(settings: &Settings, command: crate::cli::ParkedCommand) -> anyhow::Result<()> {
-    use crate::app::parked::{Action, act};
-    use crate::cli::ParkedCommand as P;
-    let (action, selection, json) = match command {
-        P::List { selection, json } => (Action::List, selection.into_selection(true)?, json),
-        P::Replay { selection } => (Action::Replay, selection.into_selection(false)?, false),
-        P::Purge { selection } => (Action::Purge, selection.into_selection(false)?, false),
-    };
-    let done = act(settings, action, &selection).await?;
+/// `parked list | replay | purge`: applies `action` and prints what it did.
+pub async fn parked(
+    settings: &Settings,
+    action: Action,
+    selection: &Selection,
+    json: bool,
+) -> anyhow::Result<()> {
+    let done = act(settings, action, selection).await?;
     match action {
         Action::List => {
             for s in &done {

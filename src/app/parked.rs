@@ -5,11 +5,14 @@
 //! its parked copy is acknowledged, a purged one is acknowledged.
 
 use anyhow::Context;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::message::Delivery;
 use serde::Serialize;
 
+use super::connect;
+use crate::broker::parking::{ParkedHeaders, replay_properties};
+use crate::broker::{Publisher, ack, requeue};
 use crate::config::Settings;
+use crate::messages::peek;
 
 /// What to do with the selected parked messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,45 +55,26 @@ pub struct ParkedSummary {
     pub bytes: usize,
 }
 
-fn header(headers: &FieldTable, name: &str) -> Option<String> {
-    match headers.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
-}
-
-fn summarise(
-    properties: &lapin::BasicProperties,
-    body: &[u8],
-    exchange: &str,
-    routing_key: &str,
-) -> ParkedSummary {
-    let headers = properties.headers().clone().unwrap_or_default();
-    let body_id = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| {
-            v.get("message_id")
-                .and_then(|m| m.as_str())
-                .map(str::to_owned)
-        });
-    let dead_lettered = header(&headers, "x-first-death-reason");
+fn summarise(delivery: &Delivery) -> ParkedSummary {
+    let headers = ParkedHeaders::read(
+        &delivery.properties,
+        delivery.exchange.as_str(),
+        delivery.routing_key.as_str(),
+    );
     ParkedSummary {
-        message_id: body_id.or_else(|| {
-            properties
+        message_id: peek(&delivery.data).message_id.or_else(|| {
+            delivery
+                .properties
                 .message_id()
                 .as_ref()
                 .map(|m| m.as_str().to_owned())
         }),
-        reason: header(&headers, "x-parked-reason").or(dead_lettered),
-        detail: header(&headers, "x-parked-detail"),
-        parked_at: header(&headers, "x-parked-at"),
-        original_exchange: header(&headers, "x-original-exchange")
-            .or_else(|| header(&headers, "x-first-death-exchange"))
-            .or_else(|| (!exchange.is_empty()).then(|| exchange.to_owned())),
-        original_routing_key: header(&headers, "x-original-routing-key")
-            .or_else(|| Some(routing_key.to_owned())),
-        bytes: body.len(),
+        reason: headers.reason,
+        detail: headers.detail,
+        parked_at: headers.parked_at,
+        original_exchange: headers.original_exchange,
+        original_routing_key: headers.original_routing_key,
+        bytes: delivery.data.len(),
     }
 }
 
@@ -115,93 +99,76 @@ pub async fn act(
     action: Action,
     selection: &Selection,
 ) -> anyhow::Result<Vec<ParkedSummary>> {
-    let broker = settings
-        .connect_broker("induction-reconciler parked")
-        .await?;
-    let channel = broker.channel().await?;
+    let broker = connect::broker(settings, "induction-reconciler parked").await?;
+    let reader = broker
+        .reader(&settings.topology.parking_queue)
+        .await
+        .context("cannot open a channel")?;
     let publisher = broker.publisher().await?;
-    let queue = settings.topology.parking_queue.as_str();
     let mut done = Vec::new();
     let mut untouched = Vec::new();
     // Read the messages parked when the command started, and no more: a replayed message may be
     // parked again while we read. Messages not acted on stay unacknowledged (so they are not read
     // twice) and go back to the queue at the end.
-    let parked_now = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let parked_now = reader
+        .ready()
         .await
-        .context("cannot find the parking queue")?
-        .message_count();
+        .context("cannot find the parking queue")?;
     for _ in 0..parked_now {
-        let Some(message) = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        let Some(delivery) = reader
+            .get()
             .await
             .context("cannot read the parking queue")?
         else {
             break;
         };
-        let delivery = message.delivery;
-        let summary = summarise(
-            &delivery.properties,
-            &delivery.data,
-            delivery.exchange.as_str(),
-            delivery.routing_key.as_str(),
-        );
+        let summary = summarise(&delivery);
         let wanted =
             selected(&summary, selection) && selection.limit.is_none_or(|limit| done.len() < limit);
         if !wanted {
             untouched.push(delivery.acker);
             continue;
         }
-        match action {
-            Action::List => untouched.push(delivery.acker),
-            Action::Purge => {
-                delivery.acker.ack(BasicAckOptions::default()).await?;
-            }
-            Action::Replay => {
-                let exchange = summary
-                    .original_exchange
-                    .clone()
-                    .unwrap_or_else(|| settings.topology.input_exchange.clone());
-                let routing_key = summary.original_routing_key.clone().unwrap_or_default();
-                let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-                let kept: std::collections::BTreeMap<_, _> = headers
-                    .inner()
-                    .iter()
-                    .filter(|(k, _)| {
-                        !k.as_str().starts_with("x-parked-")
-                            && !k.as_str().starts_with("x-original-")
-                            && !k.as_str().starts_with("x-death")
-                            && !k.as_str().starts_with("x-first-death")
-                            && !k.as_str().starts_with("x-last-death")
-                    })
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                headers = FieldTable::from(kept);
-                let properties = delivery.properties.clone().with_headers(headers);
-                publisher
-                    .publish(&exchange, &routing_key, &delivery.data, properties)
-                    .await
-                    .with_context(|| format!("cannot replay to exchange {exchange:?}"))?;
-                delivery.acker.ack(BasicAckOptions::default()).await?;
-            }
+        if action == Action::List {
+            untouched.push(delivery.acker);
+            done.push(summary);
+            continue;
         }
+        if action == Action::Replay {
+            replay(settings, &publisher, &delivery, &summary).await?;
+        }
+        anyhow::ensure!(
+            ack(&delivery.acker).await,
+            "cannot acknowledge a parked message (the broker connection was lost)"
+        );
         done.push(summary);
     }
     for acker in untouched {
-        let _ = acker
-            .nack(BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            })
-            .await;
+        requeue(&acker).await;
     }
     broker.close().await;
     Ok(done)
+}
+
+/// Republishes a parked message to its original exchange and routing key, with a confirm.
+async fn replay(
+    settings: &Settings,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    summary: &ParkedSummary,
+) -> anyhow::Result<()> {
+    let exchange = summary
+        .original_exchange
+        .clone()
+        .unwrap_or_else(|| settings.topology.input_exchange.clone());
+    let routing_key = summary.original_routing_key.clone().unwrap_or_default();
+    publisher
+        .publish(
+            &exchange,
+            &routing_key,
+            &delivery.data,
+            replay_properties(&delivery.properties),
+        )
+        .await
+        .with_context(|| format!("cannot replay to exchange {exchange:?}"))
 }

@@ -8,8 +8,8 @@ use sqlx::postgres::PgListener;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{BrokerError, Publisher, json_properties};
-use crate::store::{OUTBOX_CHANNEL, Store, StoreError};
+use crate::broker::{BrokerError, Outgoing, Publisher, json_properties};
+use crate::store::{OUTBOX_CHANNEL, OutboxRow, Store, StoreError};
 
 /// Why a relay round stopped.
 #[derive(Debug, thiserror::Error)]
@@ -42,30 +42,21 @@ pub async fn relay_once(
         return Ok(0);
     }
     // Send the whole batch, then wait for the confirms: one round trip per batch, not per row.
-    let mut pending = Vec::with_capacity(batch.rows.len());
-    for row in &batch.rows {
-        let mut headers = FieldTable::default();
-        if let Some(traceparent) = &row.traceparent {
-            headers.insert(
-                ShortString::from("traceparent"),
-                AMQPValue::LongString(LongString::from(traceparent.as_str())),
-            );
-        }
-        let properties = json_properties(&row.outcome_id.to_string(), headers)
-            .with_type("outcome".into())
-            .with_timestamp(row.created_at.unix_timestamp() as u64);
-        pending.push((
-            row.id,
-            publisher
-                .send(exchange, &row.routing_key, &row.body, properties)
-                .await?,
-        ));
-    }
-    let mut published = Vec::with_capacity(pending.len());
+    let messages: Vec<Outgoing<'_>> = batch
+        .rows
+        .iter()
+        .map(|row| Outgoing {
+            exchange,
+            routing_key: &row.routing_key,
+            body: &row.body,
+            properties: outcome_properties(row),
+        })
+        .collect();
+    let mut published = Vec::with_capacity(batch.rows.len());
     let mut failure = None;
-    for (id, confirm) in pending {
-        match confirm.wait().await {
-            Ok(()) => published.push(id),
+    for (row, result) in batch.rows.iter().zip(publisher.publish_all(messages).await) {
+        match result {
+            Ok(()) => published.push(row.id),
             Err(error) => failure = Some(error),
         }
     }
@@ -79,6 +70,21 @@ pub async fn relay_once(
         Some(error) => Err(error.into()),
         None => Ok(published.len()),
     }
+}
+
+/// An outcome's AMQP properties: its id as `message_id`, its creation time, and the trace
+/// context of the input that caused it.
+fn outcome_properties(row: &OutboxRow) -> lapin::BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(traceparent) = &row.traceparent {
+        headers.insert(
+            ShortString::from("traceparent"),
+            AMQPValue::LongString(LongString::from(traceparent.as_str())),
+        );
+    }
+    json_properties(&row.outcome_id.to_string(), headers)
+        .with_type("outcome".into())
+        .with_timestamp(row.created_at.unix_timestamp() as u64)
 }
 
 /// Relays until `stop`, waking on every commit that wrote to the outbox and at least every

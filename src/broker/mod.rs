@@ -1,23 +1,27 @@
-//! RabbitMQ: connections with automatic recovery, the topology of CONTRACT.md section 2, and a
-//! publisher that waits for confirms.
+//! RabbitMQ: connections with automatic recovery (this file), the topology of CONTRACT.md
+//! section 2 (`topology`), a publisher that waits for confirms (`publisher`), a consumer with its
+//! QoS and cancel (`consumer`), and the parking queue's headers (`parking`).
 //!
-//! Invariants: never imports `store`; every publish is persistent, mandatory and confirmed.
+//! Invariants: never imports `store`, `messages` or `app`; every publish is persistent, mandatory
+//! and confirmed; every operation on the broker is bounded in time.
 
+mod consumer;
 mod error;
+pub mod parking;
+mod publisher;
 mod topology;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::ExponentialBuilder;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
-};
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
+pub use consumer::{Consumer, QueueReader, ack, requeue};
 pub use error::BrokerError;
+pub use publisher::{CONFIRM_TIMEOUT, Outgoing, PendingConfirm, Publisher, json_properties};
 pub use topology::{declare_topology, inbox_arguments, subscribe};
 
 /// An AMQP connection that recovers by itself from network failures.
@@ -89,6 +93,20 @@ impl Broker {
         )
         .await?;
         Ok(Publisher { channel })
+    }
+
+    /// Declares the topology of CONTRACT.md section 2 on a channel of its own.
+    pub async fn declare(&self, topology: &crate::config::Topology) -> Result<(), BrokerError> {
+        let channel = self.channel().await?;
+        tokio::time::timeout(OPERATION_TIMEOUT, declare_topology(&channel, topology))
+            .await
+            .map_err(|_| BrokerError::timed_out("the topology to be declared"))??;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            channel.close(200, "declared".into()),
+        )
+        .await;
+        Ok(())
     }
 
     /// Connection-level events (errors, re-established connections, flow control).
@@ -173,12 +191,6 @@ pub enum Link {
     Down,
 }
 
-/// A channel in confirm mode.
-#[derive(Clone)]
-pub struct Publisher {
-    channel: Channel,
-}
-
 /// How long any single broker operation (opening a channel, declaring, sending a message's
 /// frames) may take. lapin queues operations on a connection that is being recovered, and one
 /// caught at the moment the connection dropped can wait for ever; past this bound the worker
@@ -194,99 +206,4 @@ pub async fn bounded<T>(
         Ok(result) => Ok(result?),
         Err(_) => Err(BrokerError::timed_out(what)),
     }
-}
-
-/// How long a publisher waits for the broker to confirm a message.
-pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A message sent and waiting for its confirm.
-pub struct PendingConfirm {
-    confirm: PublisherConfirm,
-    exchange: String,
-    routing_key: String,
-}
-
-impl PendingConfirm {
-    /// Waits for the broker: `Ok` only for a positive confirm of a routed message. Gives up
-    /// after [`CONFIRM_TIMEOUT`]: lapin rejects the confirms of a lost connection only once its
-    /// recovery starts, and a worker must not wait on a broker that is down for good.
-    pub async fn wait(self) -> Result<(), BrokerError> {
-        let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, self.confirm)
-            .await
-            .map_err(|_| BrokerError::timed_out("a publisher confirm"))?;
-        match confirmed? {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
-                Err(BrokerError::unroutable(&self.exchange, &self.routing_key))
-            }
-            Confirmation::Nack(None) => Err(BrokerError::nacked("a message")),
-        }
-    }
-}
-
-impl Publisher {
-    /// The channel, for consumers of the same connection.
-    pub fn channel(&self) -> &Channel {
-        &self.channel
-    }
-
-    /// True while the channel is open (after lapin's recovery, too).
-    pub fn is_open(&self) -> bool {
-        self.channel.status().connected()
-    }
-
-    /// Sends a persistent, mandatory message and returns its pending confirm, so that a caller
-    /// can send many before waiting for any.
-    pub async fn send(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        properties: BasicProperties,
-    ) -> Result<PendingConfirm, BrokerError> {
-        let confirm = bounded(
-            "a message to be sent",
-            self.channel.basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                body,
-                properties.with_delivery_mode(2),
-            ),
-        )
-        .await?;
-        Ok(PendingConfirm {
-            confirm,
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
-        })
-    }
-
-    /// Sends one message and waits for its confirm.
-    pub async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        properties: BasicProperties,
-    ) -> Result<(), BrokerError> {
-        self.send(exchange, routing_key, body, properties)
-            .await?
-            .wait()
-            .await
-    }
-}
-
-/// JSON message properties: persistent, `application/json`, with the given headers.
-pub fn json_properties(message_id: &str, headers: FieldTable) -> BasicProperties {
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_content_encoding("utf-8".into())
-        .with_message_id(message_id.into())
-        .with_app_id("induction-reconciler".into())
-        .with_delivery_mode(2)
-        .with_headers(headers)
 }

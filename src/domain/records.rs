@@ -137,8 +137,10 @@ pub enum Admission {
         /// Teachers whose status may have changed.
         affected: Vec<Trn>,
     },
-    /// The record already holds this very snapshot.
-    Duplicate,
+    /// The record already holds this very snapshot (same `occurred_at` and `message_id`): it
+    /// changes nothing, like a stale one. Not to be confused with a duplicate *message*, which
+    /// the inbox recognises before any snapshot is admitted.
+    AlreadyHeld,
     /// The record already holds a later snapshot; this one changes nothing.
     Stale,
 }
@@ -149,7 +151,7 @@ pub fn admit(held: Option<&Snapshot>, incoming: &Snapshot) -> Admission {
         None => Admission::Latest {
             affected: vec![incoming.record.trn().clone()],
         },
-        Some(held) if held.stamp == incoming.stamp => Admission::Duplicate,
+        Some(held) if held.stamp == incoming.stamp => Admission::AlreadyHeld,
         Some(held) if held.stamp > incoming.stamp => Admission::Stale,
         Some(held) => {
             let mut affected = vec![incoming.record.trn().clone(), held.record.trn().clone()];

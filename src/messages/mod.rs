@@ -6,6 +6,7 @@
 
 mod decode;
 mod outcome;
+mod peek;
 mod rejection;
 
 pub use decode::{
@@ -16,4 +17,5 @@ pub use outcome::{
     CauseMessage, InductionPeriodMessage, OutcomeMessage, RegistrationMessage, ResolvedMessage,
     UnreadableOutcome,
 };
+pub use peek::{Peek, peek};
 pub use rejection::{ReasonCode, Rejection};

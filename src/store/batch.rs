@@ -175,7 +175,7 @@ async fn apply_in(
                 }
                 history.input(&trn, "applied", input, &key);
             }
-            Admission::Stale | Admission::Duplicate => {
+            Admission::Stale | Admission::AlreadyHeld => {
                 stale.push(input.message_id());
                 history.input(&trn, "stale", input, &key);
             }

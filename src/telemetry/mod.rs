@@ -1,6 +1,7 @@
 //! Telemetry: logs (compact or JSON), traces (OpenTelemetry over OTLP/HTTP when an endpoint is
 //! configured) and Prometheus metrics. See docs/LOGGING.md for the field names and rules.
 
+pub mod events;
 pub mod metrics;
 pub mod propagation;
 

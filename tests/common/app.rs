@@ -8,25 +8,19 @@ use futures_lite::StreamExt;
 use induction_reconciler::broker::{
     Broker, Publisher, declare_topology, json_properties, subscribe,
 };
-use induction_reconciler::config::{Settings, Topology};
+use induction_reconciler::config::Settings;
 use induction_reconciler::store::Store;
 use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Consumer};
 use secrecy::SecretString;
 use serde_json::Value;
-use sqlx::{Connection, PgConnection};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 /// How long a test waits for something that should happen.
 pub const PATIENCE: Duration = Duration::from_secs(20);
-
-pub fn admin_url() -> String {
-    std::env::var("TEST_ADMIN_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".into())
-}
 
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -48,24 +42,9 @@ pub struct TestApp {
 /// Settings for a test: its own database and names, quick retries and sweeps.
 pub fn test_settings(db_name: &str, prefix: &str) -> Settings {
     let mut settings = Settings::load(None).expect("default settings load");
-    let base = admin_url();
-    let server = base
-        .rsplit_once('/')
-        .map(|(server, _)| server)
-        .unwrap_or(&base);
-    settings.database.url = SecretString::from(format!("{server}/{db_name}"));
+    settings.database.url = SecretString::from(super::database_url(db_name));
     settings.amqp.url = SecretString::from(amqp_url());
-    settings.topology = Topology {
-        input_exchange: format!("{prefix}.events"),
-        registration_routing_key: "school.registration".into(),
-        claim_routing_key: "ab.claim".into(),
-        inbox_queue: format!("{prefix}.inbox"),
-        outcome_exchange: format!("{prefix}.outcomes"),
-        parking_queue: format!("{prefix}.parked"),
-        unrouted_exchange: format!("{prefix}.unrouted"),
-        unrouted_queue: format!("{prefix}.unrouted"),
-        delivery_limit: 20,
-    };
+    settings.topology = super::prefixed_topology(prefix);
     settings.worker.retry_min_millis = 10;
     settings.worker.retry_max_millis = 200;
     settings.worker.max_attempts = 3;
@@ -95,16 +74,7 @@ impl TestApp {
         let id = Uuid::new_v4().simple().to_string();
         let db_name = format!("it_{id}");
         let prefix = format!("it-{}", &id[..12]);
-        let mut admin = PgConnection::connect(&admin_url())
-            .await
-            .expect("admin connection to Postgres");
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "create database \"{db_name}\""
-        )))
-        .execute(&mut admin)
-        .await
-        .expect("create the test database");
-        admin.close().await.ok();
+        super::create_database(&db_name).await;
 
         let mut settings = test_settings(&db_name, &prefix);
         adjust(&mut settings);
@@ -156,7 +126,7 @@ impl TestApp {
         let shutdown = async move {
             let _ = rx.await;
         };
-        let handle = tokio::spawn(induction_reconciler::app::run::run(settings, shutdown));
+        let handle = tokio::spawn(induction_reconciler::app::worker::run(settings, shutdown));
         self.workers.push((tx, handle));
     }
 
@@ -340,15 +310,7 @@ impl TestApp {
     }
 }
 
-pub async fn drop_database(name: &str) {
-    if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "drop database if exists \"{name}\" with (force)"
-        )))
-        .execute(&mut admin)
-        .await;
-    }
-}
+use super::drop_database;
 
 async fn take(channel: &Channel, queue: &str, n: usize) -> Vec<(FieldTable, Vec<u8>)> {
     let mut taken = Vec::new();

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod cluster;
 pub mod rabbit;
+pub mod workload;
 
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -100,6 +101,75 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The administrative database URL the tests and the benchmark create and drop databases with.
+pub fn admin_url() -> String {
+    std::env::var("TEST_ADMIN_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".into())
+}
+
+/// The URL of database `name` on the administrative URL's server.
+pub fn database_url(name: &str) -> String {
+    let base = admin_url();
+    let server = base
+        .rsplit_once('/')
+        .map(|(server, _)| server)
+        .unwrap_or(&base);
+    format!("{server}/{name}")
+}
+
+/// Creates an empty database (drop it with [`drop_database`]).
+pub async fn create_database(name: &str) {
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&admin_url())
+        .await
+        .expect("an administrative connection to PostgreSQL (TEST_ADMIN_DATABASE_URL)");
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database \"{name}\"")))
+        .execute(&mut admin)
+        .await
+        .expect("create the database");
+    let _ = admin.close().await;
+}
+
+/// Drops a database made by [`create_database`], whoever is still connected to it.
+pub async fn drop_database(name: &str) {
+    use sqlx::Connection;
+    if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "drop database if exists \"{name}\" with (force)"
+        )))
+        .execute(&mut admin)
+        .await;
+    }
+}
+
+/// The contract's topology with every exchange and queue name under `prefix`, so that runs on a
+/// shared broker do not meet.
+pub fn prefixed_topology(prefix: &str) -> induction_reconciler::config::Topology {
+    induction_reconciler::config::Topology {
+        input_exchange: format!("{prefix}.events"),
+        registration_routing_key: "school.registration".into(),
+        claim_routing_key: "ab.claim".into(),
+        inbox_queue: format!("{prefix}.inbox"),
+        outcome_exchange: format!("{prefix}.outcomes"),
+        parking_queue: format!("{prefix}.parked"),
+        unrouted_exchange: format!("{prefix}.unrouted"),
+        unrouted_queue: format!("{prefix}.unrouted"),
+        delivery_limit: 20,
+    }
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS:` now, `VmHWM:` the peak); 0 if unreadable.
+pub fn rss_kib(pid: u32, field: &str) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// True when the tests run as root (server binaries must then run as their service users).

@@ -1,0 +1,531 @@
+//! The end-to-end benchmark: throughput and latency of the worker against the running PostgreSQL
+//! and RabbitMQ, next to the machine's raw limit for the same messages without a database.
+//!
+//! It makes a throwaway database and topology, starts the worker binary as a child process,
+//! publishes a generated stream with confirms, and times every outcome a consumer of the outcome
+//! exchange receives. Then it relays the same messages broker-to-broker with no database
+//! (publish with confirms, consume, republish with confirms, acknowledge) and prints the
+//! worker's ratio to it. Run it with `deploy/dev bench [OPTIONS]` (`cargo bench --bench
+//! throughput -- [OPTIONS]`); it prints a summary and one JSON line.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use common::workload::{Generated, generate, seed_registrations};
+use futures_lite::StreamExt;
+use induction_reconciler::broker::{
+    Broker, Publisher, declare_topology, json_properties, subscribe,
+};
+use induction_reconciler::config::Topology;
+use induction_reconciler::messages::{decode, peek};
+use induction_reconciler::store::{BatchItem, Store};
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use secrecy::SecretString;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[path = "throughput/raw.rs"]
+mod raw;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_induction-reconciler");
+const FIRST_TRN: u32 = 3_000_000;
+
+/// What to measure.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "throughput",
+    about = "End-to-end throughput and latency of the worker"
+)]
+struct BenchOptions {
+    /// Messages in the full-speed run.
+    #[arg(long, default_value_t = 20_000)]
+    messages: usize,
+    /// Distinct teachers the messages are about.
+    #[arg(long, default_value_t = 5_000)]
+    teachers: u32,
+    /// Offered rate of the fixed-rate run, messages per second (0 skips it).
+    #[arg(long, default_value_t = 1_000)]
+    rate: u32,
+    /// Messages in the fixed-rate run.
+    #[arg(long, default_value_t = 10_000)]
+    rate_messages: usize,
+    /// Teachers already in the database before the run (the stream's are among them).
+    #[arg(long, default_value_t = 0)]
+    seed_teachers: u32,
+    /// Skip the raw broker-only relay.
+    #[arg(long)]
+    no_raw: bool,
+    /// Keep the throwaway database and queues.
+    #[arg(long)]
+    keep: bool,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// Figures of one timed run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct RunFigures {
+    /// Messages published.
+    published: usize,
+    /// Outcomes received by the consumer.
+    outcomes: usize,
+    /// Seconds from the first publish to the last outcome.
+    seconds: f64,
+    /// Input messages per second over that time.
+    messages_per_second: f64,
+    /// Publish-to-outcome latency in milliseconds.
+    latency_p50_ms: f64,
+    /// 99th percentile.
+    latency_p99_ms: f64,
+    /// Maximum.
+    latency_max_ms: f64,
+}
+
+/// Every outcome received, with when, by the input message that caused it.
+type Arrivals = Arc<Mutex<Vec<(String, Instant)>>>;
+
+fn main() -> anyhow::Result<()> {
+    let options = BenchOptions::parse();
+    if !options.bench {
+        // `cargo test --all-targets` runs bench targets too; the benchmark is not a test.
+        println!("the throughput benchmark runs with `deploy/dev bench` (cargo bench)");
+        return Ok(());
+    }
+    induction_reconciler::telemetry::install_crypto_provider();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(bench(options))
+}
+
+/// The throwaway database and topology, and the worker running on them.
+struct Rig {
+    id: String,
+    db_name: String,
+    store: Store,
+    topology: Topology,
+    broker: Broker,
+    channel: lapin::Channel,
+    publisher: Publisher,
+    worker: tokio::process::Child,
+}
+
+async fn bench(options: BenchOptions) -> anyhow::Result<()> {
+    let rig = Rig::start(&options).await?;
+    let arrivals = rig.collect_outcomes().await?;
+    let full_stream = generate(options.messages, options.teachers, FIRST_TRN, 1);
+    let full = rig.timed_run(&full_stream, None, &arrivals).await?;
+    let rated = match options.rate {
+        0 => None,
+        rate => {
+            let stream = generate(options.rate_messages, options.teachers, FIRST_TRN, 2);
+            Some(rig.timed_run(&stream, Some(rate), &arrivals).await?)
+        }
+    };
+    let rss_kib = rig.worker.id().map(|pid| common::rss_kib(pid, "VmHWM:"));
+    let raw = match options.no_raw {
+        true => None,
+        false => Some(
+            raw::relay(&rig.broker, &format!("bench-{}", rig.id), &full_stream)
+                .await
+                .context("the raw relay failed")?,
+        ),
+    };
+    rig.finish(options.keep).await;
+    report(&options, &full, rated.as_ref(), raw, rss_kib);
+    Ok(())
+}
+
+impl Rig {
+    async fn start(options: &BenchOptions) -> anyhow::Result<Self> {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let db_name = format!("bench_{id}");
+        common::create_database(&db_name).await;
+        let store = Store::connect(
+            &SecretString::from(common::database_url(&db_name)),
+            4,
+            Duration::from_secs(10),
+        )
+        .await?;
+        store.migrate().await?;
+        if options.seed_teachers > 0 {
+            let started = Instant::now();
+            seed(&store, FIRST_TRN, options.seed_teachers).await?;
+            eprintln!(
+                "seeded {} teachers in {:.1}s",
+                options.seed_teachers,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        let topology = common::prefixed_topology(&format!("bench-{id}"));
+        let amqp_url = SecretString::from(common::app::amqp_url());
+        let broker = Broker::connect(&amqp_url, "induction-reconciler bench").await?;
+        let channel = broker.channel().await?;
+        declare_topology(&channel, &topology).await?;
+        let publisher = broker.publisher().await?;
+        let worker = start_worker(&db_name, &topology).await?;
+        Ok(Self {
+            id,
+            db_name,
+            store,
+            topology,
+            broker,
+            channel,
+            publisher,
+            worker,
+        })
+    }
+
+    /// Subscribes to every outcome and times each on arrival.
+    async fn collect_outcomes(&self) -> anyhow::Result<Arrivals> {
+        let mut outcomes = subscribe(
+            &self.channel,
+            &format!("bench-{}.capture", self.id),
+            &self.topology.outcome_exchange,
+            "outcome.#",
+        )
+        .await?;
+        let arrivals: Arrivals = Arc::default();
+        let sink = arrivals.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = outcomes.next().await {
+                let at = Instant::now();
+                let cause = serde_json::from_slice::<serde_json::Value>(&delivery.data)
+                    .ok()
+                    .and_then(|v| v["caused_by"]["message_id"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                sink.lock().expect("not poisoned").push((cause, at));
+            }
+        });
+        Ok(arrivals)
+    }
+
+    /// Stops the worker and, unless `keep`, drops the database and the topology.
+    async fn finish(mut self, keep: bool) {
+        if let Some(pid) = self.worker.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        if tokio::time::timeout(Duration::from_secs(60), self.worker.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.worker.kill().await;
+        }
+        if !keep {
+            let t = &self.topology;
+            for queue in [&t.inbox_queue, &t.parking_queue, &t.unrouted_queue] {
+                let deleting = self
+                    .channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default());
+                let _ = deleting.await;
+            }
+            for exchange in [&t.input_exchange, &t.outcome_exchange, &t.unrouted_exchange] {
+                let deleting = self
+                    .channel
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default());
+                let _ = deleting.await;
+            }
+            self.store.pool().close().await;
+            common::drop_database(&self.db_name).await;
+        }
+        self.broker.close().await;
+    }
+}
+
+/// The worker, as operators run it, on the rig's database and topology; once it is ready.
+async fn start_worker(db_name: &str, t: &Topology) -> anyhow::Result<tokio::process::Child> {
+    let port = common::free_port();
+    let worker = tokio::process::Command::new(WORKER)
+        .args(["run", "--no-declare"])
+        .env("DATABASE_URL", common::database_url(db_name))
+        .env("AMQP_URL", common::app::amqp_url())
+        .env("INDUCTION__TOPOLOGY__INPUT_EXCHANGE", &t.input_exchange)
+        .env("INDUCTION__TOPOLOGY__INBOX_QUEUE", &t.inbox_queue)
+        .env("INDUCTION__TOPOLOGY__OUTCOME_EXCHANGE", &t.outcome_exchange)
+        .env("INDUCTION__TOPOLOGY__PARKING_QUEUE", &t.parking_queue)
+        .env("INDUCTION__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("INDUCTION__SWEEP__ENABLED", "false")
+        .env("INDUCTION__LOG__FILTER", "error")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the worker")?;
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    while http_status(port, "/readyz").await != Some(200) {
+        anyhow::ensure!(Instant::now() < ready_by, "the worker did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(worker)
+}
+
+async fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+impl Rig {
+    /// Publishes a stream (at `rate` per second, or as fast as confirms allow) and waits until
+    /// every valid message is in the inbox, every outcome is published, and the consumer has them
+    /// all.
+    async fn timed_run(
+        &self,
+        stream: &[Generated],
+        rate: Option<u32>,
+        arrivals: &Arrivals,
+    ) -> anyhow::Result<RunFigures> {
+        let inbox_before = self.count("select count(*) from inbox").await?;
+        let outbox_before = self.count("select count(*) from outbox").await?;
+        let arrived_before = arrivals.lock().expect("not poisoned").len();
+        let started = Instant::now();
+        let published_at = self.publish(stream, rate, started).await?;
+        let unique_valid: HashSet<&str> = stream
+            .iter()
+            .zip(&published_at)
+            .filter(|(m, _)| m.valid)
+            .map(|(_, (id, _))| id.as_str())
+            .collect();
+        let target_inbox = inbox_before + unique_valid.len() as i64;
+        let outcomes = self
+            .wait_for_outcomes(target_inbox, outbox_before, arrivals, arrived_before)
+            .await?;
+        let arrived = arrivals.lock().expect("not poisoned")[arrived_before..].to_vec();
+        Ok(figures(
+            stream.len(),
+            outcomes,
+            started,
+            &published_at,
+            &arrived,
+        ))
+    }
+
+    /// Publishes the stream with confirms, each message when due at `rate` or at once; returns
+    /// each message's id and when it was sent. Confirms are awaited in windows (small ones when
+    /// paced, so that pacing stays exact).
+    async fn publish(
+        &self,
+        stream: &[Generated],
+        rate: Option<u32>,
+        started: Instant,
+    ) -> anyhow::Result<Vec<(String, Instant)>> {
+        let window = if rate.is_some() { 64 } else { 1000 };
+        let mut sent = Vec::with_capacity(stream.len());
+        let mut pending = Vec::with_capacity(window);
+        for (i, message) in stream.iter().enumerate() {
+            if let Some(rate) = rate {
+                let due = started + Duration::from_secs_f64(i as f64 / f64::from(rate));
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let id = peek(&message.body).message_id.unwrap_or_default();
+            sent.push((id.clone(), Instant::now()));
+            let properties = json_properties(&id, FieldTable::default());
+            let exchange = &self.topology.input_exchange;
+            let confirm =
+                self.publisher
+                    .send(exchange, message.routing_key, &message.body, properties);
+            pending.push(confirm.await?);
+            if pending.len() >= window {
+                for confirm in pending.drain(..) {
+                    confirm.wait().await?;
+                }
+            }
+        }
+        for confirm in pending {
+            confirm.wait().await?;
+        }
+        Ok(sent)
+    }
+
+    /// Waits until the inbox holds `target_inbox` rows, the outbox is published and every
+    /// outcome has arrived; returns how many outcomes the run caused.
+    async fn wait_for_outcomes(
+        &self,
+        target_inbox: i64,
+        outbox_before: i64,
+        arrivals: &Arrivals,
+        arrived_before: usize,
+    ) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let inbox = self.count("select count(*) from inbox").await?;
+            let pending = self
+                .count("select count(*) from outbox where published_at is null")
+                .await?;
+            if inbox >= target_inbox && pending == 0 {
+                let caused = self.count("select count(*) from outbox").await? - outbox_before;
+                let arrived = arrivals.lock().expect("not poisoned").len() - arrived_before;
+                if arrived as i64 >= caused {
+                    return Ok(caused as usize);
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the run did not complete within 10 minutes"
+            );
+            // Polling is only for noticing the end; the end time is the last outcome's arrival.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn count(&self, sql: &'static str) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar(sql).fetch_one(self.store.pool()).await?)
+    }
+}
+
+/// The figures of a run: the end is the last outcome's arrival; a message's latency runs from
+/// its first publish to the first outcome it caused.
+fn figures(
+    published: usize,
+    outcomes: usize,
+    started: Instant,
+    published_at: &[(String, Instant)],
+    arrived: &[(String, Instant)],
+) -> RunFigures {
+    let last = arrived
+        .iter()
+        .map(|(_, at)| *at)
+        .max()
+        .unwrap_or_else(Instant::now);
+    let seconds = (last - started).as_secs_f64();
+    let mut first_publish: HashMap<&str, Instant> = HashMap::new();
+    for (id, at) in published_at {
+        first_publish.entry(id.as_str()).or_insert(*at);
+    }
+    let mut first_outcome: HashMap<&str, Instant> = HashMap::new();
+    for (cause, at) in arrived {
+        first_outcome.entry(cause.as_str()).or_insert(*at);
+    }
+    let mut latencies: Vec<f64> = first_outcome
+        .iter()
+        .filter_map(|(cause, at)| {
+            let sent = first_publish.get(cause)?;
+            Some((*at - *sent).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    RunFigures {
+        published,
+        outcomes,
+        seconds,
+        messages_per_second: published as f64 / seconds,
+        latency_p50_ms: percentile(&latencies, 50.0),
+        latency_p99_ms: percentile(&latencies, 99.0),
+        latency_max_ms: latencies.last().copied().unwrap_or_default(),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Seeds `count` teachers, each with an open registration and a provisional outcome, through the
+/// worker's own write path (`apply_batch`), then marks their outcomes published so that the
+/// timed runs measure only their own messages.
+async fn seed(store: &Store, first_trn: u32, count: u32) -> anyhow::Result<()> {
+    let now = time::OffsetDateTime::now_utc();
+    let bodies: Vec<Vec<u8>> = seed_registrations(first_trn, count).collect();
+    for chunk in bodies.chunks(1000) {
+        let inputs = chunk
+            .iter()
+            .map(|body| {
+                decode(body, now).map_err(|r| anyhow::anyhow!("seed message: {}", r.detail))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let items: Vec<BatchItem<'_>> = inputs
+            .iter()
+            .zip(chunk)
+            .map(|(input, body)| BatchItem {
+                input,
+                digest: Sha256::digest(body).into(),
+                traceparent: None,
+            })
+            .collect();
+        store.apply_batch(&items, now).await?;
+    }
+    sqlx::query("update outbox set published_at = now() where published_at is null")
+        .execute(store.pool())
+        .await?;
+    sqlx::query("analyze").execute(store.pool()).await?;
+    Ok(())
+}
+
+/// Prints the summary and the JSON line.
+fn report(
+    options: &BenchOptions,
+    full: &RunFigures,
+    rated: Option<&RunFigures>,
+    raw: Option<f64>,
+    rss_kib: Option<usize>,
+) {
+    let ratio = raw.map(|r| full.messages_per_second / r);
+    println!(
+        "induction-reconciler bench: {} messages over {} teachers ({} already in the database)",
+        options.messages, options.teachers, options.seed_teachers
+    );
+    println!(
+        "  full speed : {:>8.0} msg/s end to end ({} published, {} outcomes, {:.2}s); latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        full.messages_per_second,
+        full.published,
+        full.outcomes,
+        full.seconds,
+        full.latency_p50_ms,
+        full.latency_p99_ms,
+        full.latency_max_ms
+    );
+    if let Some(r) = rated {
+        println!(
+            "  at {:>5}/s : latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} published, achieved {:.0} msg/s)",
+            options.rate,
+            r.latency_p50_ms,
+            r.latency_p99_ms,
+            r.latency_max_ms,
+            r.published,
+            r.messages_per_second
+        );
+    }
+    if let Some(raw) = raw {
+        println!(
+            "  raw relay  : {:>8.0} msg/s (no database); worker/raw = {:.2}",
+            raw,
+            ratio.unwrap_or_default()
+        );
+    }
+    if let Some(kib) = rss_kib {
+        println!(
+            "  worker peak resident memory: {:.1} MiB",
+            kib as f64 / 1024.0
+        );
+    }
+    println!(
+        "{}",
+        json!({
+            "messages": options.messages, "teachers": options.teachers, "seeded_teachers": options.seed_teachers,
+            "full_speed": full, "fixed_rate": rated.map(|r| json!({"offered_per_second": options.rate, "figures": r})),
+            "raw_relay_messages_per_second": raw, "ratio_to_raw": ratio,
+            "worker_peak_rss_mib": rss_kib.map(|k| k as f64 / 1024.0),
+        })
+    );
+}

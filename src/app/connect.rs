@@ -1,0 +1,106 @@
+//! Connecting to PostgreSQL and RabbitMQ with the settings: once (operator commands), or waiting
+//! with back-off while the service is unavailable (the worker).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use super::retry::Backoff;
+use crate::broker::{Broker, BrokerError};
+use crate::config::Settings;
+use crate::store::Store;
+use crate::telemetry::events::Quiet;
+
+/// How long one connection attempt to the broker may take (a broker still starting can hang).
+const BROKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connects to RabbitMQ once (URL, password file, CA file), naming the connection.
+pub async fn broker(settings: &Settings, name: &str) -> anyhow::Result<Broker> {
+    attempt_broker(settings, name)
+        .await?
+        .context("cannot connect to the broker")
+}
+
+/// Connects a small pool to PostgreSQL once, for an operator command.
+pub async fn store(settings: &Settings) -> anyhow::Result<Store> {
+    Store::connect(
+        &settings.database_url()?,
+        2,
+        Duration::from_secs(settings.database.acquire_timeout_seconds),
+    )
+    .await
+    .context("cannot connect to the database")
+}
+
+async fn attempt_broker(
+    settings: &Settings,
+    name: &str,
+) -> anyhow::Result<Result<Broker, BrokerError>> {
+    let url = settings.amqp_url()?;
+    let ca = settings.amqp_tls_ca()?;
+    let connecting = Broker::connect_with_ca(&url, name, ca.as_deref());
+    Ok(tokio::time::timeout(BROKER_CONNECT_TIMEOUT, connecting)
+        .await
+        .unwrap_or_else(|_| Err(BrokerError::timed_out("a connection (30 s)"))))
+}
+
+/// Connects the worker's pool to PostgreSQL, waiting with back-off while it is unavailable.
+/// `None` if `stop` fired first.
+pub async fn store_waiting(
+    settings: &Settings,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<Store>> {
+    let url = settings.database_url()?;
+    let mut backoff = Backoff::new(settings);
+    let mut warned = Quiet::default();
+    loop {
+        let connecting = Store::connect(
+            &url,
+            settings.database.max_connections,
+            Duration::from_secs(settings.database.acquire_timeout_seconds),
+        );
+        match connecting.await {
+            Ok(store) => return Ok(Some(store)),
+            Err(error) if error.is_transient() => {
+                warned.log(&error, "cannot reach the database yet; retrying");
+            }
+            Err(error) => return Err(error).context("cannot connect to the database"),
+        }
+        if !backoff.pause(stop).await {
+            return Ok(None);
+        }
+    }
+}
+
+/// Connects to RabbitMQ, waiting with back-off while it is unavailable. `None` if `stop` fired
+/// first.
+pub async fn broker_waiting(
+    settings: &Settings,
+    name: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<Broker>> {
+    let mut backoff = Backoff::new(settings);
+    let mut warned = Quiet::default();
+    loop {
+        let attempt = tokio::select! {
+            attempt = attempt_broker(settings, name) => attempt?,
+            () = stop.cancelled() => return Ok(None),
+        };
+        match attempt {
+            Ok(broker) => {
+                if warned.any() {
+                    tracing::info!("reached the broker");
+                }
+                return Ok(Some(broker));
+            }
+            Err(error) if error.is_transient() => {
+                warned.log(&error, "cannot reach the broker yet; retrying");
+            }
+            Err(error) => return Err(error).context("cannot connect to the broker"),
+        }
+        if !backoff.pause(stop).await {
+            return Ok(None);
+        }
+    }
+}

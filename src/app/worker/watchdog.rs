@@ -1,0 +1,93 @@
+//! The consumer's watchdog: notices a lost connection while lapin recovers it, gives up on a
+//! recovery that takes too long, and notices a consumer that receives nothing although its queue
+//! has messages ready and the worker is idle.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::app::http::Health;
+use crate::broker::{Broker, BrokerError, Consumer, Link};
+use crate::telemetry::events::{BrokerRecovered, Component};
+
+/// Checked every second by the consumer loop.
+pub(super) struct Watchdog {
+    /// When the connection or the channel was first seen down, in the current outage.
+    down_since: Option<tokio::time::Instant>,
+    /// When the last delivery arrived (or the last stall check found nothing wrong).
+    last_delivery: tokio::time::Instant,
+    /// Deliveries handed to lanes and not yet finished.
+    busy: Arc<AtomicUsize>,
+    /// `amqp.recovery_timeout_seconds`.
+    limit: Duration,
+}
+
+impl Watchdog {
+    pub(super) fn new(busy: Arc<AtomicUsize>, limit: Duration) -> Self {
+        Self {
+            down_since: None,
+            last_delivery: tokio::time::Instant::now(),
+            busy,
+            limit,
+        }
+    }
+
+    /// Notes that a delivery arrived.
+    pub(super) fn delivered(&mut self) {
+        self.last_delivery = tokio::time::Instant::now();
+    }
+
+    /// `Err` when the consumer should end and start again (on a new channel or connection).
+    pub(super) async fn check(
+        &mut self,
+        broker: &Broker,
+        consumer: &Consumer,
+        health: &Health,
+    ) -> Result<(), BrokerError> {
+        let link = broker.link();
+        if link == Link::Down {
+            return Err(BrokerError::lost(
+                "the connection (lapin could not recover it)",
+            ));
+        }
+        if link == Link::Up && consumer.is_open() {
+            if self.down_since.take().is_some() {
+                BrokerRecovered {
+                    component: Component::Consumer,
+                }
+                .emit();
+                health.set_broker_connected(true);
+                self.last_delivery = tokio::time::Instant::now();
+            }
+            return self.check_stalled(consumer).await;
+        }
+        let since = *self.down_since.get_or_insert_with(|| {
+            tracing::warn!("lost the broker connection; waiting for lapin to recover it");
+            health.set_broker_connected(false);
+            tokio::time::Instant::now()
+        });
+        if since.elapsed() >= self.limit {
+            return Err(BrokerError::timed_out(
+                "the automatic recovery of the broker connection",
+            ));
+        }
+        Ok(())
+    }
+
+    /// An idle consumer that has received nothing for `limit` while its queue holds messages
+    /// ready to deliver has stopped working (for instance a consumer not resumed after a
+    /// recovery): end it, so that a new channel and consumer are started.
+    async fn check_stalled(&mut self, consumer: &Consumer) -> Result<(), BrokerError> {
+        if self.busy.load(Ordering::Relaxed) > 0 || self.last_delivery.elapsed() < self.limit {
+            return Ok(());
+        }
+        let ready = consumer.ready().await?;
+        self.last_delivery = tokio::time::Instant::now();
+        if ready > 0 {
+            return Err(BrokerError::lost(
+                "the consumer (messages are ready but none arrive)",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,161 @@
+//! Consuming: a channel with its QoS and one consumer on it, its cancel, and the settling of
+//! deliveries, every operation bounded.
+
+use std::time::Duration;
+
+use lapin::Acker;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, message::Delivery};
+
+use super::{Broker, BrokerError, bounded};
+
+/// How long closing steps (cancel, channel close) may take: a recovering connection may never
+/// answer, and the caller has already decided to stop.
+const CLOSING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one acknowledgement may take before the caller treats the channel as lost.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A consumer of one queue on a channel of its own.
+pub struct Consumer {
+    channel: Channel,
+    tag: String,
+    queue: String,
+    deliveries: lapin::Consumer,
+}
+
+impl Broker {
+    /// Opens a channel, sets its QoS to `prefetch` unacknowledged deliveries and starts a
+    /// consumer on `queue`.
+    pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, BrokerError> {
+        let channel = self.channel().await?;
+        bounded(
+            "the QoS",
+            channel.basic_qos(prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+        let tag = format!("induction-reconciler-{}", uuid::Uuid::new_v4());
+        let deliveries = bounded(
+            "a consumer",
+            channel.basic_consume(
+                queue.into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        Ok(Consumer {
+            channel,
+            tag,
+            queue: queue.to_owned(),
+            deliveries,
+        })
+    }
+}
+
+impl Consumer {
+    /// The next delivery; `None` when the broker cancelled the consumer. lapin reports a
+    /// recoverable failure as `Some(Err)` and resumes the stream after its recovery.
+    pub async fn next(&mut self) -> Option<Result<Delivery, lapin::Error>> {
+        futures_lite::StreamExt::next(&mut self.deliveries).await
+    }
+
+    /// True while the consumer's channel is open.
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// How many messages the queue holds ready for delivery (a passive declare).
+    pub async fn ready(&self) -> Result<u32, BrokerError> {
+        ready(&self.channel, &self.queue).await
+    }
+
+    /// Tells the broker to send no more (deliveries already sent stay with this channel).
+    pub async fn cancel(&self) {
+        let cancelling = self
+            .channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
+        let _ = tokio::time::timeout(CLOSING_TIMEOUT, cancelling).await;
+    }
+
+    /// Closes the channel: its unacknowledged deliveries go back to the queue.
+    pub async fn close(self) {
+        let closing = self.channel.close(200, "consumer ended".into());
+        let _ = tokio::time::timeout(CLOSING_TIMEOUT, closing).await;
+    }
+}
+
+/// Acknowledges a delivery. False when the channel is gone (the broker will redeliver it).
+pub async fn ack(acker: &Acker) -> bool {
+    matches!(
+        tokio::time::timeout(SETTLE_TIMEOUT, acker.ack(BasicAckOptions::default())).await,
+        Ok(Ok(true))
+    )
+}
+
+/// Returns a delivery to its queue. When the channel is gone the broker requeues it anyway.
+pub async fn requeue(acker: &Acker) {
+    let requeue = BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    };
+    let _ = tokio::time::timeout(SETTLE_TIMEOUT, acker.nack(requeue)).await;
+}
+
+/// Reads a queue one message at a time (`basic.get`), for operator commands.
+pub struct QueueReader {
+    channel: Channel,
+    queue: String,
+}
+
+impl Broker {
+    /// A reader of `queue` on a channel of its own.
+    pub async fn reader(&self, queue: &str) -> Result<QueueReader, BrokerError> {
+        Ok(QueueReader {
+            channel: self.channel().await?,
+            queue: queue.to_owned(),
+        })
+    }
+}
+
+impl QueueReader {
+    /// How many messages the queue holds ready (a passive declare: fails if it does not exist).
+    pub async fn ready(&self) -> Result<u32, BrokerError> {
+        ready(&self.channel, &self.queue).await
+    }
+
+    /// The next message, left unacknowledged; `None` when the queue is empty.
+    pub async fn get(&self) -> Result<Option<Delivery>, BrokerError> {
+        let got = bounded(
+            "a message from the queue",
+            self.channel.basic_get(
+                self.queue.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: false },
+            ),
+        )
+        .await?;
+        Ok(got.map(|message| message.delivery))
+    }
+}
+
+/// How many messages `queue` holds ready for delivery (a passive declare).
+async fn ready(channel: &Channel, queue: &str) -> Result<u32, BrokerError> {
+    let declared = bounded(
+        "a passive declare",
+        channel.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    Ok(declared.message_count())
+}

@@ -1,0 +1,159 @@
+//! Publishing: a channel in confirm mode, every message persistent and mandatory, and one way to
+//! send many messages and then await their confirms, with every wait bounded.
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
+
+use super::{BrokerError, bounded};
+
+/// How long a publisher waits for the broker to confirm a message.
+pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A channel in confirm mode.
+#[derive(Clone)]
+pub struct Publisher {
+    pub(super) channel: Channel,
+}
+
+/// One message to publish.
+pub struct Outgoing<'a> {
+    /// The exchange (`""` for the default exchange).
+    pub exchange: &'a str,
+    /// The routing key (a queue name on the default exchange).
+    pub routing_key: &'a str,
+    /// The body, unchanged.
+    pub body: &'a [u8],
+    /// Its properties (made persistent when sent).
+    pub properties: BasicProperties,
+}
+
+/// A message sent and waiting for its confirm.
+pub struct PendingConfirm {
+    confirm: PublisherConfirm,
+    exchange: String,
+    routing_key: String,
+}
+
+impl PendingConfirm {
+    /// Waits for the broker: `Ok` only for a positive confirm of a routed message. Gives up
+    /// after [`CONFIRM_TIMEOUT`]: lapin rejects the confirms of a lost connection only once its
+    /// recovery starts, and a worker must not wait on a broker that is down for good.
+    pub async fn wait(self) -> Result<(), BrokerError> {
+        let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, self.confirm)
+            .await
+            .map_err(|_| BrokerError::timed_out("a publisher confirm"))?;
+        match confirmed? {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
+                Err(BrokerError::unroutable(&self.exchange, &self.routing_key))
+            }
+            Confirmation::Nack(None) => Err(BrokerError::nacked("a message")),
+        }
+    }
+}
+
+impl Publisher {
+    /// The channel, for consumers of the same connection.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// True while the channel is open (after lapin's recovery, too).
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Sends a persistent, mandatory message and returns its pending confirm, so that a caller
+    /// can send many before waiting for any.
+    pub async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PendingConfirm, BrokerError> {
+        let confirm = bounded(
+            "a message to be sent",
+            self.channel.basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body,
+                properties.with_delivery_mode(2),
+            ),
+        )
+        .await?;
+        Ok(PendingConfirm {
+            confirm,
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+        })
+    }
+
+    /// Sends one message and waits for its confirm.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        self.send(exchange, routing_key, body, properties)
+            .await?
+            .wait()
+            .await
+    }
+
+    /// Sends every message, then awaits every confirm: one round trip for the lot, and one result
+    /// per message, in order. After the first send that fails, the rest are not sent (the channel
+    /// is broken; each would wait out its own bound) and get that failure too.
+    pub async fn publish_all<'a>(
+        &self,
+        messages: impl IntoIterator<Item = Outgoing<'a>>,
+    ) -> Vec<Result<(), BrokerError>> {
+        let mut pending = Vec::new();
+        let mut broken: Option<String> = None;
+        for message in messages {
+            if let Some(reason) = &broken {
+                pending.push(Err(BrokerError::lost(reason)));
+                continue;
+            }
+            let sent = self.send(
+                message.exchange,
+                message.routing_key,
+                message.body,
+                message.properties,
+            );
+            match sent.await {
+                Ok(confirm) => pending.push(Ok(confirm)),
+                Err(error) => {
+                    broken = Some(format!("the publishing channel ({error})"));
+                    pending.push(Err(error));
+                }
+            }
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for sent in pending {
+            results.push(match sent {
+                Ok(confirm) => confirm.wait().await,
+                Err(error) => Err(error),
+            });
+        }
+        results
+    }
+}
+
+/// JSON message properties: persistent, `application/json`, with the given headers.
+pub fn json_properties(message_id: &str, headers: FieldTable) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_message_id(message_id.into())
+        .with_app_id("induction-reconciler".into())
+        .with_delivery_mode(2)
+        .with_headers(headers)
+}

@@ -1,0 +1,361 @@
+//! The database layer on its own: each test has a fresh database and no broker, and calls the
+//! store as the worker does (`apply_batch`, `claim_outbox`, `sweep_overdue`), so that the inbox
+//! checks, the lock order and the outbox claim are tested where they live.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{NOW, bytes, claim, registration, set};
+use induction_reconciler::domain::{Admission, Ledger, Status, Trn};
+use induction_reconciler::messages::{Input, decode};
+use induction_reconciler::store::{BatchItem, Handled, Store};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use tokio::sync::Barrier;
+
+/// A fresh, migrated database, dropped by `finish`.
+struct Db {
+    name: String,
+    store: Store,
+}
+
+impl Db {
+    async fn new() -> Self {
+        induction_reconciler::telemetry::install_crypto_provider();
+        let name = format!("st_{}", uuid::Uuid::new_v4().simple());
+        common::create_database(&name).await;
+        let url = secrecy::SecretString::from(common::database_url(&name));
+        let store = Store::connect(&url, 8, Duration::from_secs(10))
+            .await
+            .expect("connect to the test database");
+        store.migrate().await.expect("migrate");
+        Self { name, store }
+    }
+
+    async fn finish(self) {
+        self.store.pool().close().await;
+        common::drop_database(&self.name).await;
+    }
+
+    /// Each teacher's outbox versions in order, and the version and status `teachers` holds.
+    async fn teachers(&self) -> BTreeMap<String, (Vec<i64>, i64, String)> {
+        let mut out: BTreeMap<String, (Vec<i64>, i64, String)> = BTreeMap::new();
+        for row in sqlx::query("select trn, version, status from teachers")
+            .fetch_all(self.store.pool())
+            .await
+            .unwrap()
+        {
+            let entry = out.entry(row.get("trn")).or_default();
+            entry.1 = row.get("version");
+            entry.2 = row.get("status");
+        }
+        for row in sqlx::query("select trn, version from outbox order by trn, version")
+            .fetch_all(self.store.pool())
+            .await
+            .unwrap()
+        {
+            let trn: String = row.get("trn");
+            out.entry(trn).or_default().0.push(row.get("version"));
+        }
+        out
+    }
+}
+
+fn input(message: &Value) -> (Input, [u8; 32]) {
+    let body = bytes(message);
+    let decoded = decode(&body, NOW).expect("a valid test message");
+    (decoded, Sha256::digest(&body).into())
+}
+
+async fn apply(store: &Store, messages: &[Value]) -> Vec<Handled> {
+    let inputs: Vec<(Input, [u8; 32])> = messages.iter().map(input).collect();
+    let items: Vec<BatchItem<'_>> = inputs
+        .iter()
+        .map(|(input, digest)| BatchItem {
+            input,
+            digest: *digest,
+            traceparent: None,
+        })
+        .collect();
+    store
+        .apply_batch(&items, NOW)
+        .await
+        .expect("the batch commits")
+}
+
+/// What the in-memory `Ledger` (the same as `simulate`) gives as each teacher's final status.
+fn expected_statuses(messages: &[Value]) -> BTreeMap<String, String> {
+    let mut ledger = Ledger::new();
+    for message in messages {
+        let (input, _) = input(message);
+        ledger.apply(input.snapshot, input.cause, NOW);
+    }
+    let teachers: Vec<Trn> = ledger.teachers().cloned().collect();
+    teachers
+        .iter()
+        .filter_map(|trn| {
+            let outcome = ledger.last_outcome(trn)?;
+            Some((
+                trn.as_str().to_owned(),
+                outcome.status().as_str().to_owned(),
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_records_its_effects_and_the_inbox_tells_duplicates_from_reused_ids() {
+    let db = Db::new().await;
+    let first = registration(1, "R-1", "1000001");
+    let handled = apply(&db.store, std::slice::from_ref(&first)).await;
+    assert_eq!(
+        handled,
+        vec![Handled::Applied {
+            admission: Admission::Latest {
+                affected: vec![Trn::parse("1000001").unwrap()]
+            },
+            emitted: vec![Status::Provisional],
+        }]
+    );
+    // The same message again, and another body under the same message id, in one batch with a
+    // new message: only the new one is applied.
+    let reused = set(first.clone(), "payload.school_urn", json!(654321));
+    let claimed = claim(2, "IP-1", "1000001");
+    let handled = apply(&db.store, &[first, reused, claimed]).await;
+    assert_eq!(handled[0], Handled::Duplicate);
+    assert_eq!(handled[1], Handled::Reused);
+    assert!(matches!(
+        &handled[2],
+        Handled::Applied { emitted, .. } if emitted == &vec![Status::Confirmed]
+    ));
+    let teachers = db.teachers().await;
+    assert_eq!(
+        teachers["1000001"],
+        (vec![1, 2], 2, "confirmed".to_owned()),
+        "versions 1 and 2 in the outbox, the teacher at version 2"
+    );
+    let inbox: i64 = sqlx::query_scalar("select count(*) from inbox")
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        inbox, 2,
+        "the duplicate and the reused id are not in the inbox"
+    );
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn a_stale_snapshot_is_recorded_and_emits_nothing() {
+    let db = Db::new().await;
+    let newer = set(
+        registration(1, "R-1", "1000001"),
+        "occurred_at",
+        json!("2025-09-02T09:00:00Z"),
+    );
+    let older = set(
+        registration(2, "R-1", "1000001"),
+        "payload.school_urn",
+        json!(111111),
+    );
+    apply(&db.store, &[newer]).await;
+    let handled = apply(&db.store, &[older]).await;
+    assert_eq!(
+        handled,
+        vec![Handled::Applied {
+            admission: Admission::Stale,
+            emitted: vec![]
+        }]
+    );
+    let admission: String =
+        sqlx::query_scalar("select admission from inbox where message_id = $1::uuid")
+            .bind(common::mid(2))
+            .fetch_one(db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(admission, "stale");
+    assert_eq!(db.teachers().await["1000001"].0, vec![1]);
+    db.finish().await;
+}
+
+/// Two appliers whose batches touch the same two teachers in opposite orders (and move a record
+/// between them) are started together while a third transaction holds the lower teacher's lock.
+/// Both queue behind it; once it is released both commit at the first attempt (no deadlock), and
+/// the result is what the ledger gives whichever went first.
+#[tokio::test]
+async fn two_appliers_on_the_same_teachers_take_locks_in_one_order() {
+    let db = Db::new().await;
+    let (low, high) = ("1000001", "1000002");
+    let a = vec![
+        registration(1, "R-A", high),
+        claim(2, "IP-A", low),
+        set(
+            registration(3, "R-M", low),
+            "occurred_at",
+            json!("2025-09-01T10:00:00Z"),
+        ),
+    ];
+    let b = vec![
+        claim(4, "IP-B", high),
+        registration(5, "R-B", low),
+        set(
+            registration(6, "R-M", high),
+            "occurred_at",
+            json!("2025-09-01T11:00:00Z"),
+        ),
+    ];
+    let mut blocker = db.store.pool().begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock(2, $1)")
+        .bind(low.parse::<i32>().unwrap())
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let barrier = Arc::new(Barrier::new(2));
+    let run = |batch: Vec<Value>| {
+        let (store, barrier) = (db.store.clone(), barrier.clone());
+        tokio::spawn(async move {
+            barrier.wait().await;
+            apply(&store, &batch).await
+        })
+    };
+    let (first, second) = (run(a.clone()), run(b.clone()));
+    wait_for_lock_waiters(&db.store, 2).await;
+    blocker.commit().await.unwrap();
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert!(
+        first
+            .iter()
+            .chain(&second)
+            .all(|h| matches!(h, Handled::Applied { .. }))
+    );
+
+    let all: Vec<Value> = a.into_iter().chain(b).collect();
+    let expected = expected_statuses(&all);
+    let teachers = db.teachers().await;
+    for (trn, status) in &expected {
+        let (versions, version, stored) = &teachers[trn];
+        let gap_free: Vec<i64> = (1..=*version).collect();
+        assert_eq!(
+            versions, &gap_free,
+            "teacher {trn}: versions gap-free and in order"
+        );
+        assert_eq!(stored, status, "teacher {trn}: the ledger's status");
+    }
+    let owner: String =
+        sqlx::query_scalar("select trn from registrations where registration_id = 'R-M'")
+            .fetch_one(db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(owner, high, "the later snapshot of the moved record wins");
+    db.finish().await;
+}
+
+/// Waits (polling the server, at most 30 s) until `n` transactions wait for an advisory lock.
+async fn wait_for_lock_waiters(store: &Store, n: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_locks where locktype = 'advisory' and not granted",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        if waiting >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{waiting} of {n} appliers waiting for the teacher lock after 30 s"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Two relays claiming at once get disjoint rows, and neither gets a teacher's second version
+/// while the first is unpublished.
+#[tokio::test]
+async fn two_relays_claim_disjoint_rows_and_versions_go_out_in_order() {
+    let db = Db::new().await;
+    let messages: Vec<Value> = (0..6u64)
+        .map(|n| registration(n + 1, &format!("R-{n}"), &format!("100000{n}")))
+        .chain([claim(10, "IP-0", "1000000")])
+        .collect();
+    apply(&db.store, &messages).await;
+    let first = db.store.claim_outbox(3).await.unwrap();
+    let second = db.store.claim_outbox(10).await.unwrap();
+    let ids = |batch: &induction_reconciler::store::OutboxBatch| {
+        batch.rows.iter().map(|r| r.id).collect::<Vec<i64>>()
+    };
+    let (a, b) = (ids(&first), ids(&second));
+    assert_eq!(a.len(), 3);
+    assert_eq!(b.len(), 3, "the other three teachers' first versions");
+    assert!(a.iter().all(|id| !b.contains(id)), "disjoint: {a:?} {b:?}");
+    let versions = |batch: &induction_reconciler::store::OutboxBatch| {
+        batch
+            .rows
+            .iter()
+            .map(|r| {
+                serde_json::from_slice::<Value>(&r.body).unwrap()["version"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect::<Vec<i64>>()
+    };
+    assert!(
+        versions(&first)
+            .iter()
+            .chain(&versions(&second))
+            .all(|v| *v == 1)
+    );
+    first.complete(&a, NOW).await.unwrap();
+    second.complete(&b, NOW).await.unwrap();
+    // Now the second version of teacher 1000000 is publishable, and only it.
+    let third = db.store.claim_outbox(10).await.unwrap();
+    assert_eq!(versions(&third), vec![2]);
+    third.complete(&[], NOW).await.unwrap();
+    db.finish().await;
+}
+
+/// The sweep re-emits an overdue provisional once, even with two sweepers at the same time.
+#[tokio::test]
+async fn two_sweepers_re_emit_an_overdue_provisional_once() {
+    let db = Db::new().await;
+    apply(
+        &db.store,
+        &[
+            registration(1, "R-1", "1000001"),
+            registration(2, "R-2", "1000002"),
+        ],
+    )
+    .await;
+    let later = NOW + time::Duration::days(30);
+    let max_age = time::Duration::days(7);
+    // Not yet overdue a day later.
+    let not_yet = NOW + time::Duration::days(1);
+    assert_eq!(
+        db.store.sweep_overdue(not_yet, max_age, 10).await.unwrap(),
+        0
+    );
+    let (a, b) = tokio::join!(
+        db.store.sweep_overdue(later, max_age, 10),
+        db.store.sweep_overdue(later, max_age, 10)
+    );
+    assert_eq!(
+        a.unwrap() + b.unwrap(),
+        2,
+        "one overdue outcome per teacher"
+    );
+    assert_eq!(db.store.sweep_overdue(later, max_age, 10).await.unwrap(), 0);
+    let overdue: Vec<bool> = sqlx::query_scalar(
+        "select (convert_from(body, 'utf8')::jsonb ->> 'overdue')::bool from outbox where version = 2 order by trn",
+    )
+    .fetch_all(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(overdue, vec![true, true]);
+    db.finish().await;
+}
