@@ -211,10 +211,7 @@ impl Handler {
                 Handled::Applied { .. } => Some(Disposition::Stale),
                 Handled::Duplicate => Some(Disposition::Duplicate),
                 Handled::Reused => {
-                    job.decoded = Err(Rejection::new(
-                        ReasonCode::MessageIdReused,
-                        "message_id was already accepted with a different body",
-                    ));
+                    job.decoded = Err(Rejection::reused_id());
                     None
                 }
             };

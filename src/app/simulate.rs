@@ -9,8 +9,8 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::domain::Ledger;
-use crate::messages::{OutcomeMessage, ReasonCode, Rejection, decode};
+use crate::domain::{Ledger, Receipt, receipt};
+use crate::messages::{OutcomeMessage, Rejection, decode};
 
 /// What a simulation run saw, for its caller's exit status and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -45,13 +45,10 @@ pub fn simulate(
         let clock = now.unwrap_or_else(OffsetDateTime::now_utc);
         let accepted = decode(&body, clock).and_then(|input| {
             let digest: [u8; 32] = Sha256::digest(&body).into();
-            match inbox.get(&input.message_id()) {
-                Some(seen) if *seen == digest => Ok(None),
-                Some(_) => Err(Rejection::new(
-                    ReasonCode::MessageIdReused,
-                    "message_id was already accepted with a different body",
-                )),
-                None => {
+            match receipt(inbox.get(&input.message_id()), &digest) {
+                Receipt::Duplicate => Ok(None),
+                Receipt::Reused => Err(Rejection::reused_id()),
+                Receipt::New => {
                     inbox.insert(input.message_id(), digest);
                     Ok(Some(input))
                 }

@@ -88,6 +88,14 @@ impl Rejection {
         }
     }
 
+    /// The `message_id_reused` rejection: the inbox accepted this id with another body.
+    pub fn reused_id() -> Self {
+        Self::new(
+            ReasonCode::MessageIdReused,
+            "message_id was already accepted with a different body",
+        )
+    }
+
     /// An `invalid_field` rejection.
     pub fn field(detail: impl Into<String>) -> Self {
         Self::new(ReasonCode::InvalidField, detail)

@@ -6,7 +6,9 @@
 //! number of workers can run at once.
 
 mod batch;
+mod effects;
 mod error;
+mod locks;
 mod outbox;
 mod records;
 mod teachers;
@@ -14,8 +16,8 @@ mod teachers;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -24,8 +26,9 @@ pub use error::StoreError;
 pub use outbox::{OutboxBatch, OutboxRow, OutboxStatus};
 pub use teachers::{Explanation, HistoryEntry};
 
-use crate::domain::{Admission, Outcome, Status, Trn, sweep};
-use crate::messages::{Input, OutcomeMessage};
+use crate::domain::{Admission, Status, Trn, sweep};
+use crate::messages::OutcomeMessage;
+use effects::Effects;
 
 /// The Postgres channel the outbox relay listens on.
 pub const OUTBOX_CHANNEL: &str = "induction_reconciler_outbox";
@@ -71,11 +74,6 @@ impl Store {
         Ok(Self { pool })
     }
 
-    /// Wraps an existing pool (tests).
-    pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
-    }
-
     /// The pool, for the relay's listener and for tests.
     pub fn pool(&self) -> &PgPool {
         &self.pool
@@ -90,26 +88,6 @@ impl Store {
     /// True when a trivial query succeeds.
     pub async fn ping(&self) -> bool {
         sqlx::query("select 1").execute(&self.pool).await.is_ok()
-    }
-
-    /// Records one accepted input and everything it causes, in one transaction.
-    ///
-    /// `digest` is the SHA-256 of the body; `now` is the decision time; `traceparent` is copied
-    /// onto the outcomes it causes.
-    pub async fn apply(
-        &self,
-        input: &Input,
-        digest: &[u8; 32],
-        now: OffsetDateTime,
-        traceparent: Option<&str>,
-    ) -> Result<Handled, StoreError> {
-        let item = BatchItem {
-            input,
-            digest: *digest,
-            traceparent: traceparent.map(str::to_owned),
-        };
-        let mut results = self.apply_batch(std::slice::from_ref(&item), now).await?;
-        Ok(results.remove(0))
     }
 
     /// Re-emits every provisional spell older than `max_age` once with `overdue: true`, up to
@@ -132,17 +110,34 @@ impl Store {
         for text in due {
             let trn =
                 Trn::parse(&text).ok_or_else(|| StoreError::corrupt("a stored TRN is invalid"))?;
-            let mut tx = self.pool.begin().await?;
-            batch::lock_teachers(&mut tx, &std::iter::once(trn.clone()).collect()).await?;
-            let last = teachers::last_outcome(&mut tx, &trn).await?;
-            if let Some(outcome) = last.as_ref().and_then(|l| sweep(l, now, max_age)) {
-                write_outcome(&mut tx, &outcome, now, None, "swept").await?;
-                notify_outbox(&mut tx).await?;
+            if self.sweep_teacher(&trn, now, max_age).await? {
                 swept += 1;
             }
-            tx.commit().await?;
         }
         Ok(swept)
+    }
+
+    /// Re-checks one teacher under its lock and writes its overdue outcome, if it is due.
+    async fn sweep_teacher(
+        &self,
+        trn: &Trn,
+        now: OffsetDateTime,
+        max_age: time::Duration,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        locks::lock_teachers(&mut tx, &std::iter::once(trn.clone()).collect()).await?;
+        let last = teachers::last_outcome(&mut tx, trn).await?;
+        let Some((last, outcome)) = last.and_then(|l| sweep(&l, now, max_age).map(|o| (l, o)))
+        else {
+            return Ok(false);
+        };
+        let message = OutcomeMessage::new(Uuid::new_v4(), &outcome);
+        let mut effects = Effects::default();
+        effects.outcome(&outcome, "swept", &message, None)?;
+        effects.teacher(&outcome, &message, last.version)?;
+        effects.write(&mut tx, now).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 }
 
@@ -212,27 +207,4 @@ impl Store {
             overdue_provisionals: row.try_get("overdue")?,
         })
     }
-}
-
-async fn notify_outbox(conn: &mut PgConnection) -> Result<(), StoreError> {
-    sqlx::query("select pg_notify($1, '')")
-        .bind(OUTBOX_CHANNEL)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// Writes an outcome to the teacher's state, the outbox and the history.
-async fn write_outcome(
-    tx: &mut Transaction<'_, Postgres>,
-    outcome: &Outcome,
-    now: OffsetDateTime,
-    traceparent: Option<&str>,
-    event: &str,
-) -> Result<(), StoreError> {
-    let message = OutcomeMessage::new(Uuid::new_v4(), outcome);
-    teachers::save(tx, outcome, &message, now).await?;
-    outbox::insert(tx, &message, now, traceparent).await?;
-    teachers::record_history(tx, &outcome.trn, now, event, None, Some(&message)).await?;
-    Ok(())
 }

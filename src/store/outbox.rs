@@ -1,12 +1,11 @@
 //! The transactional outbox: outcomes are written in the same transaction as the state that
 //! caused them, and published by the relay afterwards.
 
-use sqlx::{PgConnection, Postgres, Row, Transaction};
+use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::error::StoreError;
-use crate::messages::OutcomeMessage;
 
 /// One outcome waiting to be published.
 #[derive(Debug, Clone)]
@@ -36,30 +35,6 @@ pub struct OutboxStatus {
     pub last_published: Option<OffsetDateTime>,
     /// Outcomes published in all.
     pub published: i64,
-}
-
-/// Adds an outcome to the outbox.
-pub async fn insert(
-    conn: &mut PgConnection,
-    message: &OutcomeMessage,
-    now: OffsetDateTime,
-    traceparent: Option<&str>,
-) -> Result<(), StoreError> {
-    let body = serde_json::to_vec(message).map_err(|e| StoreError::corrupt(e.to_string()))?;
-    sqlx::query(
-        "insert into outbox (outcome_id, trn, version, routing_key, body, traceparent, created_at)
-         values ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(message.outcome_id)
-    .bind(&message.trn)
-    .bind(message.version as i64)
-    .bind(message.routing_key())
-    .bind(body)
-    .bind(traceparent)
-    .bind(now)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// A batch of outbox rows locked by one relay until it commits or rolls back.

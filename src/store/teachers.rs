@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::error::StoreError;
 use super::records;
 use crate::domain::{Outcome, Snapshot, Trn};
-use crate::messages::{Input, OutcomeMessage};
+use crate::messages::OutcomeMessage;
 
 /// The last outcome emitted for a teacher, as it was published.
 async fn last_outcome_message(
@@ -36,69 +36,6 @@ pub async fn last_outcome(
                 .map_err(|e| StoreError::corrupt(e.to_string()))
         })
         .transpose()
-}
-
-/// Saves an emitted outcome as the teacher's last.
-pub async fn save(
-    conn: &mut PgConnection,
-    outcome: &Outcome,
-    message: &OutcomeMessage,
-    now: OffsetDateTime,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "insert into teachers (trn, version, status, provisional_since, overdue, last_outcome, updated_at)
-         values ($1, $2, $3, $4, $5, $6, $7)
-         on conflict (trn) do update set version = excluded.version, status = excluded.status,
-           provisional_since = excluded.provisional_since, overdue = excluded.overdue,
-           last_outcome = excluded.last_outcome, updated_at = excluded.updated_at
-         where teachers.version + 1 = excluded.version",
-    )
-    .bind(outcome.trn.as_str())
-    .bind(outcome.version as i64)
-    .bind(outcome.status().as_str())
-    .bind(outcome.provisional_since)
-    .bind(outcome.overdue)
-    .bind(Json(message))
-    .bind(now)
-    .execute(conn)
-    .await
-    .map_err(StoreError::from)
-    .and_then(|done| {
-        if done.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::corrupt("teacher version did not follow on (concurrent writer?)"))
-        }
-    })
-}
-
-/// Appends a history entry for a teacher.
-pub async fn record_history(
-    conn: &mut PgConnection,
-    trn: &Trn,
-    now: OffsetDateTime,
-    event: &str,
-    input: Option<&Input>,
-    outcome: Option<&OutcomeMessage>,
-) -> Result<(), StoreError> {
-    let key = input.map(|i| i.snapshot.record.key());
-    sqlx::query(
-        "insert into history (trn, at, event, message_id, message_type, record_kind, record_id, outcome_id, version, status)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(trn.as_str())
-    .bind(now)
-    .bind(event)
-    .bind(input.map(Input::message_id))
-    .bind(input.map(|i| i.cause.message_type.as_str()))
-    .bind(key.as_ref().map(|k| k.kind()))
-    .bind(key.as_ref().map(|k| k.id().as_str()))
-    .bind(outcome.map(|o| o.outcome_id))
-    .bind(outcome.map(|o| o.version as i64))
-    .bind(outcome.map(|o| o.status.as_str()))
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// One line of a teacher's history.

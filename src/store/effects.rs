@@ -1,0 +1,402 @@
+//! The one way effects are written: records, teachers, outbox rows, history and stale
+//! admissions, as columns bound to one statement of data-modifying CTEs over `UNNEST`ed arrays
+//! (one round trip), which also wakes the relay when it wrote outcomes. Batches of input
+//! messages and the overdue sweep both write through here.
+
+use sqlx::postgres::{PgArguments, Postgres};
+use sqlx::query::Query;
+use sqlx::{PgConnection, Row};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::OUTBOX_CHANNEL;
+use super::error::StoreError;
+use super::records::split_instant;
+use crate::domain::{
+    InductionResult, Outcome, Programme, Record, RecordKey, Snapshot, SourceId, Trn,
+};
+use crate::messages::{Input, OutcomeMessage};
+
+type Statement<'q> = Query<'q, Postgres, PgArguments>;
+
+/// The statement. Placeholders: `$1` the time; then each column group in the order
+/// `Effects::write` binds them (registrations `$2..$13`, claims `$14..$25`, teachers
+/// `$26..$32`, outbox `$33..$38`, history `$39..$47`, stale `$48`); `$49` the relay's channel.
+const WRITE: &str = "with
+ reg as (
+   insert into registrations (registration_id, trn, school_urn, started_on, finished_on, appropriate_body_id,
+       training_programme, lead_provider_id, deleted, occurred_at, occurred_at_ns, message_id)
+   select * from unnest($2::text[], $3::text[], $4::int4[], $5::date[], $6::date[], $7::text[], $8::text[],
+       $9::text[], $10::bool[], $11::timestamptz[], $12::int2[], $13::uuid[])
+   on conflict (registration_id) do update set trn = excluded.trn, school_urn = excluded.school_urn,
+     started_on = excluded.started_on, finished_on = excluded.finished_on,
+     appropriate_body_id = excluded.appropriate_body_id, training_programme = excluded.training_programme,
+     lead_provider_id = excluded.lead_provider_id, deleted = excluded.deleted,
+     occurred_at = excluded.occurred_at, occurred_at_ns = excluded.occurred_at_ns, message_id = excluded.message_id
+   returning 1),
+ ip as (
+   insert into induction_periods (induction_period_id, trn, appropriate_body_id, started_on, finished_on,
+       training_programme, number_of_terms_tenths, outcome, deleted, occurred_at, occurred_at_ns, message_id)
+   select * from unnest($14::text[], $15::text[], $16::text[], $17::date[], $18::date[], $19::text[], $20::int2[],
+       $21::text[], $22::bool[], $23::timestamptz[], $24::int2[], $25::uuid[])
+   on conflict (induction_period_id) do update set trn = excluded.trn,
+     appropriate_body_id = excluded.appropriate_body_id, started_on = excluded.started_on,
+     finished_on = excluded.finished_on, training_programme = excluded.training_programme,
+     number_of_terms_tenths = excluded.number_of_terms_tenths, outcome = excluded.outcome,
+     deleted = excluded.deleted, occurred_at = excluded.occurred_at,
+     occurred_at_ns = excluded.occurred_at_ns, message_id = excluded.message_id
+   returning 1),
+ tch as (
+   insert into teachers (trn, version, status, provisional_since, overdue, last_outcome, updated_at)
+   select x.t, x.v, x.s, x.p, x.o, x.b::jsonb, $1
+   from unnest($26::text[], $27::int8[], $28::text[], $29::timestamptz[], $30::bool[], $31::text[])
+       as x(t, v, s, p, o, b)
+   on conflict (trn) do update set version = excluded.version, status = excluded.status,
+     provisional_since = excluded.provisional_since, overdue = excluded.overdue,
+     last_outcome = excluded.last_outcome, updated_at = excluded.updated_at
+   where teachers.version = (select y.prev from unnest($26::text[], $32::int8[]) as y(t, prev) where y.t = teachers.trn)
+   returning 1),
+ obx as (
+   insert into outbox (outcome_id, trn, version, routing_key, body, traceparent, created_at)
+   select x.i, x.t, x.v, x.k, x.b, x.p, $1
+   from unnest($33::uuid[], $34::text[], $35::int8[], $36::text[], $37::bytea[], $38::text[])
+       with ordinality as x(i, t, v, k, b, p, n)
+   order by x.n
+   returning 1),
+ his as (
+   insert into history (trn, at, event, message_id, message_type, record_kind, record_id, outcome_id, version, status)
+   select x.t, $1, x.e, x.m, x.mt, x.rk, x.ri, x.o, x.v, x.s
+   from unnest($39::text[], $40::text[], $41::uuid[], $42::text[], $43::text[], $44::text[], $45::uuid[],
+       $46::int8[], $47::text[]) with ordinality as x(t, e, m, mt, rk, ri, o, v, s, n)
+   order by x.n
+   returning 1),
+ stl as (update inbox set admission = 'stale' where message_id = any($48) returning 1)
+ select (select count(*) from tch) as teachers,
+        (select count(*) from obx) as outcomes,
+        (select count(*) from reg) + (select count(*) from ip) + (select count(*) from his) + (select count(*) from stl) as other,
+        case when (select count(*) from obx) > 0 then pg_notify($49, '') end as notified";
+
+/// Everything one transaction writes.
+#[derive(Default)]
+pub(super) struct Effects {
+    records: RecordColumns,
+    teachers: TeacherColumns,
+    outbox: OutboxColumns,
+    history: History,
+    stale: Vec<Uuid>,
+}
+
+impl Effects {
+    /// A record's latest snapshot, to upsert.
+    pub(super) fn record(&mut self, snapshot: &Snapshot) {
+        self.records.push(snapshot);
+    }
+
+    /// An outcome: into the outbox (with the trace context of its cause) and the history.
+    pub(super) fn outcome(
+        &mut self,
+        outcome: &Outcome,
+        event: &str,
+        message: &OutcomeMessage,
+        traceparent: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.history.outcome(&outcome.trn, event, message);
+        self.outbox.push(message, traceparent)
+    }
+
+    /// A teacher's new last outcome, replacing version `previous` (0 for a new teacher): the
+    /// statement writes it only if the stored version is still `previous`.
+    pub(super) fn teacher(
+        &mut self,
+        outcome: &Outcome,
+        message: &OutcomeMessage,
+        previous: u64,
+    ) -> Result<(), StoreError> {
+        self.teachers.push(outcome, message, previous)
+    }
+
+    /// A history line for an input message.
+    pub(super) fn input(&mut self, trn: &Trn, event: &str, input: &Input, key: &RecordKey) {
+        self.history.input(trn, event, input, key);
+    }
+
+    /// An input message admitted as stale.
+    pub(super) fn stale(&mut self, message_id: Uuid) {
+        self.stale.push(message_id);
+    }
+
+    /// Writes everything in one statement. Fails (and so rolls the transaction back) if a
+    /// teacher's stored version was not the one the caller read under its lock.
+    pub(super) async fn write(
+        self,
+        conn: &mut PgConnection,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let expected_teachers = self.teachers.trn.len() as i64;
+        let statement = sqlx::query(WRITE).bind(now);
+        let statement = self.records.bind(statement);
+        let statement = self.teachers.bind(statement);
+        let statement = self.outbox.bind(statement);
+        let statement = self.history.bind(statement);
+        let row = statement
+            .bind(self.stale)
+            .bind(OUTBOX_CHANNEL)
+            .fetch_one(&mut *conn)
+            .await?;
+        let written: i64 = row.try_get("teachers")?;
+        if written != expected_teachers {
+            return Err(StoreError::corrupt(
+                "a teacher's version did not follow on from the one read under its lock",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The latest snapshots of registrations and claims, as columns.
+#[derive(Default)]
+struct RecordColumns {
+    r: RegistrationColumns,
+    c: ClaimColumns,
+}
+
+#[derive(Default)]
+struct RegistrationColumns {
+    id: Vec<String>,
+    trn: Vec<String>,
+    urn: Vec<i32>,
+    started: Vec<time::Date>,
+    finished: Vec<Option<time::Date>>,
+    ab: Vec<String>,
+    programme: Vec<String>,
+    lead_provider: Vec<Option<String>>,
+    deleted: Vec<bool>,
+    at: Vec<OffsetDateTime>,
+    ns: Vec<i16>,
+    message: Vec<Uuid>,
+}
+
+#[derive(Default)]
+struct ClaimColumns {
+    id: Vec<String>,
+    trn: Vec<String>,
+    ab: Vec<String>,
+    started: Vec<time::Date>,
+    finished: Vec<Option<time::Date>>,
+    programme: Vec<Option<String>>,
+    terms: Vec<Option<i16>>,
+    outcome: Vec<Option<String>>,
+    deleted: Vec<bool>,
+    at: Vec<OffsetDateTime>,
+    ns: Vec<i16>,
+    message: Vec<Uuid>,
+}
+
+impl RecordColumns {
+    fn push(&mut self, snapshot: &Snapshot) {
+        let (occurred_at, ns) = split_instant(snapshot.stamp.occurred_at);
+        match &snapshot.record {
+            Record::Registration(x) => {
+                let r = &mut self.r;
+                r.id.push(x.registration_id.as_str().to_owned());
+                r.trn.push(x.trn.as_str().to_owned());
+                r.urn.push(x.school_urn.get() as i32);
+                r.started.push(x.started_on);
+                r.finished.push(x.finished_on);
+                r.ab.push(x.appropriate_body_id.as_str().to_owned());
+                r.programme.push(x.training_programme.as_str().to_owned());
+                r.lead_provider
+                    .push(x.lead_provider_id.as_ref().map(|l| l.as_str().to_owned()));
+                r.deleted.push(x.deleted);
+                r.at.push(occurred_at);
+                r.ns.push(ns);
+                r.message.push(snapshot.stamp.message_id);
+            }
+            Record::Claim(x) => {
+                let c = &mut self.c;
+                c.id.push(x.induction_period_id.as_str().to_owned());
+                c.trn.push(x.trn.as_str().to_owned());
+                c.ab.push(x.appropriate_body_id.as_str().to_owned());
+                c.started.push(x.started_on);
+                c.finished.push(x.finished_on);
+                c.programme.push(
+                    x.training_programme
+                        .map(Programme::as_str)
+                        .map(str::to_owned),
+                );
+                c.terms
+                    .push(x.number_of_terms.map(|t| i16::from(t.tenths())));
+                c.outcome
+                    .push(x.outcome.map(InductionResult::as_str).map(str::to_owned));
+                c.deleted.push(x.deleted);
+                c.at.push(occurred_at);
+                c.ns.push(ns);
+                c.message.push(snapshot.stamp.message_id);
+            }
+        }
+    }
+
+    /// Binds `$2..$25`.
+    fn bind(self, q: Statement<'_>) -> Statement<'_> {
+        let (r, c) = (self.r, self.c);
+        q.bind(r.id)
+            .bind(r.trn)
+            .bind(r.urn)
+            .bind(r.started)
+            .bind(r.finished)
+            .bind(r.ab)
+            .bind(r.programme)
+            .bind(r.lead_provider)
+            .bind(r.deleted)
+            .bind(r.at)
+            .bind(r.ns)
+            .bind(r.message)
+            .bind(c.id)
+            .bind(c.trn)
+            .bind(c.ab)
+            .bind(c.started)
+            .bind(c.finished)
+            .bind(c.programme)
+            .bind(c.terms)
+            .bind(c.outcome)
+            .bind(c.deleted)
+            .bind(c.at)
+            .bind(c.ns)
+            .bind(c.message)
+    }
+}
+
+/// Each teacher's last outcome, with the version it must replace.
+#[derive(Default)]
+struct TeacherColumns {
+    trn: Vec<String>,
+    version: Vec<i64>,
+    status: Vec<String>,
+    since: Vec<Option<OffsetDateTime>>,
+    overdue: Vec<bool>,
+    body: Vec<String>,
+    previous: Vec<i64>,
+}
+
+impl TeacherColumns {
+    fn push(
+        &mut self,
+        outcome: &Outcome,
+        message: &OutcomeMessage,
+        previous: u64,
+    ) -> Result<(), StoreError> {
+        self.trn.push(outcome.trn.as_str().to_owned());
+        self.version.push(outcome.version as i64);
+        self.status.push(outcome.status().as_str().to_owned());
+        self.since.push(outcome.provisional_since);
+        self.overdue.push(outcome.overdue);
+        self.body
+            .push(serde_json::to_string(message).map_err(|e| StoreError::corrupt(e.to_string()))?);
+        self.previous.push(previous as i64);
+        Ok(())
+    }
+
+    /// Binds `$26..$32`.
+    fn bind(self, q: Statement<'_>) -> Statement<'_> {
+        q.bind(self.trn)
+            .bind(self.version)
+            .bind(self.status)
+            .bind(self.since)
+            .bind(self.overdue)
+            .bind(self.body)
+            .bind(self.previous)
+    }
+}
+
+/// Outbox rows, in emission order.
+#[derive(Default)]
+struct OutboxColumns {
+    id: Vec<Uuid>,
+    trn: Vec<String>,
+    version: Vec<i64>,
+    key: Vec<String>,
+    body: Vec<Vec<u8>>,
+    traceparent: Vec<Option<String>>,
+}
+
+impl OutboxColumns {
+    fn push(
+        &mut self,
+        message: &OutcomeMessage,
+        traceparent: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.id.push(message.outcome_id);
+        self.trn.push(message.trn.clone());
+        self.version.push(message.version as i64);
+        self.key.push(message.routing_key());
+        self.body
+            .push(serde_json::to_vec(message).map_err(|e| StoreError::corrupt(e.to_string()))?);
+        self.traceparent.push(traceparent);
+        Ok(())
+    }
+
+    /// Binds `$33..$38`.
+    fn bind(self, q: Statement<'_>) -> Statement<'_> {
+        q.bind(self.id)
+            .bind(self.trn)
+            .bind(self.version)
+            .bind(self.key)
+            .bind(self.body)
+            .bind(self.traceparent)
+    }
+}
+
+/// History rows, in the order they happened.
+#[derive(Default)]
+struct History {
+    trn: Vec<String>,
+    event: Vec<String>,
+    message_id: Vec<Option<Uuid>>,
+    message_type: Vec<Option<String>>,
+    record_kind: Vec<Option<String>>,
+    record_id: Vec<Option<String>>,
+    outcome_id: Vec<Option<Uuid>>,
+    version: Vec<Option<i64>>,
+    status: Vec<Option<String>>,
+}
+
+impl History {
+    fn input(&mut self, trn: &Trn, event: &str, input: &Input, key: &RecordKey) {
+        self.trn.push(trn.as_str().to_owned());
+        self.event.push(event.to_owned());
+        self.message_id.push(Some(input.message_id()));
+        self.message_type
+            .push(Some(input.cause.message_type.as_str().to_owned()));
+        self.record_kind.push(Some(key.kind().to_owned()));
+        self.record_id
+            .push(Some(SourceId::as_str(key.id()).to_owned()));
+        self.outcome_id.push(None);
+        self.version.push(None);
+        self.status.push(None);
+    }
+
+    fn outcome(&mut self, trn: &Trn, event: &str, message: &OutcomeMessage) {
+        self.trn.push(trn.as_str().to_owned());
+        self.event.push(event.to_owned());
+        self.message_id.push(None);
+        self.message_type.push(None);
+        self.record_kind.push(None);
+        self.record_id.push(None);
+        self.outcome_id.push(Some(message.outcome_id));
+        self.version.push(Some(message.version as i64));
+        self.status.push(Some(message.status.clone()));
+    }
+
+    /// Binds `$39..$47`.
+    fn bind(self, q: Statement<'_>) -> Statement<'_> {
+        q.bind(self.trn)
+            .bind(self.event)
+            .bind(self.message_id)
+            .bind(self.message_type)
+            .bind(self.record_kind)
+            .bind(self.record_id)
+            .bind(self.outcome_id)
+            .bind(self.version)
+            .bind(self.status)
+    }
+}
