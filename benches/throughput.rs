@@ -11,7 +11,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use common::workload::{Generated, generate, seed_registrations};
+use figures::{RunFigures, figures, report};
 use futures_lite::StreamExt;
 use induction_reconciler::broker::{
     Broker, Publisher, declare_topology, json_properties, subscribe,
@@ -29,10 +30,10 @@ use induction_reconciler::store::{BatchItem, Store};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use secrecy::SecretString;
-use serde_json::json;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "throughput/figures.rs"]
+mod figures;
 #[path = "throughput/raw.rs"]
 mod raw;
 
@@ -70,25 +71,6 @@ struct BenchOptions {
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-/// Figures of one timed run.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-struct RunFigures {
-    /// Messages published.
-    published: usize,
-    /// Outcomes received by the consumer.
-    outcomes: usize,
-    /// Seconds from the first publish to the last outcome.
-    seconds: f64,
-    /// Input messages per second over that time.
-    messages_per_second: f64,
-    /// Publish-to-outcome latency in milliseconds.
-    latency_p50_ms: f64,
-    /// 99th percentile.
-    latency_p99_ms: f64,
-    /// Maximum.
-    latency_max_ms: f64,
 }
 
 /// Every outcome received, with when, by the input message that caused it.
@@ -263,24 +245,15 @@ async fn start_worker(db_name: &str, t: &Topology) -> anyhow::Result<tokio::proc
         .spawn()
         .context("cannot start the worker")?;
     let ready_by = Instant::now() + Duration::from_secs(60);
-    while http_status(port, "/readyz").await != Some(200) {
+    while common::http_get(port, "/readyz")
+        .await
+        .map(|(status, _)| status)
+        != Some(200)
+    {
         anyhow::ensure!(Instant::now() < ready_by, "the worker did not become ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(worker)
-}
-
-async fn http_status(port: u16, path: &str) -> Option<u16> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
 }
 
 impl Rig {
@@ -391,56 +364,6 @@ impl Rig {
     }
 }
 
-/// The figures of a run: the end is the last outcome's arrival; a message's latency runs from
-/// its first publish to the first outcome it caused.
-fn figures(
-    published: usize,
-    outcomes: usize,
-    started: Instant,
-    published_at: &[(String, Instant)],
-    arrived: &[(String, Instant)],
-) -> RunFigures {
-    let last = arrived
-        .iter()
-        .map(|(_, at)| *at)
-        .max()
-        .unwrap_or_else(Instant::now);
-    let seconds = (last - started).as_secs_f64();
-    let mut first_publish: HashMap<&str, Instant> = HashMap::new();
-    for (id, at) in published_at {
-        first_publish.entry(id.as_str()).or_insert(*at);
-    }
-    let mut first_outcome: HashMap<&str, Instant> = HashMap::new();
-    for (cause, at) in arrived {
-        first_outcome.entry(cause.as_str()).or_insert(*at);
-    }
-    let mut latencies: Vec<f64> = first_outcome
-        .iter()
-        .filter_map(|(cause, at)| {
-            let sent = first_publish.get(cause)?;
-            Some((*at - *sent).as_secs_f64() * 1000.0)
-        })
-        .collect();
-    latencies.sort_by(f64::total_cmp);
-    RunFigures {
-        published,
-        outcomes,
-        seconds,
-        messages_per_second: published as f64 / seconds,
-        latency_p50_ms: percentile(&latencies, 50.0),
-        latency_p99_ms: percentile(&latencies, 99.0),
-        latency_max_ms: latencies.last().copied().unwrap_or_default(),
-    }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
 /// Seeds `count` teachers, each with an open registration and a provisional outcome, through the
 /// worker's own write path (`apply_batch`), then marks their outcomes published so that the
 /// timed runs measure only their own messages.
@@ -470,62 +393,4 @@ async fn seed(store: &Store, first_trn: u32, count: u32) -> anyhow::Result<()> {
         .await?;
     sqlx::query("analyze").execute(store.pool()).await?;
     Ok(())
-}
-
-/// Prints the summary and the JSON line.
-fn report(
-    options: &BenchOptions,
-    full: &RunFigures,
-    rated: Option<&RunFigures>,
-    raw: Option<f64>,
-    rss_kib: Option<usize>,
-) {
-    let ratio = raw.map(|r| full.messages_per_second / r);
-    println!(
-        "induction-reconciler bench: {} messages over {} teachers ({} already in the database)",
-        options.messages, options.teachers, options.seed_teachers
-    );
-    println!(
-        "  full speed : {:>8.0} msg/s end to end ({} published, {} outcomes, {:.2}s); latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        full.messages_per_second,
-        full.published,
-        full.outcomes,
-        full.seconds,
-        full.latency_p50_ms,
-        full.latency_p99_ms,
-        full.latency_max_ms
-    );
-    if let Some(r) = rated {
-        println!(
-            "  at {:>5}/s : latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} published, achieved {:.0} msg/s)",
-            options.rate,
-            r.latency_p50_ms,
-            r.latency_p99_ms,
-            r.latency_max_ms,
-            r.published,
-            r.messages_per_second
-        );
-    }
-    if let Some(raw) = raw {
-        println!(
-            "  raw relay  : {:>8.0} msg/s (no database); worker/raw = {:.2}",
-            raw,
-            ratio.unwrap_or_default()
-        );
-    }
-    if let Some(kib) = rss_kib {
-        println!(
-            "  worker peak resident memory: {:.1} MiB",
-            kib as f64 / 1024.0
-        );
-    }
-    println!(
-        "{}",
-        json!({
-            "messages": options.messages, "teachers": options.teachers, "seeded_teachers": options.seed_teachers,
-            "full_speed": full, "fixed_rate": rated.map(|r| json!({"offered_per_second": options.rate, "figures": r})),
-            "raw_relay_messages_per_second": raw, "ratio_to_raw": ratio,
-            "worker_peak_rss_mib": rss_kib.map(|k| k as f64 / 1024.0),
-        })
-    );
 }

@@ -183,65 +183,55 @@ fn open_input(file: Option<PathBuf>) -> anyhow::Result<Box<dyn BufRead>> {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Simulate { file, now } => {
-            simulate(open_input(file)?, io::stdout().lock(), now)
-                .context("simulate failed to read its input or write its output")?;
+    if let Command::Simulate { file, now } = cli.command {
+        simulate(open_input(file)?, io::stdout().lock(), now)
+            .context("simulate failed to read its input or write its output")?;
+        return Ok(());
+    }
+    let settings = Settings::load(cli.config.as_deref())?;
+    let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry)?;
+    crate::telemetry::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(dispatch(cli.command, settings));
+    // Tasks still running (a connection being retired, a blocking DNS lookup) must not hold the
+    // process past its shutdown bound.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}
+
+/// Runs every command but `simulate` (which needs no runtime, settings or telemetry).
+async fn dispatch(command: Command, mut settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Run {
+            no_migrate,
+            no_declare,
+        } => {
+            settings.database.migrate_on_start &= !no_migrate;
+            settings.amqp.declare_topology &= !no_declare;
+            crate::app::worker::run(settings, shutdown_signal()).await
+        }
+        Command::Migrate => crate::app::ops::migrate(&settings).await,
+        Command::Publish { file } => crate::app::ops::publish(&settings, open_input(file)?).await,
+        Command::Explain { trn, json } => crate::app::ops::explain(&settings, &trn, json).await,
+        Command::Parked { action } => {
+            let (action, selection, json) = action.into_request()?;
+            crate::app::ops::parked(&settings, action, &selection, json).await
+        }
+        Command::Outbox {
+            action: OutboxCommand::Status,
+        } => crate::app::ops::outbox_status(&settings).await,
+        Command::CheckConfig => {
+            print!("{}", settings.redacted());
             Ok(())
         }
-        command => {
-            let mut settings = Settings::load(cli.config.as_deref())?;
-            let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry)?;
-            crate::telemetry::install_crypto_provider();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
-            let result = runtime.block_on(async move {
-                match command {
-                    Command::Run {
-                        no_migrate,
-                        no_declare,
-                    } => {
-                        settings.database.migrate_on_start &= !no_migrate;
-                        settings.amqp.declare_topology &= !no_declare;
-                        crate::app::worker::run(settings, shutdown_signal()).await
-                    }
-                    Command::Migrate => crate::app::ops::migrate(&settings).await,
-                    Command::Publish { file } => {
-                        crate::app::ops::publish(&settings, open_input(file)?).await
-                    }
-                    Command::Explain { trn, json } => {
-                        crate::app::ops::explain(&settings, &trn, json).await
-                    }
-                    Command::Parked { action } => {
-                        let (action, selection, json) = action.into_request()?;
-                        crate::app::ops::parked(&settings, action, &selection, json).await
-                    }
-                    Command::Outbox {
-                        action: OutboxCommand::Status,
-                    } => crate::app::ops::outbox_status(&settings).await,
-                    Command::CheckConfig => {
-                        print!("{}", settings.redacted());
-                        Ok(())
-                    }
-                    Command::Watch { count, status } => {
-                        crate::app::ops::watch(
-                            &settings,
-                            count,
-                            status.as_deref(),
-                            shutdown_signal(),
-                        )
-                        .await
-                    }
-                    Command::Simulate { .. } => unreachable!("handled above"),
-                }
-            });
-            // Tasks still running (a connection being retired, a blocking DNS lookup) must not
-            // hold the process past its shutdown bound.
-            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-            result
+        Command::Watch { count, status } => {
+            let status = status.as_deref();
+            crate::app::ops::watch(&settings, count, status, shutdown_signal()).await
         }
+        Command::Simulate { .. } => unreachable!("handled without a runtime"),
     }
 }
 

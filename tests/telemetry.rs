@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::http_get as get;
+
 use std::time::Duration;
 
 use common::app::{PATIENCE, TestApp, header};
@@ -11,27 +13,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use opentelemetry::trace::TracerProvider as _;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing_subscriber::layer::SubscriberExt;
-
-/// A plain HTTP/1.0 GET; returns the status code and the body.
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((status, body))
-}
 
 async fn wait_for_status(port: u16, path: &str, status: u16) -> String {
     let deadline = tokio::time::Instant::now() + PATIENCE;

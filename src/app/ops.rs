@@ -115,19 +115,9 @@ pub async fn explain(settings: &Settings, trn: &str, json: bool) -> anyhow::Resu
     let trn = crate::domain::Trn::parse(trn).context("a TRN is exactly 7 digits")?;
     let explanation = store(settings).await?.explain(&trn).await?;
     let records: Vec<serde_json::Value> = explanation.records.iter().map(record_json).collect();
-    let history: Vec<serde_json::Value> = explanation
-        .history
-        .iter()
-        .map(|h| {
-            serde_json::json!({
-                "at": h.at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-                "event": h.event, "message_id": h.message_id, "message_type": h.message_type,
-                "record_kind": h.record_kind, "record_id": h.record_id,
-                "outcome_id": h.outcome_id, "version": h.version, "status": h.status,
-            })
-        })
-        .collect();
     if json {
+        let history: Vec<serde_json::Value> =
+            explanation.history.iter().map(history_json).collect();
         let all = serde_json::json!({
             "trn": trn.as_str(),
             "records": records,
@@ -140,74 +130,87 @@ pub async fn explain(settings: &Settings, trn: &str, json: bool) -> anyhow::Resu
     println!("Teacher {}", trn.as_str());
     match &explanation.last_outcome {
         None => println!("\nNo outcome has been emitted for this teacher."),
-        Some(o) => {
-            println!(
-                "\nCurrent outcome: {} ({}), version {}, decided {}",
-                o.status,
-                o.reason,
-                o.version,
-                o.decided_at
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default()
-            );
-            if !o.discrepancies.is_empty() {
-                println!("  discrepancies: {}", o.discrepancies.join(", "));
-            }
-            if o.overdue {
-                println!(
-                    "  overdue: provisional since {}",
-                    o.provisional_since
-                        .and_then(|t| t
-                            .format(&time::format_description::well_known::Rfc3339)
-                            .ok())
-                        .unwrap_or_default()
-                );
-            }
-            let r = &o.resolved;
-            println!(
-                "  appropriate body: {} (from {})",
-                r.appropriate_body_id.as_deref().unwrap_or("-"),
-                r.appropriate_body_source.as_deref().unwrap_or("-")
-            );
-            println!(
-                "  training programme: {} (from {})",
-                r.training_programme.as_deref().unwrap_or("-"),
-                r.training_programme_source.as_deref().unwrap_or("-")
-            );
-            println!(
-                "  lead provider: {}",
-                r.lead_provider_id.as_deref().unwrap_or("-")
-            );
-        }
+        Some(outcome) => print_outcome(outcome),
     }
     println!("\nRecords held ({}):", records.len());
     for record in &records {
         println!("  {record}");
     }
-    println!("\nHistory ({} entries, oldest first):", history.len());
-    for h in &explanation.history {
-        let at =
-            h.at.format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default();
-        match h.event.as_str() {
-            "emitted" | "swept" => println!(
-                "  {at}  {:<10} version {} {} (outcome {})",
-                h.event,
-                h.version.unwrap_or_default(),
-                h.status.as_deref().unwrap_or(""),
-                h.outcome_id.map(|u| u.to_string()).unwrap_or_default()
-            ),
-            _ => println!(
-                "  {at}  {:<10} {} {} {} (message {})",
-                h.event,
-                h.message_type.as_deref().unwrap_or(""),
-                h.record_kind.as_deref().unwrap_or(""),
-                h.record_id.as_deref().unwrap_or(""),
-                h.message_id.map(|u| u.to_string()).unwrap_or_default()
-            ),
-        }
+    println!(
+        "\nHistory ({} entries, oldest first):",
+        explanation.history.len()
+    );
+    for entry in &explanation.history {
+        print_history(entry);
     }
     Ok(())
+}
+
+fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn history_json(h: &crate::store::HistoryEntry) -> serde_json::Value {
+    serde_json::json!({
+        "at": rfc3339(h.at),
+        "event": h.event, "message_id": h.message_id, "message_type": h.message_type,
+        "record_kind": h.record_kind, "record_id": h.record_id,
+        "outcome_id": h.outcome_id, "version": h.version, "status": h.status,
+    })
+}
+
+fn print_outcome(o: &crate::messages::OutcomeMessage) {
+    println!(
+        "\nCurrent outcome: {} ({}), version {}, decided {}",
+        o.status,
+        o.reason,
+        o.version,
+        rfc3339(o.decided_at)
+    );
+    if !o.discrepancies.is_empty() {
+        println!("  discrepancies: {}", o.discrepancies.join(", "));
+    }
+    if o.overdue {
+        let since = o.provisional_since.map(rfc3339).unwrap_or_default();
+        println!("  overdue: provisional since {since}");
+    }
+    let r = &o.resolved;
+    println!(
+        "  appropriate body: {} (from {})",
+        r.appropriate_body_id.as_deref().unwrap_or("-"),
+        r.appropriate_body_source.as_deref().unwrap_or("-")
+    );
+    println!(
+        "  training programme: {} (from {})",
+        r.training_programme.as_deref().unwrap_or("-"),
+        r.training_programme_source.as_deref().unwrap_or("-")
+    );
+    println!(
+        "  lead provider: {}",
+        r.lead_provider_id.as_deref().unwrap_or("-")
+    );
+}
+
+fn print_history(h: &crate::store::HistoryEntry) {
+    let at = rfc3339(h.at);
+    match h.event.as_str() {
+        "emitted" | "swept" => println!(
+            "  {at}  {:<10} version {} {} (outcome {})",
+            h.event,
+            h.version.unwrap_or_default(),
+            h.status.as_deref().unwrap_or(""),
+            h.outcome_id.map(|u| u.to_string()).unwrap_or_default()
+        ),
+        _ => println!(
+            "  {at}  {:<10} {} {} {} (message {})",
+            h.event,
+            h.message_type.as_deref().unwrap_or(""),
+            h.record_kind.as_deref().unwrap_or(""),
+            h.record_id.as_deref().unwrap_or(""),
+            h.message_id.map(|u| u.to_string()).unwrap_or_default()
+        ),
+    }
 }
 
 fn record_json(snapshot: &crate::domain::Snapshot) -> serde_json::Value {

@@ -46,80 +46,9 @@ impl Input {
 /// Decodes one message body. `now` is the worker's clock, used only for the
 /// `occurred_at_in_future` rule.
 pub fn decode(body: &[u8], now: OffsetDateTime) -> Result<Input, Rejection> {
-    if body.len() > MAX_BODY_BYTES {
-        return Err(Rejection::new(
-            ReasonCode::TooLarge,
-            format!(
-                "the body is {} bytes; at most {MAX_BODY_BYTES} are accepted",
-                body.len()
-            ),
-        ));
-    }
-    let text = std::str::from_utf8(body).map_err(|e| {
-        Rejection::new(
-            ReasonCode::InvalidUtf8,
-            format!(
-                "the body is not valid UTF-8 (first bad byte at offset {})",
-                e.valid_up_to()
-            ),
-        )
-    })?;
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        Rejection::new(
-            ReasonCode::InvalidJson,
-            format!(
-                "the body is not valid JSON ({} at line {} column {})",
-                json_error_kind(&e),
-                e.line(),
-                e.column()
-            ),
-        )
-    })?;
-    let Value::Object(envelope) = value else {
-        return Err(Rejection::new(
-            ReasonCode::InvalidJson,
-            "the body is JSON but not a JSON object",
-        ));
-    };
-
-    let kind = match present(&envelope, "message_type") {
-        Some(Value::String(s)) if s == "school_registration" => MessageKind::SchoolRegistration,
-        Some(Value::String(s)) if s == "ab_claim" => MessageKind::AbClaim,
-        Some(_) => {
-            return Err(Rejection::new(
-                ReasonCode::UnknownMessageType,
-                "message_type must be \"school_registration\" or \"ab_claim\"",
-            ));
-        }
-        None => {
-            return Err(Rejection::new(
-                ReasonCode::UnknownMessageType,
-                "message_type is required",
-            ));
-        }
-    };
-
-    match present(&envelope, "schema_version") {
-        Some(Value::Number(n)) if n.as_u64() == Some(1) => {}
-        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => {
-            return Err(Rejection::new(
-                ReasonCode::UnsupportedSchemaVersion,
-                "schema_version must be 1, the only version this worker supports",
-            ));
-        }
-        Some(_) => {
-            return Err(Rejection::new(
-                ReasonCode::UnsupportedSchemaVersion,
-                "schema_version must be the JSON integer 1",
-            ));
-        }
-        None => {
-            return Err(Rejection::new(
-                ReasonCode::UnsupportedSchemaVersion,
-                "schema_version is required",
-            ));
-        }
-    }
+    let envelope = parse_object(body)?;
+    let kind = message_kind(&envelope)?;
+    check_schema_version(&envelope)?;
 
     let fields = Fields::new(&envelope, "");
     let message_id = fields.required("message_id", parse_uuid, "a UUID in hyphenated form")?;
@@ -165,6 +94,70 @@ pub fn decode(body: &[u8], now: OffsetDateTime) -> Result<Input, Rejection> {
             correlation_id,
         },
     })
+}
+
+/// The first checks, in the contract's order: size, UTF-8, JSON, an object.
+fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Rejection> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(Rejection::new(
+            ReasonCode::TooLarge,
+            format!(
+                "the body is {} bytes; at most {MAX_BODY_BYTES} are accepted",
+                body.len()
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(body).map_err(|e| {
+        Rejection::new(
+            ReasonCode::InvalidUtf8,
+            format!(
+                "the body is not valid UTF-8 (first bad byte at offset {})",
+                e.valid_up_to()
+            ),
+        )
+    })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        Rejection::new(
+            ReasonCode::InvalidJson,
+            format!(
+                "the body is not valid JSON ({} at line {} column {})",
+                json_error_kind(&e),
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    match value {
+        Value::Object(envelope) => Ok(envelope),
+        _ => Err(Rejection::new(
+            ReasonCode::InvalidJson,
+            "the body is JSON but not a JSON object",
+        )),
+    }
+}
+
+fn message_kind(envelope: &serde_json::Map<String, Value>) -> Result<MessageKind, Rejection> {
+    let unknown = |detail: &str| Rejection::new(ReasonCode::UnknownMessageType, detail);
+    match present(envelope, "message_type") {
+        Some(Value::String(s)) if s == "school_registration" => Ok(MessageKind::SchoolRegistration),
+        Some(Value::String(s)) if s == "ab_claim" => Ok(MessageKind::AbClaim),
+        Some(_) => Err(unknown(
+            "message_type must be \"school_registration\" or \"ab_claim\"",
+        )),
+        None => Err(unknown("message_type is required")),
+    }
+}
+
+fn check_schema_version(envelope: &serde_json::Map<String, Value>) -> Result<(), Rejection> {
+    let unsupported = |detail: &str| Rejection::new(ReasonCode::UnsupportedSchemaVersion, detail);
+    match present(envelope, "schema_version") {
+        Some(Value::Number(n)) if n.as_u64() == Some(1) => Ok(()),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Err(unsupported(
+            "schema_version must be 1, the only version this worker supports",
+        )),
+        Some(_) => Err(unsupported("schema_version must be the JSON integer 1")),
+        None => Err(unsupported("schema_version is required")),
+    }
 }
 
 fn registration(p: &Fields<'_>) -> Result<Registration, Rejection> {

@@ -219,74 +219,20 @@ impl OutcomeMessage {
                     .ok_or(bad("discrepancy"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let resolved = Resolved {
-            appropriate_body_id: opt_id(&self.resolved.appropriate_body_id)?,
-            appropriate_body_source: opt_source(&self.resolved.appropriate_body_source)?,
-            training_programme: opt_programme(&self.resolved.training_programme)?,
-            training_programme_source: opt_source(&self.resolved.training_programme_source)?,
-            lead_provider_id: opt_id(&self.resolved.lead_provider_id)?,
-        };
         let school_registration = self
             .school_registration
             .as_ref()
-            .map(|p| {
-                Ok::<_, UnreadableOutcome>(Registration {
-                    registration_id: id(&p.registration_id)?,
-                    trn: trn.clone(),
-                    school_urn: SchoolUrn::new(p.school_urn.into()).ok_or(bad("school_urn"))?,
-                    started_on: p.started_on,
-                    finished_on: p.finished_on,
-                    appropriate_body_id: id(&p.appropriate_body_id)?,
-                    training_programme: Programme::parse(&p.training_programme)
-                        .ok_or(bad("training_programme"))?,
-                    lead_provider_id: opt_id(&p.lead_provider_id)?,
-                    deleted: false,
-                })
-            })
+            .map(|p| p.to_domain(&trn))
             .transpose()?;
         let induction_period = self
             .induction_period
             .as_ref()
-            .map(|c| {
-                Ok::<_, UnreadableOutcome>(Claim {
-                    induction_period_id: id(&c.induction_period_id)?,
-                    trn: trn.clone(),
-                    appropriate_body_id: id(&c.appropriate_body_id)?,
-                    started_on: c.started_on,
-                    finished_on: c.finished_on,
-                    training_programme: opt_programme(&c.training_programme)?,
-                    number_of_terms: c
-                        .number_of_terms
-                        .map(|t| {
-                            Terms::from_tenths((t * 10.0).round() as u32)
-                                .ok_or(bad("number_of_terms"))
-                        })
-                        .transpose()?,
-                    outcome: c
-                        .outcome
-                        .as_deref()
-                        .map(|o| InductionResult::parse(o).ok_or(bad("outcome")))
-                        .transpose()?,
-                    deleted: false,
-                })
-            })
+            .map(|c| c.to_domain(&trn))
             .transpose()?;
         let caused_by = self
             .caused_by
             .as_ref()
-            .map(|c| {
-                let message_type = match c.message_type.as_str() {
-                    "school_registration" => MessageKind::SchoolRegistration,
-                    "ab_claim" => MessageKind::AbClaim,
-                    _ => return Err(bad("message_type")),
-                };
-                Ok(Cause {
-                    message_id: c.message_id,
-                    message_type,
-                    occurred_at: c.occurred_at,
-                    correlation_id: self.correlation_id.clone(),
-                })
-            })
+            .map(|c| c.to_domain(self.correlation_id.clone()))
             .transpose()?;
         Ok(Outcome {
             trn,
@@ -295,7 +241,7 @@ impl OutcomeMessage {
                 status,
                 reason,
                 discrepancies,
-                resolved,
+                resolved: self.resolved.to_domain()?,
                 school_registration,
                 induction_period,
             },
@@ -303,6 +249,80 @@ impl OutcomeMessage {
             provisional_since: self.provisional_since,
             caused_by,
             decided_at: self.decided_at,
+        })
+    }
+}
+
+impl ResolvedMessage {
+    fn to_domain(&self) -> Result<Resolved, UnreadableOutcome> {
+        Ok(Resolved {
+            appropriate_body_id: opt_id(&self.appropriate_body_id)?,
+            appropriate_body_source: opt_source(&self.appropriate_body_source)?,
+            training_programme: opt_programme(&self.training_programme)?,
+            training_programme_source: opt_source(&self.training_programme_source)?,
+            lead_provider_id: opt_id(&self.lead_provider_id)?,
+        })
+    }
+}
+
+impl RegistrationMessage {
+    /// The registration an outcome was decided on (outcomes carry only open, undeleted ones).
+    fn to_domain(&self, trn: &Trn) -> Result<Registration, UnreadableOutcome> {
+        let bad = UnreadableOutcome;
+        Ok(Registration {
+            registration_id: id(&self.registration_id)?,
+            trn: trn.clone(),
+            school_urn: SchoolUrn::new(self.school_urn.into()).ok_or(bad("school_urn"))?,
+            started_on: self.started_on,
+            finished_on: self.finished_on,
+            appropriate_body_id: id(&self.appropriate_body_id)?,
+            training_programme: Programme::parse(&self.training_programme)
+                .ok_or(bad("training_programme"))?,
+            lead_provider_id: opt_id(&self.lead_provider_id)?,
+            deleted: false,
+        })
+    }
+}
+
+impl InductionPeriodMessage {
+    /// The claim an outcome was decided on.
+    fn to_domain(&self, trn: &Trn) -> Result<Claim, UnreadableOutcome> {
+        let bad = UnreadableOutcome;
+        let number_of_terms = self
+            .number_of_terms
+            .map(|t| Terms::from_tenths((t * 10.0).round() as u32).ok_or(bad("number_of_terms")))
+            .transpose()?;
+        let outcome = self
+            .outcome
+            .as_deref()
+            .map(|o| InductionResult::parse(o).ok_or(bad("outcome")))
+            .transpose()?;
+        Ok(Claim {
+            induction_period_id: id(&self.induction_period_id)?,
+            trn: trn.clone(),
+            appropriate_body_id: id(&self.appropriate_body_id)?,
+            started_on: self.started_on,
+            finished_on: self.finished_on,
+            training_programme: opt_programme(&self.training_programme)?,
+            number_of_terms,
+            outcome,
+            deleted: false,
+        })
+    }
+}
+
+impl CauseMessage {
+    fn to_domain(&self, correlation_id: Option<String>) -> Result<Cause, UnreadableOutcome> {
+        let message_type = match self.message_type.as_str() {
+            "school_registration" => MessageKind::SchoolRegistration,
+            "ab_claim" => MessageKind::AbClaim,
+            _ => return Err(UnreadableOutcome("message_type")),
+        };
+        Ok(Cause {
+            message_id: self.message_id,
+            message_type,
+            occurred_at: self.occurred_at,
+            correlation_id,
         })
     }
 }

@@ -68,61 +68,7 @@ pub struct Metrics {
 
 impl Metrics {
     fn new() -> Self {
-        let mut registry = Registry::with_prefix("induction_reconciler");
-        let consumed = Family::<ConsumedLabels, Counter>::default();
-        registry.register(
-            "messages_consumed",
-            "Input messages consumed, by type and result",
-            consumed.clone(),
-        );
-        let emitted = Family::<StatusLabel, Counter>::default();
-        registry.register(
-            "outcomes_emitted",
-            "Outcomes written to the outbox, by status",
-            emitted.clone(),
-        );
-        let published = Counter::default();
-        registry.register(
-            "outcomes_published",
-            "Outcomes published and confirmed by the broker",
-            published.clone(),
-        );
-        let parked = Family::<ReasonLabel, Counter>::default();
-        registry.register(
-            "messages_parked",
-            "Input messages parked, by reason code",
-            parked.clone(),
-        );
-        let processing_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
-        registry.register(
-            "message_processing_seconds",
-            "Seconds from delivery to acknowledgement",
-            processing_seconds.clone(),
-        );
-        let outbox_backlog = Gauge::default();
-        registry.register(
-            "outbox_backlog",
-            "Outcomes committed but not yet published",
-            outbox_backlog.clone(),
-        );
-        let outbox_oldest_age_seconds = Gauge::<f64, AtomicU64>::default();
-        registry.register(
-            "outbox_oldest_age_seconds",
-            "Age of the oldest unpublished outcome",
-            outbox_oldest_age_seconds.clone(),
-        );
-        let open_conflicts = Gauge::default();
-        registry.register(
-            "open_conflicts",
-            "Teachers whose current outcome is a conflict",
-            open_conflicts.clone(),
-        );
-        let overdue_provisionals = Gauge::default();
-        registry.register(
-            "overdue_provisionals",
-            "Teachers in an overdue provisional spell",
-            overdue_provisionals.clone(),
-        );
+        let mut r = Registry::with_prefix("induction_reconciler");
         let reconnects = Family::<ComponentLabel, Counter>::default();
         // Present from the start, so that alerts on their rate see a zero, not an absent series.
         for component in ["consumer", "relay"] {
@@ -130,23 +76,68 @@ impl Metrics {
                 component: component.into(),
             });
         }
-        registry.register(
-            "broker_reconnects",
-            "Reconnections after a broker failure",
-            reconnects.clone(),
-        );
         Self {
-            registry,
-            consumed,
-            emitted,
-            published,
-            parked,
-            processing_seconds,
-            outbox_backlog,
-            outbox_oldest_age_seconds,
-            open_conflicts,
-            overdue_provisionals,
-            reconnects,
+            consumed: register(
+                &mut r,
+                "messages_consumed",
+                "Input messages consumed, by type and result",
+                Family::default(),
+            ),
+            emitted: register(
+                &mut r,
+                "outcomes_emitted",
+                "Outcomes written to the outbox, by status",
+                Family::default(),
+            ),
+            published: register(
+                &mut r,
+                "outcomes_published",
+                "Outcomes published and confirmed by the broker",
+                Counter::default(),
+            ),
+            parked: register(
+                &mut r,
+                "messages_parked",
+                "Input messages parked, by reason code",
+                Family::default(),
+            ),
+            processing_seconds: register(
+                &mut r,
+                "message_processing_seconds",
+                "Seconds from delivery to acknowledgement",
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            ),
+            outbox_backlog: register(
+                &mut r,
+                "outbox_backlog",
+                "Outcomes committed but not yet published",
+                Gauge::default(),
+            ),
+            outbox_oldest_age_seconds: register(
+                &mut r,
+                "outbox_oldest_age_seconds",
+                "Age of the oldest unpublished outcome",
+                Gauge::<f64, AtomicU64>::default(),
+            ),
+            open_conflicts: register(
+                &mut r,
+                "open_conflicts",
+                "Teachers whose current outcome is a conflict",
+                Gauge::default(),
+            ),
+            overdue_provisionals: register(
+                &mut r,
+                "overdue_provisionals",
+                "Teachers in an overdue provisional spell",
+                Gauge::default(),
+            ),
+            reconnects: register(
+                &mut r,
+                "broker_reconnects",
+                "Reconnections after a broker failure",
+                reconnects,
+            ),
+            registry: r,
         }
     }
 
@@ -156,6 +147,15 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
     }
+}
+
+/// Registers `metric` under `name` and returns it (a handle on the registered one).
+fn register<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 /// The process-wide metrics.
