@@ -225,6 +225,9 @@ async fn dispatch(command: Command, mut settings: Settings) -> anyhow::Result<()
         } => crate::app::ops::outbox_status(&settings).await,
         Command::CheckConfig => {
             print!("{}", settings.redacted());
+            for warning in settings.warnings() {
+                eprintln!("warning: {warning}");
+            }
             Ok(())
         }
         Command::Watch { count, status } => {

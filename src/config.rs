@@ -34,6 +34,21 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     /// The metrics and health endpoint.
     pub http: HttpSettings,
+    /// Which RabbitMQ users may publish which message type (CONTRACT.md section 2).
+    pub publishers: PublisherSettings,
+}
+
+/// Which RabbitMQ users may publish each message type, and which are operators (whose replays
+/// carry the original publisher in `x-original-user-id`). In the environment each is a
+/// comma-separated list: `INDUCTION__PUBLISHERS__AB_CLAIM=ab-service,ab-bulk-loader`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct PublisherSettings {
+    /// Users allowed to publish `school_registration`.
+    pub school_registration: Vec<String>,
+    /// Users allowed to publish `ab_claim`.
+    pub ab_claim: Vec<String>,
+    /// Operator users.
+    pub operators: Vec<String>,
 }
 
 /// Trace export settings.
@@ -201,7 +216,11 @@ impl Settings {
             config::Environment::with_prefix("INDUCTION")
                 .prefix_separator("__")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("publishers.school_registration")
+                .with_list_parse_key("publishers.ab_claim")
+                .with_list_parse_key("publishers.operators"),
         );
         if let Ok(url) = std::env::var("DATABASE_URL") {
             builder = builder.set_override("database.url", url)?;
@@ -266,6 +285,41 @@ impl Settings {
                     .with_context(|| format!("cannot read amqp.tls_ca_file {}", path.display()))
             })
             .transpose()
+    }
+
+    /// Warnings about settings that work but are unsafe, for `check-config` and the worker's
+    /// start: one user allowed to publish both message types, on a broker that is not local (a
+    /// development broker on loopback may use one user, as the defaults do).
+    pub fn warnings(&self) -> Vec<String> {
+        let p = &self.publishers;
+        let both: Vec<&String> = p
+            .school_registration
+            .iter()
+            .filter(|user| p.ab_claim.contains(user))
+            .collect();
+        let local = self.amqp_host().is_some_and(|host| {
+            host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        if both.is_empty() || local {
+            return Vec::new();
+        }
+        both.into_iter()
+            .map(|user| {
+                format!(
+                    "user {user:?} may publish both school_registration and ab_claim: a school-side \
+                     credential could then confirm any teacher; give each producer its own user"
+                )
+            })
+            .collect()
+    }
+
+    /// The broker's host, from the AMQP URL.
+    fn amqp_host(&self) -> Option<String> {
+        let uri: lapin::uri::AMQPUri = self.amqp.url.expose_secret().parse().ok()?;
+        Some(uri.authority.host)
     }
 
     /// The AMQP URL with the password from `password_file` applied, if one is configured.

@@ -71,6 +71,22 @@ fn every_manifest_parses_and_names_its_kind() {
 }
 
 #[test]
+fn the_shipped_configuration_names_one_user_per_producer() {
+    let settings = settings_from_configmap();
+    let p = &settings.publishers;
+    assert_eq!(p.school_registration, vec!["school-service"]);
+    assert_eq!(p.ab_claim, vec!["ab-service"]);
+    assert_eq!(p.operators, vec!["induction-operator"]);
+    let compose = one("compose.yaml");
+    let env = &compose["services"]["worker"]["environment"];
+    assert_eq!(env["INDUCTION__PUBLISHERS__AB_CLAIM"], "ab-service");
+    assert_eq!(
+        env["INDUCTION__PUBLISHERS__SCHOOL_REGISTRATION"],
+        "school-service"
+    );
+}
+
+#[test]
 fn the_deployment_is_probed_bounded_and_unprivileged() {
     let deployment = one("kubernetes/deployment.yaml");
     let settings = settings_from_configmap();

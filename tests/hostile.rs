@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::app::{TestApp, header};
 use common::{bytes, claim, poison_trigger_sql, registration, set, without};
 use induction_reconciler::broker::json_properties;
+use induction_reconciler::messages::peek;
 use lapin::BasicProperties;
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
@@ -33,9 +34,14 @@ struct Case {
 }
 
 fn case(name: &'static str, body: Vec<u8>, expect: Expect) -> Case {
+    // Each type under its own routing key, as a producer must send it (CONTRACT.md section 2).
+    let routing_key = match peek(&body).message_type.as_deref() {
+        Some("ab_claim") => "ab.claim",
+        _ => "school.registration",
+    };
     Case {
         name,
-        routing_key: "school.registration",
+        routing_key,
         body,
         properties: json_properties("", FieldTable::default()),
         expect,
@@ -241,6 +247,17 @@ fn corpus(reused: &Value) -> Vec<Case> {
             "unknown_message_type",
             bytes(&set(reg(21), "message_type", json!("teacher_deleted"))),
         ),
+        // unauthorised_publisher: a claim under the registrations' routing key (and, below, a
+        // registration under the claims'; no user_id and a user not allowed are in
+        // tests/publishers.rs).
+        Case {
+            routing_key: "school.registration",
+            ..parked(
+                "a claim under the registration routing key",
+                "unauthorised_publisher",
+                bytes(&clm(97)),
+            )
+        },
         // unsupported_schema_version
         parked(
             "schema_version missing",
@@ -599,9 +616,14 @@ fn corpus(reused: &Value) -> Vec<Case> {
                 .with_content_encoding("gzip".into()),
             ..case("valid, claiming XML and gzip", bytes(&reg(75)), Accepted)
         },
+        // The routing key does decide (CONTRACT.md section 2, revised 2026-12-01).
         Case {
             routing_key: "ab.claim",
-            ..case("valid, on the other routing key", bytes(&reg(76)), Accepted)
+            ..parked(
+                "valid, on the other routing key",
+                "unauthorised_publisher",
+                bytes(&reg(76)),
+            )
         },
         case(
             "valid, exactly 65,536 bytes",
@@ -647,7 +669,7 @@ async fn a_hostile_corpus_is_parked_case_by_case_and_the_worker_goes_on() {
             Expect::Accepted => None,
         })
         .collect();
-    assert_eq!(reasons.len(), 9, "every reason code: {reasons:?}");
+    assert_eq!(reasons.len(), 10, "every reason code: {reasons:?}");
 
     for c in &cases {
         app.publish_raw(c.routing_key, &c.body, c.properties.clone())
@@ -718,7 +740,7 @@ async fn a_hostile_corpus_is_parked_case_by_case_and_the_worker_goes_on() {
         .await
         .unwrap();
     let expected: BTreeSet<String> = [
-        "3000073", "3000074", "3000075", "3000076", "3000078", "3000079", "3000080", "3100077",
+        "3000073", "3000074", "3000075", "3000078", "3000079", "3000080", "3100077",
     ]
     .into_iter()
     .map(String::from)
@@ -733,6 +755,7 @@ fn reason_static(reason: &str) -> &'static str {
         "invalid_utf8",
         "invalid_json",
         "unknown_message_type",
+        "unauthorised_publisher",
         "unsupported_schema_version",
         "invalid_field",
         "occurred_at_in_future",

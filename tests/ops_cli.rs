@@ -233,3 +233,55 @@ async fn outbox_status_and_check_config() {
     assert!(!text.contains("hunter2"));
     app.teardown().await;
 }
+
+/// The publisher lists come from the environment as comma-separated lists, and `check-config`
+/// warns when one user may publish both types on a broker that is not local, and not on the
+/// development defaults (everything `guest` on loopback).
+#[test]
+fn check_config_reads_publisher_lists_and_warns_about_one_user_for_both_types() {
+    let check = |envs: &[(&str, &str)]| {
+        let mut command = Command::new(BIN);
+        command.args(["check-config"]).env_remove("AMQP_URL");
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        command.output().unwrap()
+    };
+    let defaults = check(&[]);
+    assert!(defaults.status.success());
+    assert!(
+        !String::from_utf8_lossy(&defaults.stderr).contains("warning"),
+        "the development defaults are quiet"
+    );
+    let shared = check(&[
+        ("AMQP_URL", "amqp://worker:s3cret@rabbit.internal:5672/%2f"),
+        (
+            "INDUCTION__PUBLISHERS__AB_CLAIM",
+            "ab-service,ab-bulk-loader",
+        ),
+        (
+            "INDUCTION__PUBLISHERS__SCHOOL_REGISTRATION",
+            "school-service,ab-bulk-loader",
+        ),
+    ]);
+    let text = stdout(&shared);
+    assert!(
+        text.contains(r#"ab_claim = ["ab-service", "ab-bulk-loader"]"#),
+        "{text}"
+    );
+    let warnings = String::from_utf8_lossy(&shared.stderr);
+    assert!(
+        warnings.contains(r#"user "ab-bulk-loader" may publish both"#),
+        "{warnings}"
+    );
+    assert!(!warnings.contains("ab-service\" may"), "{warnings}");
+    let separate = check(&[
+        ("AMQP_URL", "amqp://worker:s3cret@rabbit.internal:5672/%2f"),
+        ("INDUCTION__PUBLISHERS__AB_CLAIM", "ab-service"),
+        (
+            "INDUCTION__PUBLISHERS__SCHOOL_REGISTRATION",
+            "school-service",
+        ),
+    ]);
+    assert!(!String::from_utf8_lossy(&separate.stderr).contains("warning"));
+}

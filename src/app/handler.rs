@@ -10,11 +10,11 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use super::retry::Backoff;
-use crate::broker::parking::header_text;
+use crate::broker::parking::{ORIGINAL_USER_ID, header_text};
 use crate::broker::{Publisher, ack};
 use crate::config::Settings;
 use crate::domain::{Admission, Status};
-use crate::messages::{Input, ReasonCode, Rejection, decode};
+use crate::messages::{Input, Provenance, Publishers, ReasonCode, Rejection, decode_delivery};
 use crate::store::{BatchItem, Handled, Store, StoreError};
 use crate::telemetry::events::MessageHandled;
 use crate::telemetry::propagation::{continue_trace, outgoing_traceparent};
@@ -64,6 +64,20 @@ pub struct Handler {
     /// Fires near the shutdown deadline: retries give up and leave their deliveries
     /// unacknowledged.
     pub(crate) abandon: CancellationToken,
+    /// Who may publish what (`publishers` settings and the routing keys).
+    pub(crate) publishers: std::sync::Arc<Publishers>,
+}
+
+/// The publisher rules of the settings.
+pub fn publishers(settings: &Settings) -> Publishers {
+    let p = &settings.publishers;
+    Publishers {
+        school_registration: p.school_registration.clone(),
+        ab_claim: p.ab_claim.clone(),
+        operators: p.operators.clone(),
+        registration_routing_key: settings.topology.registration_routing_key.clone(),
+        claim_routing_key: settings.topology.claim_routing_key.clone(),
+    }
 }
 
 /// One delivery on its way through a batch.
@@ -73,6 +87,9 @@ pub(super) struct Job {
     kind: &'static str,
     pub(super) decoded: Result<Input, Rejection>,
     pub(super) digest: [u8; 32],
+    /// The RabbitMQ user the message is judged to come from, kept as `x-original-user-id` if
+    /// it is parked.
+    pub(super) publisher: Option<String>,
     traceparent: Option<String>,
     pub(super) disposition: Option<Disposition>,
 }
@@ -90,7 +107,10 @@ impl Handler {
     pub async fn handle_batch(&self, deliveries: Vec<Delivery>) -> Vec<Disposition> {
         let started = Instant::now();
         let clock = now();
-        let mut jobs: Vec<Job> = deliveries.into_iter().map(|d| prepare(d, clock)).collect();
+        let mut jobs: Vec<Job> = deliveries
+            .into_iter()
+            .map(|d| prepare(d, clock, &self.publishers))
+            .collect();
         // Apply what decoded; park what did not (and what the store refused).
         if jobs.iter().any(|job| job.decoded.is_ok()) {
             self.apply(&mut jobs).await;
@@ -235,7 +255,7 @@ impl Handler {
 
 /// Decodes a delivery with the batch's clock and opens its span (continuing the publisher's
 /// trace).
-fn prepare(delivery: Delivery, clock: OffsetDateTime) -> Job {
+fn prepare(delivery: Delivery, clock: OffsetDateTime, publishers: &Publishers) -> Job {
     let span = tracing::info_span!(
         "message",
         message.id = tracing::field::Empty,
@@ -249,7 +269,14 @@ fn prepare(delivery: Delivery, clock: OffsetDateTime) -> Job {
         incoming.as_deref(),
         header_text(&delivery.properties, "tracestate").as_deref(),
     );
-    let decoded = decode(&delivery.data, clock);
+    let original_user_id = header_text(&delivery.properties, ORIGINAL_USER_ID);
+    let provenance = Provenance {
+        user_id: delivery.properties.user_id().as_ref().map(|u| u.as_str()),
+        routing_key: delivery.routing_key.as_str(),
+        original_user_id: original_user_id.as_deref(),
+    };
+    let decoded = decode_delivery(&delivery.data, clock, publishers, &provenance);
+    let publisher = publishers.publisher(&provenance).map(str::to_owned);
     let mut kind = "unknown";
     if let Ok(input) = &decoded {
         kind = input.cause.message_type.as_str();
@@ -264,6 +291,7 @@ fn prepare(delivery: Delivery, clock: OffsetDateTime) -> Job {
         kind,
         decoded,
         digest,
+        publisher,
         traceparent,
         disposition: None,
     }

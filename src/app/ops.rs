@@ -157,6 +157,7 @@ fn history_json(h: &crate::store::HistoryEntry) -> serde_json::Value {
         "event": h.event, "message_id": h.message_id, "message_type": h.message_type,
         "record_kind": h.record_kind, "record_id": h.record_id,
         "outcome_id": h.outcome_id, "version": h.version, "status": h.status,
+        "published_by": h.published_by,
     })
 }
 
@@ -203,12 +204,13 @@ fn print_history(h: &crate::store::HistoryEntry) {
             h.outcome_id.map(|u| u.to_string()).unwrap_or_default()
         ),
         _ => println!(
-            "  {at}  {:<10} {} {} {} (message {})",
+            "  {at}  {:<10} {} {} {} (message {}, published by {})",
             h.event,
             h.message_type.as_deref().unwrap_or(""),
             h.record_kind.as_deref().unwrap_or(""),
             h.record_id.as_deref().unwrap_or(""),
-            h.message_id.map(|u| u.to_string()).unwrap_or_default()
+            h.message_id.map(|u| u.to_string()).unwrap_or_default(),
+            h.published_by.as_deref().unwrap_or("-")
         ),
     }
 }

@@ -87,6 +87,7 @@ impl Handler {
                         rejection.reason.as_str(),
                         &rejection.detail,
                         &parked_at,
+                        job.publisher.as_deref(),
                     ),
                 })
             })

@@ -28,6 +28,8 @@ pub use topology::{declare_topology, inbox_arguments, subscribe};
 #[derive(Clone)]
 pub struct Broker {
     connection: Arc<Connection>,
+    /// The RabbitMQ user it is connected as: every message it publishes carries it as `user_id`.
+    user: Arc<str>,
 }
 
 impl Broker {
@@ -76,7 +78,13 @@ impl Broker {
             Connection::connect_with_config(url.expose_secret(), properties, tls, runtime).await?;
         Ok(Self {
             connection: Arc::new(connection),
+            user: Arc::from(uri.authority.userinfo.username.as_str()),
         })
+    }
+
+    /// The RabbitMQ user this connection authenticated as.
+    pub fn user(&self) -> &str {
+        &self.user
     }
 
     /// A new channel.
@@ -92,7 +100,10 @@ impl Broker {
             channel.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
-        Ok(Publisher { channel })
+        Ok(Publisher {
+            channel,
+            user: self.user.clone(),
+        })
     }
 
     /// Declares the topology of CONTRACT.md section 2 on a channel of its own.

@@ -15,6 +15,10 @@ pub const PARKED_AT: &str = "x-parked-at";
 pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
 /// The routing key it was first published with.
 pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
+/// The RabbitMQ user it was first published by (its `user_id` then). Set when parking, kept by a
+/// replay, so that a replayed message is judged by its first publisher; believed by the worker
+/// only on messages published by an operator (CONTRACT.md section 2).
+pub const ORIGINAL_USER_ID: &str = "x-original-user-id";
 
 /// Header prefixes that describe a parking or a dead-lettering, not the message itself: a
 /// replay drops them.
@@ -36,29 +40,43 @@ pub fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
     }
 }
 
-/// The delivery's properties plus the parking headers, persistent.
+/// The delivery's properties plus the parking headers, persistent. `original_user` (the
+/// publisher the message was judged by) goes to `x-original-user-id`, replacing any such header
+/// the publisher set itself; the parked copy's `user_id` becomes the parking connection's own
+/// (`Publisher` sets it), never a foreign one.
 pub fn parked_properties(
     delivery: &Delivery,
     reason: &str,
     detail: &str,
     parked_at: &str,
+    original_user: Option<&str>,
 ) -> BasicProperties {
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    let mut put = |key: &str, value: &str| {
-        headers.insert(
-            ShortString::from(key),
-            AMQPValue::LongString(LongString::from(value)),
-        );
+    let mut headers = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .map(|h| h.inner().clone())
+        .unwrap_or_default();
+    let text = |value: &str| AMQPValue::LongString(LongString::from(value));
+    headers.insert(ShortString::from(REASON), text(reason));
+    headers.insert(ShortString::from(DETAIL), text(detail));
+    headers.insert(ShortString::from(PARKED_AT), text(parked_at));
+    headers.insert(
+        ShortString::from(ORIGINAL_EXCHANGE),
+        text(delivery.exchange.as_str()),
+    );
+    headers.insert(
+        ShortString::from(ORIGINAL_ROUTING_KEY),
+        text(delivery.routing_key.as_str()),
+    );
+    match original_user {
+        Some(user) => headers.insert(ShortString::from(ORIGINAL_USER_ID), text(user)),
+        None => headers.remove(ORIGINAL_USER_ID),
     };
-    put(REASON, reason);
-    put(DETAIL, detail);
-    put(PARKED_AT, parked_at);
-    put(ORIGINAL_EXCHANGE, delivery.exchange.as_str());
-    put(ORIGINAL_ROUTING_KEY, delivery.routing_key.as_str());
     delivery
         .properties
         .clone()
-        .with_headers(FieldTable::from(headers.inner().clone()))
+        .with_headers(FieldTable::from(headers))
         .with_delivery_mode(2)
 }
 
@@ -97,16 +115,18 @@ impl ParkedHeaders {
 }
 
 /// The properties a replay publishes with: the parked message's own, without the parking and
-/// dead-lettering headers.
+/// dead-lettering headers but with `x-original-user-id` (the replaying `Publisher` sets its own
+/// user as `user_id`).
 pub fn replay_properties(properties: &BasicProperties) -> BasicProperties {
     let headers = properties.headers().clone().unwrap_or_default();
     let kept: std::collections::BTreeMap<_, _> = headers
         .inner()
         .iter()
         .filter(|(key, _)| {
-            !PARKING_PREFIXES
-                .iter()
-                .any(|prefix| key.as_str().starts_with(prefix))
+            key.as_str() == ORIGINAL_USER_ID
+                || !PARKING_PREFIXES
+                    .iter()
+                    .any(|prefix| key.as_str().starts_with(prefix))
         })
         .map(|(key, value)| (key.clone(), value.clone()))
         .collect();

@@ -10,10 +10,13 @@ use super::{BrokerError, bounded};
 /// How long a publisher waits for the broker to confirm a message.
 pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// A channel in confirm mode.
+/// A channel in confirm mode. Every message it sends carries the connection's own user as its
+/// AMQP `user_id` (replacing any other: RabbitMQ refuses a foreign one with 406), so that
+/// consumers know who published it and a parked or replayed copy never carries a forged one.
 #[derive(Clone)]
 pub struct Publisher {
     pub(super) channel: Channel,
+    pub(super) user: std::sync::Arc<str>,
 }
 
 /// One message to publish.
@@ -83,7 +86,9 @@ impl Publisher {
                     immediate: false,
                 },
                 body,
-                properties.with_delivery_mode(2),
+                properties
+                    .with_delivery_mode(2)
+                    .with_user_id(self.user.as_ref().into()),
             ),
         )
         .await?;

@@ -9,6 +9,7 @@ use time::macros::date;
 use time::{Date, Duration, OffsetDateTime};
 use uuid::Uuid;
 
+use super::authority::{Provenance, Publishers};
 use super::rejection::{ReasonCode, Rejection};
 use crate::domain::{
     Cause, Claim, InductionResult, MessageKind, Programme, Record, Registration, SchoolUrn,
@@ -34,6 +35,9 @@ pub struct Input {
     pub snapshot: Snapshot,
     /// The envelope fields copied onto outcomes.
     pub cause: Cause,
+    /// The RabbitMQ user it is judged to come from (`decode_delivery`); `None` from `decode`,
+    /// which sees a body only (`simulate`).
+    pub publisher: Option<String>,
 }
 
 impl Input {
@@ -46,8 +50,30 @@ impl Input {
 /// Decodes one message body. `now` is the worker's clock, used only for the
 /// `occurred_at_in_future` rule.
 pub fn decode(body: &[u8], now: OffsetDateTime) -> Result<Input, Rejection> {
+    decode_checked(body, now, None)
+}
+
+/// Decodes a delivered message: every rule of [`decode`], and, in the contract's precedence
+/// order (right after `unknown_message_type`), who published it under which routing key.
+pub fn decode_delivery(
+    body: &[u8],
+    now: OffsetDateTime,
+    publishers: &Publishers,
+    provenance: &Provenance<'_>,
+) -> Result<Input, Rejection> {
+    decode_checked(body, now, Some((publishers, provenance)))
+}
+
+fn decode_checked(
+    body: &[u8],
+    now: OffsetDateTime,
+    authority: Option<(&Publishers, &Provenance<'_>)>,
+) -> Result<Input, Rejection> {
     let envelope = parse_object(body)?;
     let kind = message_kind(&envelope)?;
+    let publisher = authority
+        .map(|(publishers, provenance)| publishers.authorise(kind, provenance))
+        .transpose()?;
     check_schema_version(&envelope)?;
 
     let fields = Fields::new(&envelope, "");
@@ -93,6 +119,7 @@ pub fn decode(body: &[u8], now: OffsetDateTime) -> Result<Input, Rejection> {
             occurred_at,
             correlation_id,
         },
+        publisher,
     })
 }
 
@@ -376,8 +403,17 @@ fn parse_uuid(value: &Value) -> Option<Uuid> {
     hyphenated.then(|| Uuid::parse_str(text).ok()).flatten()
 }
 
+/// Exactly RFC 3339 section 5.6 `date-time` (CONTRACT.md section 3, revised 2026-12-01): the
+/// separator is `T` or `t`, never a space, and seconds run 00 to 59 (a leap second `:60` is
+/// refused; `time` would read it as 59.999999999).
 fn parse_timestamp(value: &Value) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(value.as_str()?, &Rfc3339).ok()
+    let text = value.as_str()?;
+    let b = text.as_bytes();
+    let shaped = b.len() >= 20 && matches!(b[10], b'T' | b't') && &b[17..19] != b"60";
+    if !shaped {
+        return None;
+    }
+    OffsetDateTime::parse(text, &Rfc3339).ok()
 }
 
 fn parse_date(value: &Value) -> Option<Date> {
@@ -405,7 +441,11 @@ fn parse_id(value: &Value) -> Option<SourceId> {
     SourceId::parse(value.as_str()?)
 }
 
-/// Terms are judged by numeric value: `2.50` is two and a half terms, `2.55` has two decimals.
+/// Terms are judged on the number as written in decimal, never rounded: `2.50` is two and a
+/// half terms; `2.55` and `14.700000000000001` have more than one decimal place and are refused.
+/// The number is read as a double and written back as the shortest decimal that reads as the
+/// same double, so a number written with more significant digits than a double holds (over 17)
+/// is judged by its nearest double (ARCHITECTURE.md, decision 3).
 fn parse_terms(value: &Value) -> Option<Terms> {
     let number = value.as_number()?;
     if let Some(whole) = number.as_u64() {
@@ -417,9 +457,15 @@ fn parse_terms(value: &Value) -> Option<Terms> {
     if !(0.0..=16.0).contains(&terms) {
         return None;
     }
-    let tenths = terms * 10.0;
-    let rounded = tenths.round();
-    ((tenths - rounded).abs() < 1e-6).then(|| Terms::from_tenths(rounded as u32))?
+    let written = terms.to_string();
+    let decimals = written
+        .split_once('.')
+        .map_or(0, |(_, fraction)| fraction.len());
+    if decimals > 1 || written.contains(['e', 'E']) {
+        return None;
+    }
+    let tenths = (terms * 10.0).round();
+    Terms::from_tenths(tenths as u32)
 }
 
 /// A short, value-free description of a JSON syntax error.

@@ -4,14 +4,16 @@
 //! Invariants: no IO and no clock (the decoder is given `now`); details of a rejection never
 //! echo a value from the message.
 
+mod authority;
 mod decode;
 mod outcome;
 mod peek;
 mod rejection;
 
+pub use authority::{Provenance, Publishers};
 pub use decode::{
     EARLIEST_CLAIM_START, EARLIEST_REGISTRATION_START, Input, MAX_BODY_BYTES, MAX_CLOCK_SKEW,
-    decode,
+    decode, decode_delivery,
 };
 pub use outcome::{
     CauseMessage, InductionPeriodMessage, OutcomeMessage, RegistrationMessage, ResolvedMessage,

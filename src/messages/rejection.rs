@@ -13,6 +13,9 @@ pub enum ReasonCode {
     InvalidJson,
     /// `message_type` missing or not one of the two.
     UnknownMessageType,
+    /// No AMQP `user_id`, a `user_id` not allowed for the `message_type`, or another type's
+    /// routing key (CONTRACT.md section 2, "Who may say what").
+    UnauthorisedPublisher,
     /// `schema_version` missing, not an integer, or not 1.
     UnsupportedSchemaVersion,
     /// A field rule broken.
@@ -27,11 +30,12 @@ pub enum ReasonCode {
 
 impl ReasonCode {
     /// Every code, in precedence order.
-    pub const ALL: [ReasonCode; 9] = [
+    pub const ALL: [ReasonCode; 10] = [
         Self::TooLarge,
         Self::InvalidUtf8,
         Self::InvalidJson,
         Self::UnknownMessageType,
+        Self::UnauthorisedPublisher,
         Self::UnsupportedSchemaVersion,
         Self::InvalidField,
         Self::OccurredAtInFuture,
@@ -46,6 +50,7 @@ impl ReasonCode {
             Self::InvalidUtf8 => "invalid_utf8",
             Self::InvalidJson => "invalid_json",
             Self::UnknownMessageType => "unknown_message_type",
+            Self::UnauthorisedPublisher => "unauthorised_publisher",
             Self::UnsupportedSchemaVersion => "unsupported_schema_version",
             Self::InvalidField => "invalid_field",
             Self::OccurredAtInFuture => "occurred_at_in_future",

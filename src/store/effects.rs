@@ -21,7 +21,7 @@ type Statement<'q> = Query<'q, Postgres, PgArguments>;
 
 /// The statement. Placeholders: `$1` the time; then each column group in the order
 /// `Effects::write` binds them (registrations `$2..$13`, claims `$14..$25`, teachers
-/// `$26..$32`, outbox `$33..$38`, history `$39..$47`, stale `$48`); `$49` the relay's channel.
+/// `$26..$32`, outbox `$33..$38`, history `$39..$48`, stale `$49`); `$50` the relay's channel.
 const WRITE: &str = "with
  reg as (
    insert into registrations (registration_id, trn, school_urn, started_on, finished_on, appropriate_body_id,
@@ -64,17 +64,18 @@ const WRITE: &str = "with
    order by x.n
    returning 1),
  his as (
-   insert into history (trn, at, event, message_id, message_type, record_kind, record_id, outcome_id, version, status)
-   select x.t, $1, x.e, x.m, x.mt, x.rk, x.ri, x.o, x.v, x.s
+   insert into history (trn, at, event, message_id, message_type, record_kind, record_id, outcome_id, version, status,
+       published_by)
+   select x.t, $1, x.e, x.m, x.mt, x.rk, x.ri, x.o, x.v, x.s, x.pb
    from unnest($39::text[], $40::text[], $41::uuid[], $42::text[], $43::text[], $44::text[], $45::uuid[],
-       $46::int8[], $47::text[]) with ordinality as x(t, e, m, mt, rk, ri, o, v, s, n)
+       $46::int8[], $47::text[], $48::text[]) with ordinality as x(t, e, m, mt, rk, ri, o, v, s, pb, n)
    order by x.n
    returning 1),
- stl as (update inbox set admission = 'stale' where message_id = any($48) returning 1)
+ stl as (update inbox set admission = 'stale' where message_id = any($49) returning 1)
  select (select count(*) from tch) as teachers,
         (select count(*) from obx) as outcomes,
         (select count(*) from reg) + (select count(*) from ip) + (select count(*) from his) + (select count(*) from stl) as other,
-        case when (select count(*) from obx) > 0 then pg_notify($49, '') end as notified";
+        case when (select count(*) from obx) > 0 then pg_notify($50, '') end as notified";
 
 /// Everything one transaction writes.
 #[derive(Default)]
@@ -358,6 +359,7 @@ struct History {
     outcome_id: Vec<Option<Uuid>>,
     version: Vec<Option<i64>>,
     status: Vec<Option<String>>,
+    published_by: Vec<Option<String>>,
 }
 
 impl History {
@@ -373,6 +375,7 @@ impl History {
         self.outcome_id.push(None);
         self.version.push(None);
         self.status.push(None);
+        self.published_by.push(input.publisher.clone());
     }
 
     fn outcome(&mut self, trn: &Trn, event: &str, message: &OutcomeMessage) {
@@ -385,9 +388,10 @@ impl History {
         self.outcome_id.push(Some(message.outcome_id));
         self.version.push(Some(message.version as i64));
         self.status.push(Some(message.status.clone()));
+        self.published_by.push(None);
     }
 
-    /// Binds `$39..$47`.
+    /// Binds `$39..$48`.
     fn bind(self, q: Statement<'_>) -> Statement<'_> {
         q.bind(self.trn)
             .bind(self.event)
@@ -398,5 +402,6 @@ impl History {
             .bind(self.outcome_id)
             .bind(self.version)
             .bind(self.status)
+            .bind(self.published_by)
     }
 }

@@ -59,6 +59,9 @@ pub struct HistoryEntry {
     pub version: Option<i64>,
     /// Its status.
     pub status: Option<String>,
+    /// The RabbitMQ user the input message was judged to come from (its AMQP `user_id`, or the
+    /// original publisher of an operator's replay).
+    pub published_by: Option<String>,
 }
 
 /// Everything held about one teacher, for `explain`.
@@ -79,7 +82,8 @@ impl super::Store {
         let records = records::for_teacher(&mut conn, trn).await?;
         let last_outcome = last_outcome_message(&mut conn, trn).await?;
         let history = sqlx::query(
-            "select at, event, message_id, message_type, record_kind, record_id, outcome_id, version, status
+            "select at, event, message_id, message_type, record_kind, record_id, outcome_id, version, status,
+                    published_by
              from history where trn = $1 order by id",
         )
         .bind(trn.as_str())
@@ -97,6 +101,7 @@ impl super::Store {
                 outcome_id: row.try_get("outcome_id")?,
                 version: row.try_get("version")?,
                 status: row.try_get("status")?,
+                published_by: row.try_get("published_by")?,
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;

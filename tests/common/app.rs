@@ -249,6 +249,58 @@ impl TestApp {
         take(&self.channel, &self.settings.topology.parking_queue, n).await
     }
 
+    /// Takes up to `n` parked messages with their properties (`user_id`, headers).
+    pub async fn take_parked_properties(&self, n: usize) -> Vec<(BasicProperties, Vec<u8>)> {
+        let mut taken = Vec::new();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let queue = self.settings.topology.parking_queue.as_str();
+        while taken.len() < n && tokio::time::Instant::now() < deadline {
+            let got = self
+                .channel
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .unwrap();
+            match got {
+                Some(message) => {
+                    let delivery = message.delivery;
+                    delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .unwrap();
+                    taken.push((delivery.properties, delivery.data));
+                }
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        taken
+    }
+
+    /// Publishes raw bytes with no AMQP `user_id` (the test's `Publisher` always sets one), on a
+    /// channel in confirm mode, and waits for the confirm.
+    pub async fn publish_without_user_id(&self, routing_key: &str, body: &[u8]) {
+        let channel = self.broker.channel().await.unwrap();
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let confirm = channel
+            .basic_publish(
+                self.settings.topology.input_exchange.as_str().into(),
+                routing_key.into(),
+                lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body,
+                json_properties("", FieldTable::default()),
+            )
+            .await
+            .unwrap();
+        assert!(confirm.await.unwrap().is_ack(), "the broker confirms it");
+        let _ = channel.close(200, "done".into()).await;
+    }
+
     /// How many messages wait in the parking queue.
     pub async fn parked_waiting(&self) -> u32 {
         self.channel

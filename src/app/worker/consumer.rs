@@ -120,6 +120,7 @@ async fn consume_on(
         parking,
         settings: settings.clone(),
         abandon: shared.abandon.clone(),
+        publishers: std::sync::Arc::new(crate::app::handler::publishers(settings)),
     };
     let lanes = Lanes::start(&handler, settings, in_flight);
     let mut session = Session {

@@ -87,6 +87,9 @@ async fn run_until_drained(settings: &Settings, plan: &Shutdown) -> anyhow::Resu
             .await
             .context("cannot apply database migrations")?;
     }
+    for warning in settings.warnings() {
+        tracing::warn!(warning = %warning, "unsafe settings");
+    }
     tracing::info!("worker started");
 
     // `drained` fires once in-flight messages are finished, so the relay's last flush includes
