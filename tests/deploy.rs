@@ -236,6 +236,28 @@ fn rabbitmq_definitions_match_what_the_worker_declares() {
         worker["configure"], "^$",
         "a worker with managed topology configures nothing"
     );
+    for user in definitions["users"].as_array().unwrap() {
+        assert!(
+            !user["tags"].as_str().unwrap_or("").contains("impersonator"),
+            "{}: no user may forge a user_id",
+            user["name"]
+        );
+    }
+    let names: Vec<&str> = definitions["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
+    let configured = settings_from_configmap().publishers;
+    for user in configured
+        .school_registration
+        .iter()
+        .chain(&configured.ab_claim)
+        .chain(&configured.operators)
+    {
+        assert!(names.contains(&user.as_str()), "{user} is a broker user");
+    }
 }
 
 #[test]

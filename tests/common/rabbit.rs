@@ -89,6 +89,21 @@ impl RabbitNode {
         }
     }
 
+    /// Runs `rabbitmqctl` against this node (bounded) and asserts that it succeeded.
+    pub fn ctl(&self, args: &[&str]) {
+        let out = Command::new("timeout")
+            .args(["60", "rabbitmqctl", "-n", &self.name])
+            .args(args)
+            .output()
+            .expect("rabbitmqctl");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Starts the node again after `stop`.
     pub fn restart(&self) {
         self.boot();
