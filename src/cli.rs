@@ -224,6 +224,8 @@ async fn dispatch(command: Command, mut settings: Settings) -> anyhow::Result<()
             action: OutboxCommand::Status,
         } => crate::app::ops::outbox_status(&settings).await,
         Command::CheckConfig => {
+            settings.amqp_tls_ca()?;
+            settings.amqp_tls_identity()?;
             print!("{}", settings.redacted());
             for warning in settings.warnings() {
                 eprintln!("warning: {warning}");

@@ -97,6 +97,10 @@ pub struct AmqpSettings {
     pub password_file: Option<PathBuf>,
     /// PEM file of CA certificates to trust for `amqps://`, besides the system's roots.
     pub tls_ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate (and its chain), for brokers that require mutual TLS.
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub tls_client_key_file: Option<PathBuf>,
     /// Consumer prefetch.
     pub prefetch: u16,
     /// Batches processed at once.
@@ -275,16 +279,47 @@ impl Settings {
         with_password_file(&self.database.url, self.database.password_file.as_deref())
     }
 
-    /// The CA certificates to trust for `amqps://`, if configured.
+    /// The CA certificates to trust for `amqps://`, if configured. Fails on a file that holds
+    /// no PEM certificate: a CA file that trusts nothing is a mistake, not a setting.
     pub fn amqp_tls_ca(&self) -> anyhow::Result<Option<String>> {
-        self.amqp
-            .tls_ca_file
-            .as_ref()
-            .map(|path| {
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read amqp.tls_ca_file {}", path.display()))
-            })
-            .transpose()
+        let Some(path) = &self.amqp.tls_ca_file else {
+            return Ok(None);
+        };
+        let pem = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read amqp.tls_ca_file {}", path.display()))?;
+        anyhow::ensure!(
+            pem.contains("-----BEGIN CERTIFICATE-----"),
+            "amqp.tls_ca_file {} holds no PEM certificate",
+            path.display()
+        );
+        Ok(Some(pem))
+    }
+
+    /// The client certificate chain and key (both PEM) for mutual TLS, if configured. Both
+    /// files or neither.
+    pub fn amqp_tls_identity(&self) -> anyhow::Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path)
+                .with_context(|| format!("cannot read amqp.{what} {}", path.display()))
+        };
+        match (
+            &self.amqp.tls_client_cert_file,
+            &self.amqp.tls_client_key_file,
+        ) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => {
+                let cert_pem = read(cert, "tls_client_cert_file")?;
+                anyhow::ensure!(
+                    String::from_utf8_lossy(&cert_pem).contains("-----BEGIN CERTIFICATE-----"),
+                    "amqp.tls_client_cert_file {} holds no PEM certificate",
+                    cert.display()
+                );
+                Ok(Some((cert_pem, read(key, "tls_client_key_file")?)))
+            }
+            _ => anyhow::bail!(
+                "set both amqp.tls_client_cert_file and amqp.tls_client_key_file, or neither"
+            ),
+        }
     }
 
     /// Warnings about settings that work but are unsafe, for `check-config` and the worker's

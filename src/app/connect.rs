@@ -7,7 +7,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use super::retry::Backoff;
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{Broker, BrokerError, Tls};
 use crate::config::Settings;
 use crate::store::Store;
 use crate::telemetry::events::Quiet;
@@ -38,8 +38,11 @@ async fn attempt_broker(
     name: &str,
 ) -> anyhow::Result<Result<Broker, BrokerError>> {
     let url = settings.amqp_url()?;
-    let ca = settings.amqp_tls_ca()?;
-    let connecting = Broker::connect_with_ca(&url, name, ca.as_deref());
+    let tls = Tls {
+        ca_pem: settings.amqp_tls_ca()?,
+        client: settings.amqp_tls_identity()?,
+    };
+    let connecting = Broker::connect_with_tls(&url, name, &tls);
     Ok(tokio::time::timeout(BROKER_CONNECT_TIMEOUT, connecting)
         .await
         .unwrap_or_else(|_| Err(BrokerError::timed_out("a connection (30 s)"))))

@@ -40,6 +40,17 @@ impl BrokerError {
         }
     }
 
+    /// The TLS handshake failed. A certificate that cannot be verified (another CA, a wrong
+    /// name, a client certificate refused) is a misconfiguration and not retried; a connection
+    /// lost during the handshake is.
+    pub fn tls(error: &std::io::Error) -> Self {
+        Self {
+            transient: error.kind() != std::io::ErrorKind::InvalidData,
+            timed_out: false,
+            description: format!("the TLS handshake with the broker failed: {error}"),
+        }
+    }
+
     /// The AMQP URL cannot be parsed (its text is not repeated: it may hold a password).
     pub fn invalid_url() -> Self {
         Self {

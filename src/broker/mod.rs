@@ -45,6 +45,20 @@ impl Broker {
         name: &str,
         ca_pem: Option<&str>,
     ) -> Result<Self, BrokerError> {
+        let tls = Tls {
+            ca_pem: ca_pem.map(str::to_owned),
+            client: None,
+        };
+        Self::connect_with_tls(url, name, &tls).await
+    }
+
+    /// Connects with TLS settings for an `amqps://` URL: extra CA certificates, and a client
+    /// certificate for brokers that require mutual TLS.
+    pub async fn connect_with_tls(
+        url: &SecretString,
+        name: &str,
+        tls: &Tls,
+    ) -> Result<Self, BrokerError> {
         let properties = ConnectionProperties::default()
             .with_connection_name(name.into())
             .enable_auto_recover()
@@ -55,25 +69,39 @@ impl Broker {
                     .with_jitter()
                     .with_max_times(60),
             );
-        // lapin retries a first connection that is refused, in a thread of its own, until its
-        // back-off runs out (minutes). Check the broker accepts TCP connections first, so that an
-        // attempt while it is down fails at once and leaves nothing running behind it.
+        // lapin retries a first connection that fails, in a thread of its own, until its
+        // back-off runs out (minutes). The probe below fails at once instead and leaves nothing
+        // running behind it.
         let uri: lapin::uri::AMQPUri = url
             .expose_secret()
             .parse()
             .map_err(|_| BrokerError::invalid_url())?;
-        let address = (uri.authority.host.as_str(), uri.authority.port);
-        match tokio::time::timeout(OPERATION_TIMEOUT, tokio::net::TcpStream::connect(address)).await
-        {
+        let tls = lapin::tcp::OwnedTLSConfig {
+            identity: tls
+                .client
+                .as_ref()
+                .map(|(cert, key)| lapin::tcp::OwnedIdentity::PKCS8 {
+                    pem: cert.clone(),
+                    key: key.clone(),
+                }),
+            cert_chain: tls.ca_pem.clone(),
+        };
+        let runtime = lapin::runtime::default_runtime()?;
+        // Open and drop one connection the way lapin will (TCP, and the TLS handshake for
+        // `amqps://`), so that an unreachable broker or a certificate that cannot be verified is
+        // reported at once with its cause.
+        let probing = {
+            use lapin::tcp::AMQPUriTcpExt;
+            uri.connect_with_config_async(tls.as_ref(), &runtime)
+        };
+        match tokio::time::timeout(OPERATION_TIMEOUT, probing).await {
             Ok(Ok(_probe)) => {}
+            Ok(Err(error)) if uri.scheme == lapin::uri::AMQPScheme::AMQPS => {
+                return Err(BrokerError::tls(&error));
+            }
             Ok(Err(error)) => return Err(BrokerError::unreachable(&error)),
             Err(_) => return Err(BrokerError::timed_out("a TCP connection to the broker")),
         }
-        let tls = lapin::tcp::OwnedTLSConfig {
-            identity: None,
-            cert_chain: ca_pem.map(str::to_owned),
-        };
-        let runtime = lapin::runtime::default_runtime()?;
         let connection =
             Connection::connect_with_config(url.expose_secret(), properties, tls, runtime).await?;
         Ok(Self {
@@ -189,6 +217,15 @@ impl Broker {
         let closing = self.connection.close(200, "shutting down".into());
         let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
     }
+}
+
+/// TLS settings for `amqps://` connections.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// CA certificates (PEM) to trust besides the system's roots.
+    pub ca_pem: Option<String>,
+    /// The client certificate chain and its key (both PEM), for mutual TLS.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The state of a connection, as the worker's watchdogs see it.

@@ -18,6 +18,14 @@ pub struct RabbitNode {
 impl RabbitNode {
     /// Starts a node with no plugins and waits until it accepts AMQP connections.
     pub fn start() -> Self {
+        Self::start_with(|_| (String::new(), Vec::new()))
+    }
+
+    /// Starts a node whose `rabbitmq.conf` and extra files (name, contents; written into the
+    /// node's folder, readable by the broker) come from `configure`, given that folder.
+    pub fn start_with(
+        configure: impl FnOnce(&std::path::Path) -> (String, Vec<(String, Vec<u8>)>),
+    ) -> Self {
         let port = free_port();
         let dist_port = free_port();
         let name = format!("ir{port}@localhost");
@@ -25,6 +33,13 @@ impl RabbitNode {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        let (conf, files) = configure(&dir);
+        if !conf.is_empty() {
+            std::fs::write(dir.join("rabbitmq.conf"), conf).unwrap();
+        }
+        for (name, contents) in files {
+            std::fs::write(dir.join(name), contents).unwrap();
+        }
         if is_root() {
             Command::new("chown")
                 .args(["-R", "rabbitmq:rabbitmq"])
