@@ -72,7 +72,7 @@ async fn the_worker_works_over_mutual_tls_and_wrong_set_ups_are_refused_clearly(
     );
     let other = ca("another CA", &["localhost"]);
     let tls_port = common::free_port();
-    let node = RabbitNode::start_with(|dir| {
+    let _node = RabbitNode::start_with(|dir| {
         let at = |name: &str| dir.join(name).display().to_string();
         let conf = format!(
             "listeners.ssl.default = {tls_port}\n\
