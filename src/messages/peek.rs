@@ -31,20 +31,75 @@ pub fn peek(body: &[u8]) -> Peek {
         .unwrap_or_default()
 }
 
-#[derive(Deserialize)]
+/// The envelope's identifying fields. Read by hand rather than derived so that a key given twice
+/// behaves as in `decode` (the last one counts) instead of failing the whole peek.
+#[derive(Default)]
 struct Envelope {
-    #[serde(default)]
     message_id: Option<Text>,
-    #[serde(default)]
     message_type: Option<Text>,
-    #[serde(default)]
     payload: Option<Payload>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default)]
 struct Payload {
-    #[serde(default)]
     trn: Option<Text>,
+}
+
+impl<'de> Deserialize<'de> for Envelope {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Envelope;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Envelope, A::Error> {
+                let mut envelope = Envelope::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "message_id" => envelope.message_id = Some(map.next_value()?),
+                        "message_type" => envelope.message_type = Some(map.next_value()?),
+                        "payload" => envelope.payload = map.next_value::<Option<Payload>>()?,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(envelope)
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Payload;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Payload, A::Error> {
+                let mut payload = Payload::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "trn" {
+                        payload.trn = Some(map.next_value()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(payload)
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
 }
 
 #[derive(Deserialize)]
@@ -91,6 +146,19 @@ mod tests {
                 message_type: Some("school_registration".into()),
                 trn: None,
             }
+        );
+    }
+
+    #[test]
+    fn a_key_given_twice_counts_as_in_decode_the_last_one() {
+        let body = br#"{"message_type":"school_registration","payload":{"trn":"1"},"message_type":"ab_claim","payload":{"trn":"2"}}"#;
+        let peeked = peek(body);
+        assert_eq!(peeked.message_type.as_deref(), Some("ab_claim"));
+        assert_eq!(peeked.trn.as_deref(), Some("2"));
+        let value: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(
+            value["message_type"], "ab_claim",
+            "the same reading as decode's parser"
         );
     }
 
