@@ -51,6 +51,24 @@ impl BrokerError {
         }
     }
 
+    /// The port of an `amqp://` URL answered the AMQP greeting with TLS.
+    pub fn speaks_tls() -> Self {
+        Self {
+            transient: false,
+            timed_out: false,
+            description: "the broker's port expects TLS: use an amqps:// URL (and amqp.tls_ca_file for a private CA)".to_owned(),
+        }
+    }
+
+    /// The port answered the AMQP greeting with something that is not AMQP 0-9-1.
+    pub fn not_amqp() -> Self {
+        Self {
+            transient: false,
+            timed_out: false,
+            description: "the port does not speak AMQP 0-9-1".to_owned(),
+        }
+    }
+
     /// The AMQP URL cannot be parsed (its text is not repeated: it may hold a password).
     pub fn invalid_url() -> Self {
         Self {

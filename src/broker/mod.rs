@@ -90,17 +90,18 @@ impl Broker {
         // Open and drop one connection the way lapin will (TCP, and the TLS handshake for
         // `amqps://`), so that an unreachable broker or a certificate that cannot be verified is
         // reported at once with its cause.
-        let probing = {
-            use lapin::tcp::AMQPUriTcpExt;
-            uri.connect_with_config_async(tls.as_ref(), &runtime)
-        };
-        match tokio::time::timeout(OPERATION_TIMEOUT, probing).await {
-            Ok(Ok(_probe)) => {}
-            Ok(Err(error)) if uri.scheme == lapin::uri::AMQPScheme::AMQPS => {
-                return Err(BrokerError::tls(&error));
+        if uri.scheme == lapin::uri::AMQPScheme::AMQP {
+            greet(&uri.authority.host, uri.authority.port).await?;
+        } else {
+            let probing = {
+                use lapin::tcp::AMQPUriTcpExt;
+                uri.connect_with_config_async(tls.as_ref(), &runtime)
+            };
+            match tokio::time::timeout(OPERATION_TIMEOUT, probing).await {
+                Ok(Ok(_probe)) => {}
+                Ok(Err(error)) => return Err(BrokerError::tls(&error)),
+                Err(_) => return Err(BrokerError::timed_out("a TLS connection to the broker")),
             }
-            Ok(Err(error)) => return Err(BrokerError::unreachable(&error)),
-            Err(_) => return Err(BrokerError::timed_out("a TCP connection to the broker")),
         }
         let connection =
             Connection::connect_with_config(url.expose_secret(), properties, tls, runtime).await?;
@@ -216,6 +217,35 @@ impl Broker {
     pub async fn close(&self) {
         let closing = self.connection.close(200, "shutting down".into());
         let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
+    }
+}
+
+/// The plain `amqp://` probe: opens a TCP connection, sends the AMQP 0-9-1 protocol header and
+/// reads the first byte of the answer. A broker answers with a method frame (`1`); a TLS
+/// listener answers with a TLS record or closes the connection, which lapin alone would retry
+/// in the background without saying why.
+async fn greet(host: &str, port: u16) -> Result<(), BrokerError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connecting = tokio::net::TcpStream::connect((host, port));
+    let mut stream = match tokio::time::timeout(OPERATION_TIMEOUT, connecting).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Err(BrokerError::unreachable(&error)),
+        Err(_) => return Err(BrokerError::timed_out("a TCP connection to the broker")),
+    };
+    stream
+        .write_all(b"AMQP\x00\x00\x09\x01")
+        .await
+        .map_err(|error| BrokerError::unreachable(&error))?;
+    let mut first = [0_u8; 1];
+    match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut first)).await {
+        Ok(Ok(1)) if first[0] == 1 => Ok(()),
+        Ok(Ok(1)) if matches!(first[0], 0x15 | 0x16) => Err(BrokerError::speaks_tls()),
+        Ok(Ok(0)) => Err(BrokerError::lost(
+            "the connection at the AMQP greeting (is it a TLS port? then use an amqps:// URL)",
+        )),
+        Ok(Ok(_)) => Err(BrokerError::not_amqp()),
+        // No answer yet or a read error: let lapin find out.
+        _ => Ok(()),
     }
 }
 
