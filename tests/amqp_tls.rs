@@ -13,7 +13,6 @@ use common::rabbit::RabbitNode;
 use common::{bytes, mid, registration};
 use induction_reconciler::broker::{Broker, Tls, json_properties};
 use induction_reconciler::config::Settings;
-use induction_reconciler::store::Store;
 use lapin::types::FieldTable;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use secrecy::SecretString;
@@ -155,28 +154,13 @@ async fn the_worker_works_over_mutual_tls_and_wrong_set_ups_are_refused_clearly(
         std::fs::write(&path, contents).unwrap();
         path
     };
-    let db_name = format!("tls_{}", uuid::Uuid::new_v4().simple());
-    common::create_database(&db_name).await;
     let mut settings = Settings::load(None).unwrap();
-    settings.database.url = SecretString::from(common::database_url(&db_name));
     settings.amqp.url = SecretString::from(amqps.clone());
     settings.amqp.tls_ca_file = Some(write("ca.pem", pki.pem.as_bytes()));
     settings.amqp.tls_client_cert_file = Some(write("client.pem", &client.0));
     settings.amqp.tls_client_key_file = Some(write("client.key", &client.1));
     settings.topology = common::prefixed_topology("tls");
-    settings.http.enabled = false;
-    settings.sweep.enabled = false;
-    let store = Store::connect(&settings.database.url, 2, Duration::from_secs(5))
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(induction_reconciler::app::worker::run(
-        settings.clone(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let worker = common::LoneWorker::start(settings.clone()).await;
     let producer = connect(&amqps, &good)
         .await
         .expect("a client with the right CA and certificate connects");
@@ -208,7 +192,7 @@ async fn the_worker_works_over_mutual_tls_and_wrong_set_ups_are_refused_clearly(
     loop {
         let published: i64 =
             sqlx::query_scalar("select count(*) from outbox where published_at is not null")
-                .fetch_one(store.pool())
+                .fetch_one(worker.store.pool())
                 .await
                 .unwrap();
         if published == 1 {
@@ -221,14 +205,7 @@ async fn the_worker_works_over_mutual_tls_and_wrong_set_ups_are_refused_clearly(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     producer.close().await;
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(30), worker)
-        .await
-        .expect("the worker stops")
-        .unwrap()
-        .unwrap();
-    store.pool().close().await;
-    common::drop_database(&db_name).await;
+    worker.stop().await;
 
     // check-config refuses a CA file that holds no certificate.
     let empty = write("empty.pem", b"# nothing here\n");

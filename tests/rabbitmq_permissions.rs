@@ -11,7 +11,6 @@ use common::rabbit::RabbitNode;
 use common::{bytes, claim, mid, registration};
 use induction_reconciler::broker::{Broker, json_properties};
 use induction_reconciler::config::Settings;
-use induction_reconciler::store::Store;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use secrecy::SecretString;
@@ -60,7 +59,8 @@ async fn the_shipped_definitions_let_each_producer_publish_only_its_own_type() {
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/rabbitmq/definitions.json"
     );
-    node.ctl(&["import_definitions", definitions]);
+    let definitions = std::fs::read(definitions).unwrap();
+    node.import_definitions(&definitions);
     for user in USERS {
         node.ctl(&["change_password", user, &format!("pw-{user}")]);
     }
@@ -152,25 +152,13 @@ async fn the_shipped_definitions_let_each_producer_publish_only_its_own_type() {
 
     // The AB's claim goes through the broker and the worker, which runs as its own user with
     // the topology managed by the definitions.
-    let db_name = format!("rp_{}", uuid::Uuid::new_v4().simple());
-    common::create_database(&db_name).await;
     let mut settings = Settings::load(None).unwrap();
-    settings.database.url = SecretString::from(common::database_url(&db_name));
     settings.amqp.url = url(&node, "induction-reconciler");
     settings.amqp.declare_topology = false;
-    settings.http.enabled = false;
-    settings.sweep.enabled = false;
     settings.publishers.school_registration = vec!["school-service".into()];
     settings.publishers.ab_claim = vec!["ab-service".into()];
     settings.publishers.operators = vec!["induction-operator".into()];
-    let store = Store::connect(&settings.database.url, 2, Duration::from_secs(5))
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(induction_reconciler::app::worker::run(settings, async {
-        let _ = stopped.await;
-    }));
+    let worker = common::LoneWorker::start(settings).await;
     assert_eq!(
         refusal(&node, "ab-service", "ab.claim", &claim_body).await,
         None
@@ -181,7 +169,7 @@ async fn the_shipped_definitions_let_each_producer_publish_only_its_own_type() {
             "select published_by from history where message_id = $1::uuid and event = 'applied'",
         )
         .bind(mid(2))
-        .fetch_optional(store.pool())
+        .fetch_optional(worker.store.pool())
         .await
         .unwrap();
         if let Some(by) = published_by {
@@ -194,12 +182,5 @@ async fn the_shipped_definitions_let_each_producer_publish_only_its_own_type() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(applied.as_deref(), Some("ab-service"));
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(30), worker)
-        .await
-        .expect("the worker stops")
-        .unwrap()
-        .unwrap();
-    store.pool().close().await;
-    common::drop_database(&db_name).await;
+    worker.stop().await;
 }

@@ -192,6 +192,58 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// A worker run in-process on a fresh database of its own, for tests against a throwaway broker
+/// node (TLS, permissions); `stop` shuts it down and drops the database.
+pub struct LoneWorker {
+    /// The worker's database.
+    pub store: induction_reconciler::store::Store,
+    db_name: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl LoneWorker {
+    /// Creates and migrates a database, points `settings` at it (no HTTP endpoint, no sweep)
+    /// and starts the worker.
+    pub async fn start(mut settings: induction_reconciler::config::Settings) -> Self {
+        let db_name = format!("lw_{}", uuid::Uuid::new_v4().simple());
+        create_database(&db_name).await;
+        settings.database.url = secrecy::SecretString::from(database_url(&db_name));
+        settings.http.enabled = false;
+        settings.sweep.enabled = false;
+        let store = induction_reconciler::store::Store::connect(
+            &settings.database.url,
+            2,
+            std::time::Duration::from_secs(5),
+        )
+        .await
+        .expect("connect to the worker's database");
+        store.migrate().await.expect("migrate");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(induction_reconciler::app::worker::run(settings, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            store,
+            db_name,
+            stop,
+            handle,
+        }
+    }
+
+    /// Stops the worker (within 30 s, without error) and drops its database.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(std::time::Duration::from_secs(30), self.handle)
+            .await
+            .expect("the worker stops within 30 s")
+            .expect("the worker task did not panic")
+            .expect("the worker stops without error");
+        self.store.pool().close().await;
+        drop_database(&self.db_name).await;
+    }
+}
+
 /// True when the tests run as root (server binaries must then run as their service users).
 pub fn is_root() -> bool {
     std::process::Command::new("id")

@@ -119,6 +119,15 @@ impl RabbitNode {
         );
     }
 
+    /// Imports definitions (JSON), from a copy in the node's own folder: the CLI runs as the
+    /// broker's user, which may not read the test's files (and RabbitMQ 3.10 cannot read them
+    /// from standard input).
+    pub fn import_definitions(&self, definitions: &[u8]) {
+        let path = self.dir.join("definitions.json");
+        std::fs::write(&path, definitions).unwrap();
+        self.ctl(&["import_definitions", path.to_str().unwrap()]);
+    }
+
     /// Starts the node again after `stop`.
     pub fn restart(&self) {
         self.boot();
