@@ -143,11 +143,30 @@ pub async fn act(
         );
         done.push(summary);
     }
+    let returned = untouched.len() as u32;
     for acker in untouched {
         requeue(&acker).await;
     }
+    wait_until_ready(&reader, returned).await;
     broker.close().await;
     Ok(done)
+}
+
+/// Waits (at most five seconds) until the messages this command returned are ready in the queue
+/// again. A quorum queue applies a requeue asynchronously, and the next command counts only
+/// ready messages: without this, `parked purge --all` right after another `parked` command can
+/// find nothing to purge.
+async fn wait_until_ready(reader: &crate::broker::QueueReader, returned: u32) {
+    if returned == 0 {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        if reader.ready().await.is_ok_and(|ready| ready >= returned) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Republishes a parked message to its original exchange and routing key, with a confirm.
