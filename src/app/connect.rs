@@ -17,8 +17,10 @@ const BROKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connects to RabbitMQ once (URL, password file, CA file), naming the connection.
 pub async fn broker(settings: &Settings, name: &str) -> anyhow::Result<Broker> {
-    attempt_broker(settings, name)
-        .await?
+    let target = Target::from_settings(settings)?;
+    target
+        .attempt(name)
+        .await
         .context("cannot connect to the broker")
 }
 
@@ -33,19 +35,30 @@ pub async fn store(settings: &Settings) -> anyhow::Result<Store> {
     .context("cannot connect to the database")
 }
 
-async fn attempt_broker(
-    settings: &Settings,
-    name: &str,
-) -> anyhow::Result<Result<Broker, BrokerError>> {
-    let url = settings.amqp_url()?;
-    let tls = Tls {
-        ca_pem: settings.amqp_tls_ca()?,
-        client: settings.amqp_tls_identity()?,
-    };
-    let connecting = Broker::connect_with_tls(&url, name, &tls);
-    Ok(tokio::time::timeout(BROKER_CONNECT_TIMEOUT, connecting)
-        .await
-        .unwrap_or_else(|_| Err(BrokerError::timed_out("a connection (30 s)"))))
+/// Where and how to connect: the URL (with the password file applied) and the TLS files, read
+/// once, not on every retry.
+struct Target {
+    url: secrecy::SecretString,
+    tls: Tls,
+}
+
+impl Target {
+    fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
+        Ok(Self {
+            url: settings.amqp_url()?,
+            tls: Tls {
+                ca_pem: settings.amqp_tls_ca()?,
+                client: settings.amqp_tls_identity()?,
+            },
+        })
+    }
+
+    async fn attempt(&self, name: &str) -> Result<Broker, BrokerError> {
+        let connecting = Broker::connect_with_tls(&self.url, name, &self.tls);
+        tokio::time::timeout(BROKER_CONNECT_TIMEOUT, connecting)
+            .await
+            .unwrap_or_else(|_| Err(BrokerError::timed_out("a connection (30 s)")))
+    }
 }
 
 /// Connects the worker's pool to PostgreSQL, waiting with back-off while it is unavailable.
@@ -83,11 +96,12 @@ pub async fn broker_waiting(
     name: &str,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<Broker>> {
+    let target = Target::from_settings(settings)?;
     let mut backoff = Backoff::new(settings);
     let mut warned = Quiet::default();
     loop {
         let attempt = tokio::select! {
-            attempt = attempt_broker(settings, name) => attempt?,
+            attempt = target.attempt(name) => attempt,
             () = stop.cancelled() => return Ok(None),
         };
         match attempt {

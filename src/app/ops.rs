@@ -257,11 +257,11 @@ pub async fn parked(
                 } else {
                     println!(
                         "{}  {:<26} {:<30} {}  {}",
-                        s.parked_at.as_deref().unwrap_or("-"),
-                        s.reason.as_deref().unwrap_or("-"),
+                        s.headers.parked_at.as_deref().unwrap_or("-"),
+                        s.headers.reason.as_deref().unwrap_or("-"),
                         s.message_id.as_deref().unwrap_or("-"),
-                        s.original_routing_key.as_deref().unwrap_or("-"),
-                        s.detail.as_deref().unwrap_or("")
+                        s.headers.original_routing_key.as_deref().unwrap_or("-"),
+                        s.headers.detail.as_deref().unwrap_or("")
                     );
                 }
             }

@@ -41,26 +41,15 @@ pub struct Selection {
 pub struct ParkedSummary {
     /// The body's `message_id`, or the AMQP property, if either is present.
     pub message_id: Option<String>,
-    /// `x-parked-reason`, or the broker's dead-letter reason (`delivery_limit`).
-    pub reason: Option<String>,
-    /// `x-parked-detail`.
-    pub detail: Option<String>,
-    /// `x-parked-at`.
-    pub parked_at: Option<String>,
-    /// Where it was first published.
-    pub original_exchange: Option<String>,
-    /// Its routing key.
-    pub original_routing_key: Option<String>,
+    /// What the parking (or dead-lettering) headers say: reason, detail, when, and where it was
+    /// first published.
+    #[serde(flatten)]
+    pub headers: ParkedHeaders,
     /// Body size in bytes.
     pub bytes: usize,
 }
 
 fn summarise(delivery: &Delivery) -> ParkedSummary {
-    let headers = ParkedHeaders::read(
-        &delivery.properties,
-        delivery.exchange.as_str(),
-        delivery.routing_key.as_str(),
-    );
     ParkedSummary {
         message_id: peek(&delivery.data).message_id.or_else(|| {
             delivery
@@ -69,11 +58,11 @@ fn summarise(delivery: &Delivery) -> ParkedSummary {
                 .as_ref()
                 .map(|m| m.as_str().to_owned())
         }),
-        reason: headers.reason,
-        detail: headers.detail,
-        parked_at: headers.parked_at,
-        original_exchange: headers.original_exchange,
-        original_routing_key: headers.original_routing_key,
+        headers: ParkedHeaders::read(
+            &delivery.properties,
+            delivery.exchange.as_str(),
+            delivery.routing_key.as_str(),
+        ),
         bytes: delivery.data.len(),
     }
 }
@@ -89,7 +78,7 @@ fn selected(summary: &ParkedSummary, selection: &Selection) -> bool {
     let reason_ok = selection
         .reason
         .as_ref()
-        .is_none_or(|r| summary.reason.as_ref() == Some(r));
+        .is_none_or(|r| summary.headers.reason.as_ref() == Some(r));
     id_ok && reason_ok
 }
 
@@ -177,10 +166,15 @@ async fn replay(
     summary: &ParkedSummary,
 ) -> anyhow::Result<()> {
     let exchange = summary
+        .headers
         .original_exchange
         .clone()
         .unwrap_or_else(|| settings.topology.input_exchange.clone());
-    let routing_key = summary.original_routing_key.clone().unwrap_or_default();
+    let routing_key = summary
+        .headers
+        .original_routing_key
+        .clone()
+        .unwrap_or_default();
     publisher
         .publish(
             &exchange,

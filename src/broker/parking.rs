@@ -82,7 +82,7 @@ pub fn parked_properties(
 
 /// What the parking headers (or, for a message the broker dead-lettered, its `x-death` headers)
 /// say about a parked message.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ParkedHeaders {
     /// The reason code, or the broker's dead-letter reason (`delivery_limit`).
     pub reason: Option<String>,
