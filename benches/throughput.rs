@@ -26,7 +26,7 @@ use induction_reconciler::broker::{
 };
 use induction_reconciler::config::Topology;
 use induction_reconciler::messages::{decode, peek};
-use induction_reconciler::store::{BatchItem, Store};
+use induction_reconciler::store::{BatchItem, Limits, Store};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use secrecy::SecretString;
@@ -135,8 +135,7 @@ impl Rig {
         common::create_database(&db_name).await;
         let store = Store::connect(
             &SecretString::from(common::database_url(&db_name)),
-            4,
-            Duration::from_secs(10),
+            Limits::new(4, Duration::from_secs(10)),
         )
         .await?;
         store.migrate().await?;

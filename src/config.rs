@@ -85,6 +85,9 @@ pub struct DatabaseSettings {
     pub migrate_on_start: bool,
     /// Seconds to wait for a pooled connection.
     pub acquire_timeout_seconds: u64,
+    /// Seconds one database operation (a query or a whole transaction) may take before its
+    /// connection counts as lost; also the server's `idle_in_transaction_session_timeout`.
+    pub operation_timeout_seconds: u64,
 }
 
 /// RabbitMQ settings.
@@ -157,6 +160,11 @@ pub struct WorkerSettings {
     pub retry_max_millis: u64,
     /// Bound on a graceful shutdown.
     pub shutdown_timeout_seconds: u64,
+    /// Seconds that work may wait with no delivery finishing before `/readyz` answers 503.
+    pub readiness_stall_seconds: u64,
+    /// Seconds that work may wait with no delivery finishing, while the database and the broker
+    /// answer, before `/livez` answers 503 (a stuck process, for the orchestrator to restart).
+    pub liveness_stall_seconds: u64,
 }
 
 /// Outbox relay settings.
@@ -242,6 +250,15 @@ impl Settings {
     }
 
     fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.database.operation_timeout_seconds >= 1,
+            "database.operation_timeout_seconds must be at least 1"
+        );
+        anyhow::ensure!(
+            self.worker.readiness_stall_seconds >= 1
+                && self.worker.liveness_stall_seconds >= self.worker.readiness_stall_seconds,
+            "worker.readiness_stall_seconds must be at least 1, and worker.liveness_stall_seconds at least as long"
+        );
         anyhow::ensure!(
             self.amqp.recovery_timeout_seconds >= 1,
             "amqp.recovery_timeout_seconds must be at least 1"
@@ -373,6 +390,17 @@ fn serialize_redacted<S: serde::Serializer>(
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&redact_url(url.expose_secret()))
+}
+
+impl DatabaseSettings {
+    /// The pool's bounds.
+    pub fn limits(&self, max_connections: u32) -> crate::store::Limits {
+        crate::store::Limits {
+            max_connections,
+            acquire_timeout: Duration::from_secs(self.acquire_timeout_seconds),
+            operation_timeout: Duration::from_secs(self.operation_timeout_seconds),
+        }
+    }
 }
 
 impl WorkerSettings {

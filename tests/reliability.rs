@@ -22,9 +22,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::PgCluster;
+use common::proxy::Proxy;
 use common::rabbit::RabbitNode;
 use common::workload::{Generated, generate};
-use common::{poison_trigger_sql, rss_kib};
+use common::{free_port, http_get, poison_trigger_sql, rss_kib};
 use futures_lite::StreamExt;
 use induction_reconciler::broker::{Broker, declare_topology, json_properties};
 use induction_reconciler::config::{Settings, Topology};
@@ -62,6 +63,16 @@ struct Harness {
     kills: usize,
     /// RabbitMQ stops so far.
     broker_stops: AtomicUsize,
+    /// Black-hole proxies between the workers and PostgreSQL and RabbitMQ, when a scenario puts
+    /// them there; the harness itself always connects directly.
+    proxies: Option<Proxies>,
+    /// Each worker slot's `/readyz` and `/livez` port.
+    http_ports: Vec<u16>,
+}
+
+struct Proxies {
+    postgres: Proxy,
+    rabbitmq: Proxy,
 }
 
 /// A scenario under way: the producer and the outcome capture.
@@ -157,6 +168,28 @@ impl Harness {
             stop_sampling: Arc::default(),
             kills: 0,
             broker_stops: AtomicUsize::new(0),
+            proxies: None,
+            http_ports: Vec::new(),
+        }
+    }
+
+    /// Puts a black-hole proxy between the workers (started from now on) and each service.
+    async fn with_proxies(mut self) -> Self {
+        self.proxies = Some(Proxies {
+            postgres: Proxy::start(self.pg.port).await,
+            rabbitmq: Proxy::start(self.rabbit.port).await,
+        });
+        self
+    }
+
+    /// The URLs a worker connects to: through the proxies, if there are any.
+    fn worker_urls(&self) -> (String, String) {
+        match &self.proxies {
+            None => (self.db_url.clone(), self.rabbit.url()),
+            Some(p) => (
+                format!("postgres://root@127.0.0.1:{}/rel", p.postgres.port),
+                format!("amqp://guest:guest@127.0.0.1:{}/%2f", p.rabbitmq.port),
+            ),
         }
     }
 
@@ -167,12 +200,21 @@ impl Harness {
             Instant::now().elapsed().as_nanos()
         )))
         .unwrap();
+        while self.http_ports.len() <= index {
+            self.http_ports.push(free_port());
+        }
+        let (db_url, amqp_url) = self.worker_urls();
         let child = Command::new(BIN)
             .args(["run"])
             .env_remove("RUST_LOG")
-            .env("DATABASE_URL", &self.db_url)
-            .env("AMQP_URL", self.rabbit.url())
-            .env("INDUCTION__HTTP__ENABLED", "false")
+            .env("DATABASE_URL", db_url)
+            .env("AMQP_URL", amqp_url)
+            .env(
+                "INDUCTION__HTTP__LISTEN",
+                format!("127.0.0.1:{}", self.http_ports[index]),
+            )
+            .env("INDUCTION__WORKER__READINESS_STALL_SECONDS", "5")
+            .env("INDUCTION__WORKER__LIVENESS_STALL_SECONDS", "15")
             .env("INDUCTION__SWEEP__ENABLED", "false")
             .env("INDUCTION__WORKER__MAX_ATTEMPTS", "3")
             .env("INDUCTION__WORKER__RETRY_MIN_MILLIS", "50")
@@ -267,9 +309,11 @@ impl Harness {
                         broker.close().await;
                         Ok::<_, induction_reconciler::broker::BrokerError>(())
                     };
-                    match attempt.await {
-                        Ok(()) => break,
-                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    // A window that does not go through within 30 s (a connection that hangs)
+                    // is sent again on a new connection.
+                    match tokio::time::timeout(Duration::from_secs(30), attempt).await {
+                        Ok(Ok(())) => break,
+                        _ => tokio::time::sleep(Duration::from_millis(500)).await,
                     }
                 }
                 next = window.last().unwrap() + 1;
@@ -277,42 +321,51 @@ impl Harness {
         })
     }
 
-    /// Consumes outcomes into memory, reconnecting across broker restarts.
+    /// Consumes outcomes into memory, reconnecting across broker restarts. Every step has a
+    /// bound: a connection that lapin is still recovering (or that recovered without its
+    /// consumer) is dropped after five quiet seconds and a new one opened, so that the capture
+    /// never waits on a dead connection (unacknowledged outcomes go back to the queue).
     fn capture(&self) -> tokio::task::JoinHandle<()> {
         let url = SecretString::from(self.rabbit.url());
         let outcomes = self.outcomes.clone();
         let stop = self.stop_sampling.clone();
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let Ok(broker) = Broker::connect(&url, "reliability capture").await else {
+                let step = Duration::from_secs(10);
+                let connecting = Broker::connect(&url, "reliability capture");
+                let Ok(Ok(broker)) = tokio::time::timeout(step, connecting).await else {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 };
-                let Ok(channel) = broker.channel().await else {
-                    continue;
+                let consuming = async {
+                    let channel = broker.channel().await.ok()?;
+                    channel.basic_qos(500, Default::default()).await.ok()?;
+                    channel
+                        .basic_consume(
+                            "rel.capture".into(),
+                            "capture".into(),
+                            BasicConsumeOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                        .ok()
                 };
-                let _ = channel.basic_qos(500, Default::default()).await;
-                let Ok(mut consumer) = channel
-                    .basic_consume(
-                        "rel.capture".into(),
-                        "capture".into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                else {
-                    continue;
-                };
-                while let Some(Ok(delivery)) = consumer.next().await {
-                    if let Ok(v) = serde_json::from_slice::<Value>(&delivery.data) {
-                        outcomes.lock().await.push(v);
-                    }
-                    let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-                    if stop.load(Ordering::Relaxed) {
-                        break;
+                if let Ok(Some(mut consumer)) = tokio::time::timeout(step, consuming).await {
+                    let quiet = Duration::from_secs(5);
+                    while let Ok(Some(Ok(delivery))) =
+                        tokio::time::timeout(quiet, consumer.next()).await
+                    {
+                        if let Ok(v) = serde_json::from_slice::<Value>(&delivery.data) {
+                            outcomes.lock().await.push(v);
+                        }
+                        let acking = delivery.acker.ack(BasicAckOptions::default());
+                        let _ = tokio::time::timeout(step, acking).await;
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
                     }
                 }
-                broker.close().await;
+                let _ = tokio::time::timeout(step, broker.close()).await;
             }
         })
     }
@@ -381,7 +434,7 @@ impl Harness {
 
     /// Waits until every valid message is in the inbox, the outbox is empty, and the capture
     /// queue has nothing more to give.
-    async fn wait_until_settled(&self, publisher: tokio::task::JoinHandle<()>) {
+    async fn wait_until_settled(&self, publisher: tokio::task::JoinHandle<()>) -> Instant {
         tokio::time::timeout(Duration::from_secs(600), publisher)
             .await
             .expect("publishing finishes")
@@ -396,7 +449,9 @@ impl Harness {
             let outbox = self.count("select count(*) from outbox").await;
             let received = self.outcomes.lock().await.len() as i64;
             if inbox >= expected && pending == 0 && received >= outbox {
-                break;
+                let settled = Instant::now();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return settled;
             }
             assert!(
                 Instant::now() < deadline,
@@ -404,7 +459,106 @@ impl Harness {
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    /// Polls worker 0's `/readyz` and `/livez` every 250 ms until the sampling stops: every
+    /// change of either, as (seconds since `since`, path, status; 0 when nothing answers).
+    fn watch_health(
+        &self,
+        since: Instant,
+        stop: Arc<AtomicBool>,
+    ) -> tokio::task::JoinHandle<Vec<(f64, String, u16)>> {
+        let port = self.http_ports[0];
+        tokio::spawn(async move {
+            let mut changes: Vec<(f64, String, u16)> = Vec::new();
+            let mut last: HashMap<&str, u16> = HashMap::new();
+            while !stop.load(Ordering::Relaxed) {
+                for path in ["/readyz", "/livez"] {
+                    let answer = tokio::time::timeout(Duration::from_secs(5), http_get(port, path));
+                    let status = match answer.await {
+                        Ok(Some((status, body))) if status != 200 => {
+                            (status, format!("{path} {}", body.trim()))
+                        }
+                        Ok(Some((status, _))) => (status, path.to_owned()),
+                        _ => (0, path.to_owned()),
+                    };
+                    if last.insert(path, status.0) != Some(status.0) {
+                        changes.push((since.elapsed().as_secs_f64(), status.1, status.0));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            changes
+        })
+    }
+
+    /// Black-holes the workers' connections to one service (`postgres` or `rabbitmq`).
+    fn black_hole(&self, service: &str) {
+        let proxies = self.proxies.as_ref().expect("a scenario with proxies");
+        match service {
+            "postgres" => proxies.postgres.black_hole(),
+            _ => proxies.rabbitmq.black_hole(),
+        }
+    }
+
+    /// Silent connection loss (issue 12): black-holes the workers' connections to `service`,
+    /// SIGTERMs the worker 2 s later (it must exit within its bound whatever its connections
+    /// are doing) and starts a new one; then black-holes them again and leaves the worker to
+    /// notice, reconnect and drain on its own, within 60 s of the fault.
+    async fn black_holed(&mut self, service: &str, scenario: &str) {
+        let started = Instant::now();
+        let running = self.start(1, 800);
+        let watching = Arc::new(AtomicBool::new(false));
+        let health = self.watch_health(started, watching.clone());
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        self.black_hole(service);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (clean, exit) = self.terminate_worker(0, SHUTDOWN_BOUND);
+        assert!(
+            clean,
+            "{scenario}: the worker exits with status 0 after SIGTERM"
+        );
+        assert!(
+            exit < SHUTDOWN_BOUND.as_secs_f64(),
+            "{scenario}: exit within the bound: {exit} s"
+        );
+        self.spawn_worker(Some(0));
+        self.sample_memory();
+        let after_restart = self.recovery_seconds(Instant::now()).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let fault = Instant::now();
+        let fault_at = started.elapsed().as_secs_f64();
+        self.black_hole(service);
+        // Deliveries already in the lanes may still finish; progress after that is recovery.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let recovered = self.recovery_seconds(fault).await;
+        let settled = self.wait_until_settled(running.publisher).await;
+        let drained = settled.duration_since(fault).as_secs_f64();
+        assert!(
+            drained <= 60.0,
+            "{scenario}: the backlog took {drained:.1} s to drain after the fault (bound 60 s)"
+        );
+        watching.store(true, Ordering::Relaxed);
+        let changes = health.await.unwrap();
+        println!("{scenario}: health changes {changes:?}");
+        let not_ready = changes.iter().find(|(at, what, status)| {
+            *at > fault_at && what.starts_with("/readyz") && *status == 503
+        });
+        if service == "postgres" {
+            assert!(
+                not_ready.is_some(),
+                "{scenario}: /readyz answered 503 while the database path was black-holed"
+            );
+        }
+        let extra = json!({"sigterm_during_black_hole_exit_seconds": exit,
+            "recovery_seconds_after_restart": after_restart,
+            "second_fault_at_seconds": fault_at,
+            "inbox_growing_again_seconds_after_fault": recovered,
+            "drained_seconds_after_fault": drained,
+            "readyz_503_seconds_after_fault": not_ready.map(|(at, _, _)| at - fault_at),
+            "readyz_503_reason": not_ready.map(|(_, what, _)| what.clone())});
+        self.check(scenario, &[], extra).await;
+        running.capture.abort();
     }
 
     /// Runs every check and returns the figures.
@@ -446,31 +600,10 @@ impl Harness {
 
         // 2. Every invalid message parked, no more often than it was published; nothing parked for
         //    an outage.
-        let broker = Broker::connect(&SecretString::from(self.rabbit.url()), "reliability check")
-            .await
-            .unwrap();
-        let channel = broker.channel().await.unwrap();
-        let mut parked_bodies: HashMap<Vec<u8>, usize> = HashMap::new();
-        let mut parked_reasons: BTreeMap<String, usize> = BTreeMap::new();
-        while let Some(m) = channel
-            .basic_get(
-                self.topology.parking_queue.as_str().into(),
-                BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap()
-        {
-            let headers = m.delivery.properties.headers().clone().unwrap_or_default();
-            let reason = match headers.inner().get("x-parked-reason") {
-                Some(AMQPValue::LongString(s)) => {
-                    String::from_utf8_lossy(s.as_bytes()).into_owned()
-                }
-                _ => "dead-lettered by the broker".to_owned(),
-            };
-            *parked_reasons.entry(reason).or_default() += 1;
-            *parked_bodies.entry(m.delivery.data).or_default() += 1;
-        }
-        broker.close().await;
+        let (parked_bodies, parked_reasons) =
+            tokio::time::timeout(Duration::from_secs(120), self.read_parking_queue())
+                .await
+                .expect("the parking queue can be read within 120 s");
         // Several generated messages can share a body (a re-sent invalid message, or the same
         // truncated JSON): compare per body, between how many carry it and how often it was sent.
         let mut invalid: HashMap<&[u8], (usize, usize)> = HashMap::new();
@@ -601,6 +734,37 @@ impl Harness {
         });
         println!("RELIABILITY {figures}");
         figures
+    }
+
+    /// Takes everything out of the parking queue: how often each body was parked, and the
+    /// count of each reason.
+    async fn read_parking_queue(&self) -> (HashMap<Vec<u8>, usize>, BTreeMap<String, usize>) {
+        let broker = Broker::connect(&SecretString::from(self.rabbit.url()), "reliability check")
+            .await
+            .unwrap();
+        let channel = broker.channel().await.unwrap();
+        let mut parked_bodies: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut parked_reasons: BTreeMap<String, usize> = BTreeMap::new();
+        while let Some(m) = channel
+            .basic_get(
+                self.topology.parking_queue.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+            let reason = match headers.inner().get("x-parked-reason") {
+                Some(AMQPValue::LongString(s)) => {
+                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                }
+                _ => "dead-lettered by the broker".to_owned(),
+            };
+            *parked_reasons.entry(reason).or_default() += 1;
+            *parked_bodies.entry(m.delivery.data).or_default() += 1;
+        }
+        broker.close().await;
+        (parked_bodies, parked_reasons)
     }
 
     /// The largest resident memory of the running workers now, in MiB.
@@ -899,4 +1063,18 @@ async fn a_poison_message_is_parked_and_does_not_hold_up_the_rest() {
     let figures = h.check("poison", &["processing_failed"], json!({})).await;
     assert_eq!(figures["parked"]["processing_failed"], 1);
     running.capture.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection: run with deploy/dev reliability"]
+async fn postgres_black_holed_mid_stream() {
+    let mut h = Harness::new(vec![]).await.with_proxies().await;
+    h.black_holed("postgres", "postgres_black_hole").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection: run with deploy/dev reliability"]
+async fn rabbitmq_black_holed_mid_stream() {
+    let mut h = Harness::new(vec![]).await.with_proxies().await;
+    h.black_holed("rabbitmq", "rabbitmq_black_hole").await;
 }

@@ -10,7 +10,7 @@ use common::admin_url;
 use common::app::TestApp;
 use common::cluster::PgCluster;
 use common::registration;
-use induction_reconciler::store::Store;
+use induction_reconciler::store::{Limits, Store};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use secrecy::SecretString;
 use sqlx::Connection;
@@ -69,8 +69,7 @@ async fn postgres_over_tls_with_verify_full() {
     // The store connects, migrates and reports the session as encrypted.
     let store = Store::connect(
         &SecretString::from(tls_url.clone()),
-        2,
-        Duration::from_secs(10),
+        Limits::new(2, Duration::from_secs(10)),
     )
     .await
     .expect("TLS connection");

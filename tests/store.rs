@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{NOW, bytes, claim, registration, set};
 use induction_reconciler::domain::{Admission, Ledger, Status, Trn};
 use induction_reconciler::messages::{Input, decode};
-use induction_reconciler::store::{BatchItem, Handled, Store};
+use induction_reconciler::store::{BatchItem, Handled, Limits, Store};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::Row;
@@ -29,7 +29,7 @@ impl Db {
         let name = format!("st_{}", uuid::Uuid::new_v4().simple());
         common::create_database(&name).await;
         let url = secrecy::SecretString::from(common::database_url(&name));
-        let store = Store::connect(&url, 8, Duration::from_secs(10))
+        let store = Store::connect(&url, Limits::new(8, Duration::from_secs(10)))
             .await
             .expect("connect to the test database");
         store.migrate().await.expect("migrate");

@@ -26,13 +26,9 @@ pub async fn broker(settings: &Settings, name: &str) -> anyhow::Result<Broker> {
 
 /// Connects a small pool to PostgreSQL once, for an operator command.
 pub async fn store(settings: &Settings) -> anyhow::Result<Store> {
-    Store::connect(
-        &settings.database_url()?,
-        2,
-        Duration::from_secs(settings.database.acquire_timeout_seconds),
-    )
-    .await
-    .context("cannot connect to the database")
+    Store::connect(&settings.database_url()?, settings.database.limits(2))
+        .await
+        .context("cannot connect to the database")
 }
 
 /// Where and how to connect: the URL (with the password file applied) and the TLS files, read
@@ -71,11 +67,8 @@ pub async fn store_waiting(
     let mut backoff = Backoff::new(settings);
     let mut warned = Quiet::default();
     loop {
-        let connecting = Store::connect(
-            &url,
-            settings.database.max_connections,
-            Duration::from_secs(settings.database.acquire_timeout_seconds),
-        );
+        let limits = settings.database.limits(settings.database.max_connections);
+        let connecting = Store::connect(&url, limits);
         match connecting.await {
             Ok(store) => return Ok(Some(store)),
             Err(error) if error.is_transient() => {

@@ -1,7 +1,8 @@
 //! The operators' HTTP endpoint: `/metrics` (Prometheus text format), `/livez` and `/readyz`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -10,21 +11,117 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Settings;
 use crate::store::Store;
 use crate::telemetry::metrics::metrics;
 
-/// What readiness depends on.
+/// How long the readiness check waits for the database to answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether work moves: deliveries handed to the lanes and not yet finished, and when one last
+/// finished (or work arrived at an idle worker).
+pub struct Progress {
+    epoch: Instant,
+    waiting: AtomicUsize,
+    /// Milliseconds after `epoch`.
+    last_moved: AtomicU64,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            waiting: AtomicUsize::new(0),
+            last_moved: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Progress {
+    fn touch(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.last_moved.store(now, Ordering::Relaxed);
+    }
+
+    /// A delivery was handed to a lane.
+    pub fn taken(&self) {
+        if self.waiting.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.touch();
+        }
+    }
+
+    /// `n` deliveries finished (acknowledged, parked, or left for redelivery).
+    pub fn finished(&self, n: usize) {
+        self.touch();
+        let _ = self
+            .waiting
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                Some(w.saturating_sub(n))
+            });
+    }
+
+    /// Deliveries handed to lanes and not yet finished.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// How long work has waited with nothing finishing; zero when nothing waits.
+    pub fn stalled_for(&self) -> Duration {
+        if self.waiting() == 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.last_moved.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+/// Why the worker is not ready, as `/readyz` says and the `not_ready` metric counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotReady {
+    /// The database does not answer a trivial query.
+    DatabaseUnreachable,
+    /// The consumer has no working broker connection.
+    BrokerUnreachable,
+    /// Deliveries wait and none has finished for `worker.readiness_stall_seconds`.
+    NotProgressing,
+}
+
+impl NotReady {
+    /// Every reason, in the order they are checked.
+    pub const ALL: [Self; 3] = [
+        Self::DatabaseUnreachable,
+        Self::BrokerUnreachable,
+        Self::NotProgressing,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DatabaseUnreachable => "database_unreachable",
+            Self::BrokerUnreachable => "broker_unreachable",
+            Self::NotProgressing => "not_progressing",
+        }
+    }
+}
+
+/// What readiness and liveness depend on.
 pub struct Health {
     store: Store,
     broker_connected: AtomicBool,
+    progress: Arc<Progress>,
+    readiness_stall: Duration,
+    liveness_stall: Duration,
 }
 
 impl Health {
     /// Not ready until the consumer reports a broker connection.
-    pub fn new(store: Store) -> Arc<Self> {
+    pub fn new(store: Store, settings: &Settings) -> Arc<Self> {
         Arc::new(Self {
             store,
             broker_connected: AtomicBool::new(false),
+            progress: Arc::default(),
+            readiness_stall: Duration::from_secs(settings.worker.readiness_stall_seconds),
+            liveness_stall: Duration::from_secs(settings.worker.liveness_stall_seconds),
         })
     }
 
@@ -33,9 +130,48 @@ impl Health {
         &self.store
     }
 
+    /// The lanes' progress.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
     /// Records whether the consumer has a working broker connection.
     pub fn set_broker_connected(&self, connected: bool) {
         self.broker_connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// Why the worker cannot make progress now, if it cannot; sets the `not_ready` metric.
+    pub async fn readiness(&self) -> Option<NotReady> {
+        let database = self.store.ping(PING_TIMEOUT).await;
+        let broker = self.broker_connected.load(Ordering::Relaxed);
+        let stalled = self.progress.stalled_for();
+        let failing = |reason: NotReady| match reason {
+            NotReady::DatabaseUnreachable => !database,
+            NotReady::BrokerUnreachable => !broker,
+            NotReady::NotProgressing => stalled >= self.readiness_stall,
+        };
+        let m = metrics();
+        m.stalled_seconds.set(stalled.as_secs_f64());
+        for reason in NotReady::ALL {
+            let label = crate::telemetry::metrics::ReasonLabel {
+                reason: reason.as_str().into(),
+            };
+            m.not_ready
+                .get_or_create(&label)
+                .set(i64::from(failing(reason)));
+        }
+        NotReady::ALL.into_iter().find(|&reason| failing(reason))
+    }
+
+    /// False when work has stalled beyond `worker.liveness_stall_seconds` although the database
+    /// and the broker answer: the process is stuck, and a restart is what helps. During an
+    /// outage the process stays live (a restart cannot bring a dependency back).
+    pub fn is_live(&self, readiness: Option<NotReady>) -> bool {
+        let outage = matches!(
+            readiness,
+            Some(NotReady::DatabaseUnreachable | NotReady::BrokerUnreachable)
+        );
+        outage || self.progress.stalled_for() < self.liveness_stall
     }
 }
 
@@ -49,17 +185,32 @@ async fn metrics_text() -> impl IntoResponse {
     )
 }
 
-async fn livez() -> &'static str {
-    "ok\n"
+async fn livez(State(health): State<Arc<Health>>) -> (StatusCode, String) {
+    let readiness = health.readiness().await;
+    if health.is_live(readiness) {
+        (StatusCode::OK, "ok\n".into())
+    } else {
+        let stalled = health.progress.stalled_for().as_secs();
+        let waiting = health.progress.waiting();
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("stuck: {waiting} deliveries waiting, none finished for {stalled} s\n"),
+        )
+    }
 }
 
 async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str) {
-    let broker = health.broker_connected.load(Ordering::Relaxed);
-    let database = health.store.ping().await;
-    match (database, broker) {
-        (true, true) => (StatusCode::OK, "ready\n"),
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n"),
-        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "broker unreachable\n"),
+    match health.readiness().await {
+        None => (StatusCode::OK, "ready\n"),
+        Some(NotReady::DatabaseUnreachable) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n")
+        }
+        Some(NotReady::BrokerUnreachable) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "broker unreachable\n")
+        }
+        Some(NotReady::NotProgressing) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "not making progress\n")
+        }
     }
 }
 
@@ -81,19 +232,43 @@ pub async fn serve(
         .await
 }
 
-/// Refreshes the database gauges every `period` until `stop`.
-pub async fn refresh_gauges(store: Store, period: std::time::Duration, stop: CancellationToken) {
+/// Refreshes the database gauges and the readiness metrics every `period` until `stop`.
+pub async fn refresh_gauges(health: Arc<Health>, period: Duration, stop: CancellationToken) {
     loop {
-        if let Ok(g) = store.gauges().await {
+        if let Ok(g) = health.store.gauges().await {
             let m = metrics();
             m.outbox_backlog.set(g.outbox_backlog);
             m.outbox_oldest_age_seconds.set(g.outbox_oldest_age_seconds);
             m.open_conflicts.set(g.open_conflicts);
             m.overdue_provisionals.set(g.overdue_provisionals);
         }
+        health.readiness().await;
         tokio::select! {
             () = tokio::time::sleep(period) => {}
             () = stop.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Progress;
+    use std::time::Duration;
+
+    #[test]
+    fn progress_stalls_only_while_work_waits() {
+        let p = Progress::default();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(p.stalled_for(), Duration::ZERO, "nothing waits");
+        p.taken();
+        p.taken();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(p.stalled_for() >= Duration::from_millis(25));
+        p.finished(1);
+        assert!(p.stalled_for() < Duration::from_millis(25), "one finished");
+        assert_eq!(p.waiting(), 1);
+        p.finished(5);
+        assert_eq!(p.waiting(), 0);
+        assert_eq!(p.stalled_for(), Duration::ZERO);
     }
 }

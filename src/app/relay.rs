@@ -99,13 +99,12 @@ pub async fn relay_until(
     stop: &CancellationToken,
     abandon: &CancellationToken,
 ) -> Result<(), RelayError> {
-    let mut listener = PgListener::connect_with(store.pool())
-        .await
-        .map_err(StoreError::from)?;
-    listener
-        .listen(OUTBOX_CHANNEL)
-        .await
-        .map_err(StoreError::from)?;
+    let mut listener = listen(store).await?;
+    // Rounds woken by the poll that found outcomes: commits whose notification did not come. A
+    // listener on a connection that went silent hears nothing; after a few such rounds it is
+    // replaced (by returning, so that the caller starts again).
+    let mut unheard = 0;
+    let mut woken_by_poll = false;
     loop {
         // Drain: a full batch means there may be more (including later versions of the same
         // teachers, which become publishable once the earlier ones are marked).
@@ -116,18 +115,43 @@ pub async fn relay_until(
                 round = relay_once(store, publisher, exchange, batch_size) => round?,
                 () = abandon.cancelled() => return Ok(()),
             };
-            if published > 0 {
-                tracing::debug!(outcomes = published, "published outcomes");
-            } else {
+            if published == 0 {
                 break;
             }
+            tracing::debug!(outcomes = published, "published outcomes");
+            if std::mem::take(&mut woken_by_poll) {
+                unheard += 1;
+                if unheard >= UNHEARD_ROUNDS {
+                    return Err(
+                        StoreError::transient("the outbox listener hears no commits").into(),
+                    );
+                }
+            }
         }
+        woken_by_poll = false;
         tokio::select! {
-            notification = listener.recv() => { notification.map_err(StoreError::from)?; }
-            () = tokio::time::sleep(poll) => {}
+            notification = listener.recv() => {
+                notification.map_err(StoreError::from)?;
+                unheard = 0;
+            }
+            () = tokio::time::sleep(poll) => woken_by_poll = true,
             () = stop.cancelled() => return Ok(()),
         }
     }
+}
+
+/// Poll-woken rounds with outcomes to publish, in a row, after which the listener is replaced.
+const UNHEARD_ROUNDS: u32 = 3;
+
+/// A listener on the outbox channel, within the store's operation bound.
+async fn listen(store: &Store) -> Result<PgListener, StoreError> {
+    let limit = store.operation_timeout();
+    crate::store::bounded(limit, "the outbox listener", async {
+        let mut listener = PgListener::connect_with(store.pool()).await?;
+        listener.listen(OUTBOX_CHANNEL).await?;
+        Ok(listener)
+    })
+    .await
 }
 
 /// Publishes what the outbox holds until it is empty or `deadline` passes (used at shutdown).

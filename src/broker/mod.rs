@@ -72,10 +72,14 @@ impl Broker {
         // lapin retries a first connection that fails, in a thread of its own, until its
         // back-off runs out (minutes). The probe below fails at once instead and leaves nothing
         // running behind it.
-        let uri: lapin::uri::AMQPUri = url
+        let mut uri: lapin::uri::AMQPUri = url
             .expose_secret()
             .parse()
             .map_err(|_| BrokerError::invalid_url())?;
+        // Heartbeats both ways are how a connection that vanished without a reset is noticed:
+        // lapin closes it after two intervals with nothing read, and the broker requeues what
+        // it held after two intervals with nothing from us. The URL's `heartbeat` wins.
+        uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECONDS);
         let tls = lapin::tcp::OwnedTLSConfig {
             identity: tls
                 .client
@@ -103,11 +107,11 @@ impl Broker {
                 Err(_) => return Err(BrokerError::timed_out("a TLS connection to the broker")),
             }
         }
-        let connection =
-            Connection::connect_with_config(url.expose_secret(), properties, tls, runtime).await?;
+        let user = Arc::from(uri.authority.userinfo.username.as_str());
+        let connection = Connection::connect_uri_with_config(uri, properties, tls, runtime).await?;
         Ok(Self {
             connection: Arc::new(connection),
-            user: Arc::from(uri.authority.userinfo.username.as_str()),
+            user,
         })
     }
 
@@ -268,6 +272,10 @@ pub enum Link {
     /// Closed or failed for good: recovery gave up or was not possible.
     Down,
 }
+
+/// The AMQP heartbeat interval asked for when the URL names none (`?heartbeat=N`): a connection
+/// that goes silent is given up by both ends within about twice this.
+pub const DEFAULT_HEARTBEAT_SECONDS: u16 = 10;
 
 /// How long any single broker operation (opening a channel, declaring, sending a message's
 /// frames) may take. lapin queues operations on a connection that is being recovered, and one

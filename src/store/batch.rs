@@ -41,10 +41,13 @@ impl Store {
         items: &[BatchItem<'_>],
         now: OffsetDateTime,
     ) -> Result<Vec<Handled>, StoreError> {
-        let mut tx = self.pool().begin().await?;
-        let results = apply_in(&mut tx, items, now).await?;
-        tx.commit().await?;
-        Ok(results)
+        self.bounded("a batch", async {
+            let mut tx = self.pool().begin().await?;
+            let results = apply_in(&mut tx, items, now).await?;
+            tx.commit().await?;
+            Ok(results)
+        })
+        .await
     }
 }
 

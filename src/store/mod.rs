@@ -52,26 +52,97 @@ pub enum Handled {
     Reused,
 }
 
+/// The bounds a [`Store`] keeps: its pool size, the wait for a free connection, and every
+/// operation (a query, or a whole transaction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections in the pool, at most.
+    pub max_connections: u32,
+    /// How long to wait for a free connection (including the check that an idle one still
+    /// answers) before treating the database as unavailable.
+    pub acquire_timeout: Duration,
+    /// How long one operation may take before it counts as a lost connection: its connection is
+    /// dropped and the operation fails as transient. PostgreSQL ends a session left idle in a
+    /// transaction after the same time, so that one whose client vanished releases its locks.
+    pub operation_timeout: Duration,
+}
+
+impl Limits {
+    /// The operation bound when none is configured (`database.operation_timeout_seconds`).
+    pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
+
+    /// A pool of `max_connections` with the default operation bound.
+    pub fn new(max_connections: u32, acquire_timeout: Duration) -> Self {
+        Self {
+            max_connections,
+            acquire_timeout,
+            operation_timeout: Self::DEFAULT_OPERATION_TIMEOUT,
+        }
+    }
+}
+
 /// A handle on the database.
+///
+/// Every operation is bounded (see [`Limits`]): a connection that stops answering without
+/// closing (a black-holed network path) costs at most one operation bound, never a stuck lane.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    operation_timeout: Duration,
 }
+
+/// How long returning a connection to the pool may spend checking that it still answers. sqlx
+/// checks every returned connection without a bound of its own; one that hangs is closed.
+const RELEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Store {
     /// Connects a pool. Fails fast when the database cannot be reached.
-    pub async fn connect(
-        url: &SecretString,
-        max_connections: u32,
-        acquire_timeout: Duration,
-    ) -> Result<Self, StoreError> {
+    pub async fn connect(url: &SecretString, limits: Limits) -> Result<Self, StoreError> {
         let options: PgConnectOptions = url.expose_secret().parse()?;
+        let bound = limits.operation_timeout.as_millis().max(1).to_string();
+        // Server-side: end a session idle in a transaction (its client gone) and notice a dead
+        // client socket, so that locks held by a vanished worker are released.
+        let options = options.application_name("induction-reconciler").options([
+            ("idle_in_transaction_session_timeout", bound.as_str()),
+            ("tcp_keepalives_idle", "10"),
+            ("tcp_keepalives_interval", "5"),
+            ("tcp_keepalives_count", "3"),
+            ("tcp_user_timeout", bound.as_str()),
+        ]);
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(acquire_timeout)
-            .connect_with(options.application_name("induction-reconciler"))
+            .max_connections(limits.max_connections)
+            .acquire_timeout(limits.acquire_timeout)
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    use sqlx::Connection;
+                    match tokio::time::timeout(RELEASE_CHECK_TIMEOUT, conn.ping()).await {
+                        Ok(Ok(())) => Ok(true),
+                        Ok(Err(error)) => Err(error),
+                        Err(_) => Err(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into())),
+                    }
+                })
+            })
+            .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            operation_timeout: limits.operation_timeout,
+        })
+    }
+
+    /// Runs one operation within the operation bound. On the bound, the operation is dropped
+    /// (with it any transaction, which PostgreSQL rolls back) and fails as transient.
+    async fn bounded<T>(
+        &self,
+        what: &'static str,
+        operation: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        bounded(self.operation_timeout, what, operation).await
+    }
+
+    /// The operation bound (see [`Limits`]).
+    pub fn operation_timeout(&self) -> Duration {
+        self.operation_timeout
     }
 
     /// The pool, for the relay's listener and for tests.
@@ -85,9 +156,10 @@ impl Store {
         Ok(())
     }
 
-    /// True when a trivial query succeeds.
-    pub async fn ping(&self) -> bool {
-        sqlx::query("select 1").execute(&self.pool).await.is_ok()
+    /// True when a trivial query succeeds within `within`.
+    pub async fn ping(&self, within: Duration) -> bool {
+        let query = sqlx::query("select 1").execute(&self.pool);
+        matches!(tokio::time::timeout(within, query).await, Ok(Ok(_)))
     }
 
     /// Re-emits every provisional spell older than `max_age` once with `overdue: true`, up to
@@ -98,19 +170,24 @@ impl Store {
         max_age: time::Duration,
         limit: i64,
     ) -> Result<usize, StoreError> {
-        let due: Vec<String> = sqlx::query_scalar(
-            "select trn from teachers where status = 'provisional' and not overdue
-             and provisional_since < $1 order by provisional_since limit $2",
-        )
-        .bind(now - max_age)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let due: Vec<String> = self
+            .bounded("the overdue provisionals", async {
+                Ok(sqlx::query_scalar(
+                    "select trn from teachers where status = 'provisional' and not overdue
+                     and provisional_since < $1 order by provisional_since limit $2",
+                )
+                .bind(now - max_age)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?)
+            })
+            .await?;
         let mut swept = 0;
         for text in due {
             let trn =
                 Trn::parse(&text).ok_or_else(|| StoreError::corrupt("a stored TRN is invalid"))?;
-            if self.sweep_teacher(&trn, now, max_age).await? {
+            let sweeping = self.sweep_teacher(&trn, now, max_age);
+            if self.bounded("a sweep of one teacher", sweeping).await? {
                 swept += 1;
             }
         }
@@ -147,12 +224,14 @@ impl Store {
         &self,
         digests: &[[u8; 32]],
     ) -> Result<std::collections::HashSet<[u8; 32]>, StoreError> {
-        let rows: Vec<Vec<u8>> = sqlx::query_scalar(
+        let query = sqlx::query_scalar(
             "select distinct body_sha256 from parked_log where body_sha256 = any($1)",
         )
         .bind(digests.iter().map(|d| d.to_vec()).collect::<Vec<_>>())
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(&self.pool);
+        let rows: Vec<Vec<u8>> = self
+            .bounded("the parking log", async { Ok(query.await?) })
+            .await?;
         Ok(rows
             .into_iter()
             .filter_map(|d| <[u8; 32]>::try_from(d.as_slice()).ok())
@@ -165,11 +244,12 @@ impl Store {
         parked: &[([u8; 32], &str)],
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        sqlx::query("insert into parked_log (body_sha256, reason, parked_at) select d, r, $3 from unnest($1::bytea[], $2::text[]) as x(d, r)")
+        let query = sqlx::query("insert into parked_log (body_sha256, reason, parked_at) select d, r, $3 from unnest($1::bytea[], $2::text[]) as x(d, r)")
             .bind(parked.iter().map(|(d, _)| d.to_vec()).collect::<Vec<_>>())
             .bind(parked.iter().map(|(_, r)| *r).collect::<Vec<_>>())
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.pool);
+        self.bounded("a parking record", async { Ok(query.await?) })
             .await?;
         Ok(())
     }
@@ -192,14 +272,16 @@ impl Store {
     /// Reads the gauges.
     pub async fn gauges(&self) -> Result<Gauges, StoreError> {
         use sqlx::Row;
-        let row = sqlx::query(
+        let query = sqlx::query(
             "select (select count(*) from outbox where published_at is null) as backlog,
                     coalesce(extract(epoch from now() - (select min(created_at) from outbox where published_at is null)), 0)::float8 as oldest,
                     (select count(*) from teachers where status = 'conflict') as conflicts,
                     (select count(*) from teachers where status = 'provisional' and overdue) as overdue",
         )
-        .fetch_one(&self.pool)
-        .await?;
+        .fetch_one(&self.pool);
+        let row = self
+            .bounded("the gauges", async { Ok(query.await?) })
+            .await?;
         Ok(Gauges {
             outbox_backlog: row.try_get("backlog")?,
             outbox_oldest_age_seconds: row.try_get("oldest")?,
@@ -207,4 +289,20 @@ impl Store {
             overdue_provisionals: row.try_get("overdue")?,
         })
     }
+}
+
+/// Runs `operation` within `limit`; on the bound it is dropped and fails as transient.
+pub async fn bounded<T>(
+    limit: Duration,
+    what: &'static str,
+    operation: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, operation)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::transient(format!(
+                "no answer within {} s ({what}); the connection is dropped",
+                limit.as_secs_f64()
+            )))
+        })
 }

@@ -40,6 +40,8 @@ pub struct OutboxStatus {
 /// A batch of outbox rows locked by one relay until it commits or rolls back.
 pub struct OutboxBatch {
     tx: Transaction<'static, Postgres>,
+    /// The store's operation bound, for the update and the commit.
+    operation_timeout: std::time::Duration,
     /// The rows, oldest first.
     pub rows: Vec<OutboxRow>,
 }
@@ -51,15 +53,19 @@ impl OutboxBatch {
         published: &[i64],
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        if !published.is_empty() {
-            sqlx::query("update outbox set published_at = $2 where id = any($1)")
-                .bind(published)
-                .bind(now)
-                .execute(&mut *self.tx)
-                .await?;
-        }
-        self.tx.commit().await?;
-        Ok(())
+        let limit = self.operation_timeout;
+        super::bounded(limit, "the outbox update", async move {
+            if !published.is_empty() {
+                sqlx::query("update outbox set published_at = $2 where id = any($1)")
+                    .bind(published)
+                    .bind(now)
+                    .execute(&mut *self.tx)
+                    .await?;
+            }
+            self.tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -68,45 +74,54 @@ impl super::Store {
     /// version, so that versions go out in order even with several relays. Rows another relay
     /// holds are skipped.
     pub async fn claim_outbox(&self, limit: i64) -> Result<OutboxBatch, StoreError> {
-        let mut tx = self.pool().begin().await?;
-        let rows = sqlx::query(
-            "select o.id, o.outcome_id, o.routing_key, o.body, o.traceparent, o.created_at
-             from outbox o
-             where o.published_at is null
-               and not exists (select 1 from outbox e where e.trn = o.trn and e.published_at is null and e.version < o.version)
-             order by o.id
-             limit $1
-             for update skip locked",
-        )
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(OutboxRow {
-                id: row.try_get("id")?,
-                outcome_id: row.try_get("outcome_id")?,
-                routing_key: row.try_get("routing_key")?,
-                body: row.try_get("body")?,
-                traceparent: row.try_get("traceparent")?,
-                created_at: row.try_get("created_at")?,
+        self.bounded("an outbox claim", async {
+            let mut tx = self.pool().begin().await?;
+            let rows = sqlx::query(
+                "select o.id, o.outcome_id, o.routing_key, o.body, o.traceparent, o.created_at
+                 from outbox o
+                 where o.published_at is null
+                   and not exists (select 1 from outbox e where e.trn = o.trn and e.published_at is null and e.version < o.version)
+                 order by o.id
+                 limit $1
+                 for update skip locked",
+            )
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(OutboxRow {
+                    id: row.try_get("id")?,
+                    outcome_id: row.try_get("outcome_id")?,
+                    routing_key: row.try_get("routing_key")?,
+                    body: row.try_get("body")?,
+                    traceparent: row.try_get("traceparent")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            Ok(OutboxBatch {
+                tx,
+                operation_timeout: self.operation_timeout(),
+                rows,
             })
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        Ok(OutboxBatch { tx, rows })
+        .await
     }
 
     /// The outbox at a glance.
     pub async fn outbox_status(&self) -> Result<OutboxStatus, StoreError> {
-        let row = sqlx::query(
+        let query = sqlx::query(
             "select count(*) filter (where published_at is null) as pending,
                     min(created_at) filter (where published_at is null) as oldest_pending,
                     max(published_at) as last_published,
                     count(*) filter (where published_at is not null) as published
              from outbox",
         )
-        .fetch_one(self.pool())
-        .await?;
+        .fetch_one(self.pool());
+        let row = self
+            .bounded("the outbox status", async { Ok(query.await?) })
+            .await?;
         Ok(OutboxStatus {
             pending: row.try_get("pending")?,
             oldest_pending: row.try_get("oldest_pending")?,

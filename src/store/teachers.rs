@@ -78,37 +78,40 @@ pub struct Explanation {
 impl super::Store {
     /// Everything held about one teacher.
     pub async fn explain(&self, trn: &Trn) -> Result<Explanation, StoreError> {
-        let mut conn = self.pool().acquire().await?;
-        let records = records::for_teacher(&mut conn, trn).await?;
-        let last_outcome = last_outcome_message(&mut conn, trn).await?;
-        let history = sqlx::query(
-            "select at, event, message_id, message_type, record_kind, record_id, outcome_id, version, status,
-                    published_by
-             from history where trn = $1 order by id",
-        )
-        .bind(trn.as_str())
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(HistoryEntry {
-                at: row.try_get("at")?,
-                event: row.try_get("event")?,
-                message_id: row.try_get("message_id")?,
-                message_type: row.try_get("message_type")?,
-                record_kind: row.try_get("record_kind")?,
-                record_id: row.try_get("record_id")?,
-                outcome_id: row.try_get("outcome_id")?,
-                version: row.try_get("version")?,
-                status: row.try_get("status")?,
-                published_by: row.try_get("published_by")?,
+        self.bounded("an explanation", async {
+            let mut conn = self.pool().acquire().await?;
+            let records = records::for_teacher(&mut conn, trn).await?;
+            let last_outcome = last_outcome_message(&mut conn, trn).await?;
+            let history = sqlx::query(
+                "select at, event, message_id, message_type, record_kind, record_id, outcome_id, version, status,
+                        published_by
+                 from history where trn = $1 order by id",
+            )
+            .bind(trn.as_str())
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(HistoryEntry {
+                    at: row.try_get("at")?,
+                    event: row.try_get("event")?,
+                    message_id: row.try_get("message_id")?,
+                    message_type: row.try_get("message_type")?,
+                    record_kind: row.try_get("record_kind")?,
+                    record_id: row.try_get("record_id")?,
+                    outcome_id: row.try_get("outcome_id")?,
+                    version: row.try_get("version")?,
+                    status: row.try_get("status")?,
+                    published_by: row.try_get("published_by")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            Ok(Explanation {
+                records,
+                last_outcome,
+                history,
             })
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        Ok(Explanation {
-            records,
-            last_outcome,
-            history,
-        })
+        .await
     }
 }

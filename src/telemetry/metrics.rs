@@ -64,6 +64,11 @@ pub struct Metrics {
     pub overdue_provisionals: Gauge,
     /// Reconnections after a broker failure, by component.
     pub reconnects: Family<ComponentLabel, Counter>,
+    /// 1 for each reason the worker is not ready now (`database_unreachable`,
+    /// `broker_unreachable`, `not_progressing`), else 0.
+    pub not_ready: Family<ReasonLabel, Gauge>,
+    /// Seconds that deliveries have waited with none finishing (0 when none wait).
+    pub stalled_seconds: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -74,6 +79,16 @@ impl Metrics {
         for component in ["consumer", "relay"] {
             let _ = reconnects.get_or_create(&ComponentLabel {
                 component: component.into(),
+            });
+        }
+        let not_ready = Family::<ReasonLabel, Gauge>::default();
+        for reason in [
+            "database_unreachable",
+            "broker_unreachable",
+            "not_progressing",
+        ] {
+            let _ = not_ready.get_or_create(&ReasonLabel {
+                reason: reason.into(),
             });
         }
         Self {
@@ -136,6 +151,18 @@ impl Metrics {
                 "broker_reconnects",
                 "Reconnections after a broker failure",
                 reconnects,
+            ),
+            not_ready: register(
+                &mut r,
+                "not_ready",
+                "1 for each reason the worker cannot make progress now (see /readyz)",
+                not_ready,
+            ),
+            stalled_seconds: register(
+                &mut r,
+                "stalled_seconds",
+                "Seconds that deliveries have waited with none finishing",
+                Gauge::<f64, AtomicU64>::default(),
             ),
             registry: r,
         }

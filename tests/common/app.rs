@@ -78,7 +78,7 @@ impl TestApp {
 
         let mut settings = test_settings(&db_name, &prefix);
         adjust(&mut settings);
-        let store = Store::connect(&settings.database.url, 5, Duration::from_secs(5))
+        let store = Store::connect(&settings.database.url, settings.database.limits(5))
             .await
             .expect("connect");
         store.migrate().await.expect("migrate");

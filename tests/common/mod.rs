@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod cluster;
+pub mod proxy;
 pub mod rabbit;
 pub mod workload;
 
@@ -213,8 +214,7 @@ impl LoneWorker {
         settings.sweep.enabled = false;
         let store = induction_reconciler::store::Store::connect(
             &settings.database.url,
-            2,
-            std::time::Duration::from_secs(5),
+            settings.database.limits(2),
         )
         .await
         .expect("connect to the worker's database");

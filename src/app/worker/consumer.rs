@@ -122,11 +122,12 @@ async fn consume_on(
         abandon: shared.abandon.clone(),
         publishers: std::sync::Arc::new(crate::app::handler::publishers(settings)),
     };
-    let lanes = Lanes::start(&handler, settings, in_flight);
+    let progress = shared.health.progress();
+    let lanes = Lanes::start(&handler, settings, progress.clone(), in_flight);
     let mut session = Session {
         shared,
         broker,
-        watchdog: Watchdog::new(lanes.busy(), settings.amqp.recovery_timeout()),
+        watchdog: Watchdog::new(progress, settings.amqp.recovery_timeout()),
         consumer,
         lanes,
         tick: every_second(),
@@ -182,6 +183,7 @@ impl Session<'_> {
                 // recovery; the watchdog decides when to stop waiting for it.
                 Some(Err(error)) => {
                     tracing::debug!(error = %error, "the consumer reported a broker failure");
+                    self.watchdog.lost(self.shared.health);
                 }
                 None => return Err(BrokerError::lost("the consumer (the broker cancelled it)")),
             }

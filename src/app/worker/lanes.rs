@@ -2,7 +2,6 @@
 //! time, so that concurrent transactions rarely wait for each other's teacher locks.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::message::Delivery;
@@ -10,20 +9,25 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::app::handler::Handler;
+use crate::app::http::Progress;
 use crate::config::Settings;
 use crate::messages::peek;
 
-/// The senders of `amqp.concurrency` lanes, and how many deliveries they hold.
+/// The senders of `amqp.concurrency` lanes, and the progress of what they hold.
 pub(super) struct Lanes {
     senders: Vec<mpsc::Sender<Delivery>>,
-    busy: Arc<AtomicUsize>,
+    progress: Arc<Progress>,
 }
 
 impl Lanes {
     /// Starts the lanes as tasks of `tasks`; each ends once its sender is dropped and it is
     /// empty.
-    pub(super) fn start(handler: &Handler, settings: &Settings, tasks: &mut JoinSet<()>) -> Self {
-        let busy = Arc::new(AtomicUsize::new(0));
+    pub(super) fn start(
+        handler: &Handler,
+        settings: &Settings,
+        progress: Arc<Progress>,
+        tasks: &mut JoinSet<()>,
+    ) -> Self {
         let lanes = settings.amqp.concurrency.max(1);
         let batch_size = settings.amqp.batch_size.max(1);
         let linger = Duration::from_millis(settings.amqp.batch_linger_millis);
@@ -31,21 +35,17 @@ impl Lanes {
         for _ in 0..lanes {
             let (tx, rx) = mpsc::channel(batch_size);
             senders.push(tx);
-            tasks.spawn(lane(handler.clone(), rx, batch_size, linger, busy.clone()));
+            let lane = lane(handler.clone(), rx, batch_size, linger, progress.clone());
+            tasks.spawn(lane);
         }
-        Self { senders, busy }
-    }
-
-    /// Deliveries handed to lanes and not yet finished.
-    pub(super) fn busy(&self) -> Arc<AtomicUsize> {
-        self.busy.clone()
+        Self { senders, progress }
     }
 
     /// Waits for room in the lane `delivery` belongs to. `None` if that lane has ended.
     pub(super) async fn reserve(&self, delivery: &Delivery) -> Option<mpsc::Permit<'_, Delivery>> {
         let lane = lane_of(&delivery.data, self.senders.len());
         let permit = self.senders[lane].reserve().await.ok()?;
-        self.busy.fetch_add(1, Ordering::Relaxed);
+        self.progress.taken();
         Some(permit)
     }
 }
@@ -64,13 +64,13 @@ async fn lane(
     mut deliveries: mpsc::Receiver<Delivery>,
     batch_size: usize,
     linger: Duration,
-    busy: Arc<AtomicUsize>,
+    progress: Arc<Progress>,
 ) {
     while let Some(first) = deliveries.recv().await {
         let batch = take_batch(first, &mut deliveries, batch_size, linger).await;
         let taken = batch.len();
         handler.handle_batch(batch).await;
-        busy.fetch_sub(taken, Ordering::Relaxed);
+        progress.finished(taken);
     }
 }
 

@@ -23,8 +23,9 @@ use crate::config::Settings;
 /// The worker's shutdown, in three steps from the moment `shutdown` resolves: `stop` (take no
 /// new messages, finish what is in flight), `abandon` (shortly before the deadline: give up
 /// retries and relay rounds, leaving their deliveries unacknowledged for redelivery) and
-/// `deadline` (`worker.shutdown_timeout_seconds` after the request: whatever is still running is
-/// dropped, so the process ends within its bound whatever state its lanes and connections are in).
+/// `deadline` (shortly before `worker.shutdown_timeout_seconds` after the request: whatever is
+/// still running is dropped, so the process ends within its bound whatever state its lanes and
+/// connections are in).
 pub(crate) struct Shutdown {
     pub(crate) stop: CancellationToken,
     pub(crate) abandon: CancellationToken,
@@ -38,8 +39,11 @@ impl Shutdown {
             abandon: CancellationToken::new(),
             deadline: CancellationToken::new(),
         };
-        // The last part of the bound is left for abandoned work to roll back and channels to close.
+        // The last part of the bound is left for abandoned work to roll back and channels to
+        // close (`grace`), and for the runtime to stop once the deadline dropped what was left
+        // (`margin`: the process must be gone by the bound, not start leaving at it).
         let grace = (timeout / 4).min(Duration::from_secs(2));
+        let margin = (timeout / 8).min(Duration::from_millis(1500));
         let (stop, abandon, deadline) = (
             plan.stop.clone(),
             plan.abandon.clone(),
@@ -49,7 +53,7 @@ impl Shutdown {
             shutdown.await;
             tracing::info!("shutdown requested: no new messages will be taken");
             stop.cancel();
-            tokio::time::sleep(timeout.saturating_sub(grace)).await;
+            tokio::time::sleep(timeout.saturating_sub(grace + margin)).await;
             abandon.cancel();
             tokio::time::sleep(grace).await;
             deadline.cancel();
@@ -111,7 +115,7 @@ async fn run_until_drained(settings: &Settings, plan: &Shutdown) -> anyhow::Resu
             plan.stop.clone(),
         ));
     }
-    let health = Health::new(store.clone());
+    let health = Health::new(store.clone(), settings);
     if settings.http.enabled {
         serve_http(settings, &health, &plan.stop, &mut background);
     }
@@ -119,7 +123,8 @@ async fn run_until_drained(settings: &Settings, plan: &Shutdown) -> anyhow::Resu
     let consumed = consumer::consume(settings, &store, plan, &health).await;
     drained.cancel();
     while background.join_next().await.is_some() {}
-    store.pool().close().await;
+    // A connection stuck on a dead network path must not hold the exit.
+    let _ = tokio::time::timeout(Duration::from_secs(2), store.pool().close()).await;
     consumed?;
     tracing::info!("worker stopped");
     Ok(())
@@ -140,7 +145,7 @@ fn serve_http(
         }
     });
     background.spawn(http::refresh_gauges(
-        health.store().clone(),
+        health.clone(),
         Duration::from_secs(settings.http.gauge_refresh_seconds.max(1)),
         stop.clone(),
     ));

@@ -3,10 +3,9 @@
 //! has messages ready and the worker is idle.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::app::http::Health;
+use crate::app::http::{Health, Progress};
 use crate::broker::{Broker, BrokerError, Consumer, Link};
 use crate::telemetry::events::{BrokerRecovered, Component};
 
@@ -17,17 +16,17 @@ pub(super) struct Watchdog {
     /// When the last delivery arrived (or the last stall check found nothing wrong).
     last_delivery: tokio::time::Instant,
     /// Deliveries handed to lanes and not yet finished.
-    busy: Arc<AtomicUsize>,
+    progress: Arc<Progress>,
     /// `amqp.recovery_timeout_seconds`.
     limit: Duration,
 }
 
 impl Watchdog {
-    pub(super) fn new(busy: Arc<AtomicUsize>, limit: Duration) -> Self {
+    pub(super) fn new(progress: Arc<Progress>, limit: Duration) -> Self {
         Self {
             down_since: None,
             last_delivery: tokio::time::Instant::now(),
-            busy,
+            progress,
             limit,
         }
     }
@@ -35,6 +34,15 @@ impl Watchdog {
     /// Notes that a delivery arrived.
     pub(super) fn delivered(&mut self) {
         self.last_delivery = tokio::time::Instant::now();
+    }
+
+    /// Notes a failure lapin reported and is recovering from: not ready until it is back.
+    pub(super) fn lost(&mut self, health: &Health) {
+        if self.down_since.is_none() {
+            tracing::warn!("lost the broker connection; waiting for lapin to recover it");
+            health.set_broker_connected(false);
+            self.down_since = Some(tokio::time::Instant::now());
+        }
     }
 
     /// `Err` when the consumer should end and start again (on a new channel or connection).
@@ -78,7 +86,7 @@ impl Watchdog {
     /// ready to deliver has stopped working (for instance a consumer not resumed after a
     /// recovery): end it, so that a new channel and consumer are started.
     async fn check_stalled(&mut self, consumer: &Consumer) -> Result<(), BrokerError> {
-        if self.busy.load(Ordering::Relaxed) > 0 || self.last_delivery.elapsed() < self.limit {
+        if self.progress.waiting() > 0 || self.last_delivery.elapsed() < self.limit {
             return Ok(());
         }
         let ready = consumer.ready().await?;
