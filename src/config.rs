@@ -93,8 +93,10 @@ pub struct DatabaseSettings {
 /// RabbitMQ settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct AmqpSettings {
-    /// Connection URL (`amqp://` or `amqps://`); may contain a password.
-    #[serde(serialize_with = "serialize_redacted")]
+    /// Connection URL (`amqp://` or `amqps://`); may contain a password. Several URLs,
+    /// comma-separated, name the nodes of a cluster: the worker connects to the first that
+    /// answers and moves on to the next when its node goes away.
+    #[serde(serialize_with = "serialize_redacted_list")]
     pub url: SecretString,
     /// A file holding the password, used instead of one in the URL.
     pub password_file: Option<PathBuf>,
@@ -119,11 +121,30 @@ pub struct AmqpSettings {
     pub recovery_timeout_seconds: u64,
 }
 
+/// With several broker URLs, how long lapin may try to bring a lost connection back to the same
+/// node before the worker moves on to the next (unless `recovery_timeout_seconds` is shorter).
+pub const FAILOVER_AFTER: Duration = Duration::from_secs(10);
+
 impl AmqpSettings {
-    /// `recovery_timeout_seconds` as a duration.
-    pub fn recovery_timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(self.recovery_timeout_seconds)
+    /// How long to wait for lapin to recover a lost connection before giving it up: the
+    /// `recovery_timeout_seconds`, or [`FAILOVER_AFTER`] if shorter and there are other nodes to
+    /// go to.
+    pub fn recovery_timeout(&self) -> Duration {
+        let configured = Duration::from_secs(self.recovery_timeout_seconds);
+        if split_urls(self.url.expose_secret()).len() > 1 {
+            configured.min(FAILOVER_AFTER)
+        } else {
+            configured
+        }
     }
+}
+
+/// The URLs of a comma-separated list, trimmed, empty ones left out.
+fn split_urls(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 /// Names of exchanges, queues and routing keys (CONTRACT.md section 2).
@@ -368,15 +389,24 @@ impl Settings {
             .collect()
     }
 
-    /// The broker's host, from the AMQP URL.
+    /// The broker's host, from the (first) AMQP URL.
     fn amqp_host(&self) -> Option<String> {
-        let uri: lapin::uri::AMQPUri = self.amqp.url.expose_secret().parse().ok()?;
+        let first = *split_urls(self.amqp.url.expose_secret()).first()?;
+        let uri: lapin::uri::AMQPUri = first.parse().ok()?;
         Some(uri.authority.host)
     }
 
-    /// The AMQP URL with the password from `password_file` applied, if one is configured.
-    pub fn amqp_url(&self) -> anyhow::Result<SecretString> {
-        with_password_file(&self.amqp.url, self.amqp.password_file.as_deref())
+    /// The AMQP URLs (one per node), each with the password from `password_file` applied if one
+    /// is configured.
+    pub fn amqp_urls(&self) -> anyhow::Result<Vec<SecretString>> {
+        let urls = split_urls(self.amqp.url.expose_secret());
+        anyhow::ensure!(!urls.is_empty(), "amqp.url names no broker");
+        urls.into_iter()
+            .map(|url| {
+                let url = SecretString::from(url.to_owned());
+                with_password_file(&url, self.amqp.password_file.as_deref())
+            })
+            .collect()
     }
 
     /// The effective settings as TOML with every password redacted, for `check-config`.
@@ -390,6 +420,17 @@ fn serialize_redacted<S: serde::Serializer>(
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&redact_url(url.expose_secret()))
+}
+
+fn serialize_redacted_list<S: serde::Serializer>(
+    urls: &SecretString,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let redacted: Vec<String> = split_urls(urls.expose_secret())
+        .into_iter()
+        .map(redact_url)
+        .collect();
+    serializer.serialize_str(&redacted.join(","))
 }
 
 impl DatabaseSettings {
@@ -463,6 +504,30 @@ fn with_password_file(url: &SecretString, file: Option<&Path>) -> anyhow::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_broker_urls_are_split_redacted_and_fail_over_sooner() {
+        let mut settings = Settings::load(None).unwrap();
+        settings.amqp.url = SecretString::from(
+            "amqp://w:one@node1:5672/%2f, amqp://w:two@node2:5672/%2f,".to_owned(),
+        );
+        let urls = settings.amqp_urls().unwrap();
+        let urls: Vec<&str> = urls.iter().map(|u| u.expose_secret()).collect();
+        assert_eq!(
+            urls,
+            ["amqp://w:one@node1:5672/%2f", "amqp://w:two@node2:5672/%2f"]
+        );
+        let printed = settings.redacted();
+        assert!(
+            printed.contains(r#"url = "amqp://w:***@node1:5672/%2f,amqp://w:***@node2:5672/%2f""#),
+            "{printed}"
+        );
+        assert_eq!(settings.amqp.recovery_timeout(), FAILOVER_AFTER);
+        settings.amqp.url = SecretString::from("amqp://w:one@node1:5672/%2f".to_owned());
+        assert_eq!(settings.amqp.recovery_timeout(), Duration::from_secs(60));
+        settings.amqp.url = SecretString::from(" , ".to_owned());
+        assert!(settings.amqp_urls().is_err());
+    }
 
     #[test]
     fn redacts_passwords_only() {

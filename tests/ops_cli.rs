@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use common::app::TestApp;
 use common::{claim, registration, set};
 use induction_reconciler::config::Settings;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_induction-reconciler");
@@ -284,4 +284,39 @@ fn check_config_reads_publisher_lists_and_warns_about_one_user_for_both_types() 
         ),
     ]);
     assert!(!String::from_utf8_lossy(&separate.stderr).contains("warning"));
+}
+
+/// `amqp.url` may list several nodes: commands (and the worker) connect to the first that
+/// answers, and `check-config` shows every URL with its password redacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_broker_urls_connect_to_the_first_that_answers() {
+    let app = TestApp::prepare(|_| {}).await;
+    let live = app.settings.amqp.url.expose_secret().to_owned();
+    let mut settings = app.settings.clone();
+    // Port 1 refuses connections: the first node is down.
+    let list = format!("amqp://guest:guest@127.0.0.1:1/%2f,{live}");
+    settings.amqp.url = SecretString::from(list.clone());
+    let listed = run(&settings, &["parked", "list"]);
+    assert!(
+        listed.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let config = stdout(&run(&settings, &["check-config"]));
+    assert!(
+        config.contains("url = \"amqp://guest:***@127.0.0.1:1/%2f,amqp://guest:***@"),
+        "{config}"
+    );
+    assert!(!config.contains("guest:guest"), "{config}");
+    // Every node down: the command fails and says so.
+    settings.amqp.url =
+        SecretString::from("amqp://guest:guest@127.0.0.1:1/%2f,amqp://guest:guest@127.0.0.1:2/%2f");
+    let down = run(&settings, &["parked", "list"]);
+    assert!(!down.status.success());
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("cannot connect to the broker"),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    app.teardown().await;
 }

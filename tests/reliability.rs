@@ -89,6 +89,11 @@ fn topology() -> Topology {
 
 impl Harness {
     async fn new(extra_messages: Vec<Generated>) -> Self {
+        Self::with_broker_conf(extra_messages, "").await
+    }
+
+    /// A harness whose RabbitMQ node runs with this `rabbitmq.conf`.
+    async fn with_broker_conf(extra_messages: Vec<Generated>, conf: &str) -> Self {
         induction_reconciler::telemetry::install_crypto_provider();
         let pg = PgCluster::init("max_connections = 100\n", None);
         pg.start();
@@ -100,7 +105,7 @@ impl Harness {
             .await
             .unwrap();
         let db_url = pg.url("rel", "");
-        let rabbit = RabbitNode::start();
+        let rabbit = RabbitNode::start_with(|_| (conf.to_owned(), Vec::new()));
         let topology = topology();
         let out = Command::new(BIN)
             .arg("migrate")
@@ -767,6 +772,19 @@ impl Harness {
         (parked_bodies, parked_reasons)
     }
 
+    /// How many lines of the workers' logs so far contain `text`.
+    fn log_lines_with(&self, text: &str) -> usize {
+        std::fs::read_dir(&self.logs)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .map(|log| log.lines().filter(|l| l.contains(text)).count())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// The largest resident memory of the running workers now, in MiB.
     fn rss_now_mib(&self) -> f64 {
         let kib = self
@@ -1077,4 +1095,32 @@ async fn postgres_black_holed_mid_stream() {
 async fn rabbitmq_black_holed_mid_stream() {
     let mut h = Harness::new(vec![]).await.with_proxies().await;
     h.black_holed("rabbitmq", "rabbitmq_black_hole").await;
+}
+
+/// The broker's consumer timeout (issue 12): on a node whose `consumer_timeout` is 10 s, the
+/// database goes away for 80 s while the worker holds deliveries it cannot acknowledge. The
+/// broker closes the consumer's channel (RabbitMQ checks the timeout about once a minute); the
+/// worker opens a new one, the redeliveries are applied once, and nothing is parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection: run with deploy/dev reliability"]
+async fn consumer_timeout_while_the_database_is_away() {
+    let mut h = Harness::with_broker_conf(vec![], "consumer_timeout = 10000\n").await;
+    let running = h.start(1, 2_500);
+    let outage = Duration::from_secs(80);
+    let postgres = h
+        .outage("PostgreSQL", outage, |h| h.pg.stop(), |h| h.pg.start())
+        .await;
+    let closed = h.log_lines_with("acknowledgement");
+    assert!(
+        closed > 0,
+        "the broker closed no channel for an acknowledgement timeout"
+    );
+    h.finish(
+        running,
+        "consumer_timeout",
+        &[],
+        json!({"consumer_timeout_seconds": 10, "postgres": postgres,
+               "worker_log_lines_naming_the_acknowledgement_timeout": closed}),
+    )
+    .await;
 }

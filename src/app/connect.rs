@@ -31,29 +31,57 @@ pub async fn store(settings: &Settings) -> anyhow::Result<Store> {
         .context("cannot connect to the database")
 }
 
-/// Where and how to connect: the URL (with the password file applied) and the TLS files, read
+/// Where and how to connect: the URLs (with the password file applied) and the TLS files, read
 /// once, not on every retry.
 struct Target {
-    url: secrecy::SecretString,
+    urls: Vec<secrecy::SecretString>,
     tls: Tls,
+    /// The URL the next attempt starts with: the one after the last that answered, so that a
+    /// connection given up moves on to another node.
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl Target {
     fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
         Ok(Self {
-            url: settings.amqp_url()?,
+            urls: settings.amqp_urls()?,
             tls: Tls {
                 ca_pem: settings.amqp_tls_ca()?,
                 client: settings.amqp_tls_identity()?,
             },
+            next: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
+    /// Tries each URL once, in turn from [`Target::next`]: the first that answers, or the last
+    /// failure (a permanent one, such as a certificate that cannot be verified, at once).
     async fn attempt(&self, name: &str) -> Result<Broker, BrokerError> {
-        let connecting = Broker::connect_with_tls(&self.url, name, &self.tls);
-        tokio::time::timeout(BROKER_CONNECT_TIMEOUT, connecting)
-            .await
-            .unwrap_or_else(|_| Err(BrokerError::timed_out("a connection (30 s)")))
+        use std::sync::atomic::Ordering;
+        let start = self.next.load(Ordering::Relaxed);
+        let mut failure = None;
+        for i in 0..self.urls.len() {
+            let index = (start + i) % self.urls.len();
+            let connecting = Broker::connect_with_tls(&self.urls[index], name, &self.tls);
+            let attempt = tokio::time::timeout(BROKER_CONNECT_TIMEOUT, connecting)
+                .await
+                .unwrap_or_else(|_| Err(BrokerError::timed_out("a connection (30 s)")));
+            match attempt {
+                Ok(broker) => {
+                    self.next.store(index + 1, Ordering::Relaxed);
+                    if self.urls.len() > 1 {
+                        tracing::info!(
+                            node = index + 1,
+                            of = self.urls.len(),
+                            "connected to a broker node"
+                        );
+                    }
+                    return Ok(broker);
+                }
+                Err(error) if !error.is_transient() => return Err(error),
+                Err(error) => failure = Some(error),
+            }
+        }
+        Err(failure.unwrap_or_else(|| BrokerError::lost("no broker URL")))
     }
 }
 
