@@ -68,11 +68,18 @@ struct Harness {
     proxies: Option<Proxies>,
     /// Each worker slot's `/readyz` and `/livez` port.
     http_ports: Vec<u16>,
+    /// A streaming standby of `pg`, when a scenario fails the database over.
+    standby: Option<PgCluster>,
 }
 
 struct Proxies {
     postgres: Proxy,
-    rabbitmq: Proxy,
+    /// The workers' first broker address; `None` once a scenario has taken it away.
+    rabbitmq: Option<Proxy>,
+    /// A second address of the same node, when a scenario gives the workers two.
+    second_rabbitmq: Option<Proxy>,
+    /// The ports of the broker addresses, in the order the workers are given them.
+    rabbitmq_ports: Vec<u16>,
 }
 
 /// A scenario under way: the producer and the outcome capture.
@@ -95,7 +102,7 @@ impl Harness {
     /// A harness whose RabbitMQ node runs with this `rabbitmq.conf`.
     async fn with_broker_conf(extra_messages: Vec<Generated>, conf: &str) -> Self {
         induction_reconciler::telemetry::install_crypto_provider();
-        let pg = PgCluster::init("max_connections = 100\n", None);
+        let pg = PgCluster::init("max_connections = 100\nwal_level = replica\n", None);
         pg.start();
         let mut admin = PgConnection::connect(&pg.url("postgres", ""))
             .await
@@ -175,16 +182,86 @@ impl Harness {
             broker_stops: AtomicUsize::new(0),
             proxies: None,
             http_ports: Vec::new(),
+            standby: None,
         }
+    }
+
+    /// Adds a streaming standby of the database and waits until it follows; with
+    /// `synchronous`, every commit then waits until the standby has flushed it.
+    async fn with_standby(mut self, synchronous: bool) -> Self {
+        let standby = self.pg.standby();
+        let mut db = PgConnection::connect(&self.pg.url("postgres", ""))
+            .await
+            .unwrap();
+        if synchronous {
+            sqlx::raw_sql(
+                "alter system set synchronous_standby_names = '*'; select pg_reload_conf();",
+            )
+            .execute(&mut db)
+            .await
+            .unwrap();
+        }
+        let wanted = if synchronous { "sync" } else { "async" };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let state: Option<String> = sqlx::query_scalar(
+                "select sync_state from pg_stat_replication where state = 'streaming'",
+            )
+            .fetch_optional(&mut db)
+            .await
+            .unwrap();
+            if state.as_deref() == Some(wanted) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the standby did not follow ({wanted}) within 60 s: {state:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.standby = Some(standby);
+        self
+    }
+
+    /// Kills the primary, promotes the standby and moves the workers' database address to it
+    /// (the proxy), as a managed failover does behind one DNS name.
+    fn fail_over(&mut self) {
+        let mut standby = self.standby.take().expect("a standby");
+        self.pg.stop();
+        standby.promote();
+        let proxies = self.proxies.as_ref().expect("a scenario with proxies");
+        proxies.postgres.move_to(standby.port);
+        std::mem::swap(&mut self.pg, &mut standby);
+        self.db_url = self.pg.url("rel", "");
+        // The old primary, stopped, is deleted with the harness.
+        self.standby = Some(standby);
     }
 
     /// Puts a black-hole proxy between the workers (started from now on) and each service.
     async fn with_proxies(mut self) -> Self {
+        let rabbitmq = Proxy::start(self.rabbit.port).await;
         self.proxies = Some(Proxies {
             postgres: Proxy::start(self.pg.port).await,
-            rabbitmq: Proxy::start(self.rabbit.port).await,
+            rabbitmq_ports: vec![rabbitmq.port],
+            rabbitmq: Some(rabbitmq),
+            second_rabbitmq: None,
         });
         self
+    }
+
+    /// Gives the workers (started from now on) a second broker address, after the first.
+    async fn with_second_broker_address(mut self) -> Self {
+        let second = Proxy::start(self.rabbit.port).await;
+        let proxies = self.proxies.as_mut().expect("a scenario with proxies");
+        proxies.rabbitmq_ports.push(second.port);
+        proxies.second_rabbitmq = Some(second);
+        self
+    }
+
+    /// The first broker address goes away: its connections are closed and new ones refused.
+    fn lose_first_broker_address(&mut self) {
+        let proxies = self.proxies.as_mut().expect("a scenario with proxies");
+        drop(proxies.rabbitmq.take());
     }
 
     /// The URLs a worker connects to: through the proxies, if there are any.
@@ -193,7 +270,11 @@ impl Harness {
             None => (self.db_url.clone(), self.rabbit.url()),
             Some(p) => (
                 format!("postgres://root@127.0.0.1:{}/rel", p.postgres.port),
-                format!("amqp://guest:guest@127.0.0.1:{}/%2f", p.rabbitmq.port),
+                p.rabbitmq_ports
+                    .iter()
+                    .map(|port| format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
+                    .collect::<Vec<_>>()
+                    .join(","),
             ),
         }
     }
@@ -502,7 +583,11 @@ impl Harness {
         let proxies = self.proxies.as_ref().expect("a scenario with proxies");
         match service {
             "postgres" => proxies.postgres.black_hole(),
-            _ => proxies.rabbitmq.black_hole(),
+            _ => proxies
+                .rabbitmq
+                .as_ref()
+                .expect("the first address")
+                .black_hole(),
         }
     }
 
@@ -1123,4 +1208,125 @@ async fn consumer_timeout_while_the_database_is_away() {
                "worker_log_lines_naming_the_acknowledgement_timeout": closed}),
     )
     .await;
+}
+
+/// Several broker addresses (issue 12): the worker is given two addresses of the broker; the
+/// first goes away mid-stream (its connections closed, new ones refused). The worker gives that
+/// node up after `FAILOVER_AFTER` (10 s) and carries on through the second address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection: run with deploy/dev reliability"]
+async fn first_broker_address_lost_mid_stream() {
+    let mut h = Harness::new(vec![])
+        .await
+        .with_proxies()
+        .await
+        .with_second_broker_address()
+        .await;
+    let running = h.start(1, 2_500);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let fault = Instant::now();
+    h.lose_first_broker_address();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let recovered = h.recovery_seconds(fault).await;
+    let settled = h.wait_until_settled(running.publisher).await;
+    // The log line "connected to a broker node node=2 of=2" (the consumer's and the relay's).
+    let moved = h.log_lines_with("node=2");
+    assert!(
+        moved >= 1,
+        "the worker connected through the second address"
+    );
+    let extra = json!({"addresses": 2, "connections_through_the_second": moved,
+        "inbox_growing_again_seconds_after_loss": recovered,
+        "drained_seconds_after_loss": settled.duration_since(fault).as_secs_f64()});
+    h.check("broker_address_lost", &[], extra).await;
+    running.capture.abort();
+}
+
+/// PostgreSQL failover with synchronous replication (issue 12): the primary is killed
+/// mid-stream, the standby promoted behind the same address. Every commit was on the standby
+/// before the worker acknowledged its messages, so the full checker passes: nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection: run with deploy/dev reliability"]
+async fn postgres_failover_to_a_synchronous_standby() {
+    let mut h = Harness::new(vec![])
+        .await
+        .with_proxies()
+        .await
+        .with_standby(true)
+        .await;
+    let running = h.start(1, 2_500);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let fault = Instant::now();
+    h.fail_over();
+    let promoted = fault.elapsed().as_secs_f64();
+    let recovered = h.recovery_seconds(fault).await;
+    h.finish(
+        running,
+        "postgres_failover_sync",
+        &[],
+        json!({"replication": "synchronous", "failover_seconds": promoted,
+               "inbox_growing_again_seconds_after_the_kill": recovered}),
+    )
+    .await;
+}
+
+/// The same failover with asynchronous replication: commits the standby had not received when
+/// the primary died are gone, though the worker had acknowledged their messages. Reports how
+/// many (RELIABILITY.md: the reason to require synchronous replication); the full checker runs
+/// only if nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection: run with deploy/dev reliability"]
+async fn postgres_failover_to_an_asynchronous_standby() {
+    let mut h = Harness::new(vec![])
+        .await
+        .with_proxies()
+        .await
+        .with_standby(false)
+        .await;
+    let running = h.start(1, 2_500);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let fault = Instant::now();
+    h.fail_over();
+    let recovered = h.recovery_seconds(fault).await;
+    tokio::time::timeout(Duration::from_secs(600), running.publisher)
+        .await
+        .expect("publishing finishes")
+        .unwrap();
+    // Settled when the inbox has not grown for 15 s and the outbox is empty.
+    let mut last = -1;
+    let mut since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let inbox = h.count("select count(*) from inbox").await;
+        let pending = h
+            .count("select count(*) from outbox where published_at is null")
+            .await;
+        if inbox != last {
+            (last, since) = (inbox, Instant::now());
+        } else if pending == 0 && since.elapsed() > Duration::from_secs(15) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not settled: inbox {inbox}, pending {pending}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut db = PgConnection::connect(&h.db_url).await.unwrap();
+    let inbox: HashSet<String> =
+        sqlx::query_scalar::<_, String>("select message_id::text from inbox")
+            .fetch_all(&mut db)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let lost = h.unique_valid().difference(&inbox).count();
+    let figures = json!({"scenario": "postgres_failover_async", "replication": "asynchronous",
+        "valid_messages": h.unique_valid().len(), "acknowledged_but_lost": lost,
+        "inbox_growing_again_seconds_after_the_kill": recovered});
+    println!("RELIABILITY {figures}");
+    if lost == 0 {
+        h.check("postgres_failover_async", &[], figures).await;
+    }
+    running.capture.abort();
 }

@@ -40,21 +40,7 @@ impl PgCluster {
     /// applies `extra_conf` and, if given, `hba` (the whole pg_hba.conf).
     pub fn init(extra_conf: &str, hba: Option<&str>) -> Self {
         let bin = pg_bin();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("ir-pg-{port}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        if is_root() {
-            Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .unwrap();
-        }
+        let (port, dir) = fresh_dir();
         let data = dir.join("data");
         let out = as_owner(
             &bin.join("initdb"),
@@ -143,6 +129,62 @@ impl PgCluster {
         );
     }
 
+    /// A streaming standby of this (running) cluster on a port and folder of its own, started;
+    /// `pg_basebackup -R` makes it follow this one.
+    pub fn standby(&self) -> Self {
+        let (port, dir) = fresh_dir();
+        let data = dir.join("data");
+        let out = as_owner(
+            &self.bin.join("pg_basebackup"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "root",
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_basebackup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The copied configuration names the primary's port and socket folder; later lines win.
+        let conf = format!(
+            "\nport = {port}\nunix_socket_directories = '{}'\n",
+            dir.display()
+        );
+        append(&data.join("postgresql.conf"), &conf);
+        let standby = Self {
+            port,
+            dir,
+            bin: self.bin.clone(),
+        };
+        standby.start();
+        standby
+    }
+
+    /// Promotes a standby to primary and waits until it accepts writes.
+    pub fn promote(&self) {
+        let data = self.dir.join("data");
+        let out = as_owner(
+            &self.bin.join("pg_ctl"),
+            &["-D", data.to_str().unwrap(), "-w", "-t", "60", "promote"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl promote: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// A URL for database `db` as root, with extra query parameters.
     pub fn url(&self, db: &str, params: &str) -> String {
         format!("postgres://root@127.0.0.1:{}/{db}{params}", self.port)
@@ -160,4 +202,24 @@ fn append(path: &Path, text: &str) {
     use std::io::Write;
     let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
     file.write_all(text.as_bytes()).unwrap();
+}
+
+/// A spare loopback port and an empty folder named after it, owned by the server's user.
+fn fresh_dir() -> (u16, PathBuf) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("ir-pg-{port}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    if is_root() {
+        Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+    }
+    (port, dir)
 }
