@@ -50,6 +50,8 @@ const SHUTDOWN_BOUND: Duration = Duration::from_secs(20);
 struct Harness {
     pg: PgCluster,
     rabbit: RabbitNode,
+    /// The other nodes, when the scenario runs a three-node cluster (`rabbit` is the first).
+    cluster: Vec<RabbitNode>,
     db_url: String,
     topology: Topology,
     workers: Vec<Option<Child>>,
@@ -68,6 +70,8 @@ struct Harness {
     proxies: Option<Proxies>,
     /// Each worker slot's `/readyz` and `/livez` port.
     http_ports: Vec<u16>,
+    /// The node the producer and the outcome capture connect to.
+    client_node: usize,
     /// A streaming standby of `pg`, when a scenario fails the database over.
     standby: Option<PgCluster>,
 }
@@ -101,6 +105,12 @@ impl Harness {
 
     /// A harness whose RabbitMQ node runs with this `rabbitmq.conf`.
     async fn with_broker_conf(extra_messages: Vec<Generated>, conf: &str) -> Self {
+        Self::build(extra_messages, conf, 1).await
+    }
+
+    /// A harness on a RabbitMQ cluster of `nodes` nodes (joined before the topology is declared,
+    /// so that the quorum queues have a member on every node).
+    async fn build(extra_messages: Vec<Generated>, conf: &str, nodes: usize) -> Self {
         induction_reconciler::telemetry::install_crypto_provider();
         let pg = PgCluster::init("max_connections = 100\nwal_level = replica\n", None);
         pg.start();
@@ -113,6 +123,15 @@ impl Harness {
             .unwrap();
         let db_url = pg.url("rel", "");
         let rabbit = RabbitNode::start_with(|_| (conf.to_owned(), Vec::new()));
+        let cluster: Vec<RabbitNode> = (1..nodes)
+            .map(|_| {
+                let node = RabbitNode::start_with(|_| (conf.to_owned(), Vec::new()));
+                node.ctl(&["stop_app"]);
+                node.ctl(&["join_cluster", rabbit.name()]);
+                node.ctl(&["start_app"]);
+                node
+            })
+            .collect();
         let topology = topology();
         let out = Command::new(BIN)
             .arg("migrate")
@@ -169,6 +188,7 @@ impl Harness {
         Self {
             pg,
             rabbit,
+            cluster,
             db_url,
             topology,
             workers: Vec::new(),
@@ -182,6 +202,7 @@ impl Harness {
             broker_stops: AtomicUsize::new(0),
             proxies: None,
             http_ports: Vec::new(),
+            client_node: 0,
             standby: None,
         }
     }
@@ -194,12 +215,12 @@ impl Harness {
             .await
             .unwrap();
         if synchronous {
-            sqlx::raw_sql(
-                "alter system set synchronous_standby_names = '*'; select pg_reload_conf();",
-            )
-            .execute(&mut db)
-            .await
-            .unwrap();
+            for sql in [
+                "alter system set synchronous_standby_names = '*'",
+                "select pg_reload_conf()",
+            ] {
+                sqlx::query(sql).execute(&mut db).await.unwrap();
+            }
         }
         let wanted = if synchronous { "sync" } else { "async" };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -249,6 +270,38 @@ impl Harness {
         self
     }
 
+    /// Node `i` of the cluster (0 is `rabbit`).
+    fn node(&self, i: usize) -> &RabbitNode {
+        if i == 0 {
+            &self.rabbit
+        } else {
+            &self.cluster[i - 1]
+        }
+    }
+
+    /// The index of the node that leads the inbox queue, asking node 0.
+    fn inbox_leader(&self) -> usize {
+        self.inbox_leader_from(0)
+    }
+
+    /// The index of the node that leads the inbox queue, asking node `asked`.
+    fn inbox_leader_from(&self, asked: usize) -> usize {
+        let leader = self.node(asked).query(&[
+            "list_queues",
+            "name",
+            "leader",
+            "--no-table-headers",
+            "--quiet",
+        ]);
+        let line = leader
+            .lines()
+            .find(|l| l.starts_with(self.topology.inbox_queue.as_str()))
+            .unwrap_or_else(|| panic!("the inbox queue in {leader:?}"));
+        (0..=self.cluster.len())
+            .find(|&i| line.contains(self.node(i).name()))
+            .unwrap_or_else(|| panic!("a leader among the nodes: {line:?}"))
+    }
+
     /// Gives the workers (started from now on) a second broker address, after the first.
     async fn with_second_broker_address(mut self) -> Self {
         let second = Proxy::start(self.rabbit.port).await;
@@ -265,9 +318,15 @@ impl Harness {
     }
 
     /// The URLs a worker connects to: through the proxies, if there are any.
-    fn worker_urls(&self) -> (String, String) {
+    fn worker_urls(&self, index: usize) -> (String, String) {
         match &self.proxies {
-            None => (self.db_url.clone(), self.rabbit.url()),
+            // On a cluster, worker i is given every node, starting with node i.
+            None => {
+                let nodes: Vec<String> = (0..=self.cluster.len())
+                    .map(|i| self.node((i + index) % (self.cluster.len() + 1)).url())
+                    .collect();
+                (self.db_url.clone(), nodes.join(","))
+            }
             Some(p) => (
                 format!("postgres://root@127.0.0.1:{}/rel", p.postgres.port),
                 p.rabbitmq_ports
@@ -289,7 +348,7 @@ impl Harness {
         while self.http_ports.len() <= index {
             self.http_ports.push(free_port());
         }
-        let (db_url, amqp_url) = self.worker_urls();
+        let (db_url, amqp_url) = self.worker_urls(index);
         let child = Command::new(BIN)
             .args(["run"])
             .env_remove("RUST_LOG")
@@ -359,7 +418,7 @@ impl Harness {
     /// Publishes the stream at `rate` per second with confirms, reconnecting and re-sending the
     /// unconfirmed window while the broker is down (as a careful producer would).
     fn publish(&self, rate: u32) -> tokio::task::JoinHandle<()> {
-        let url = SecretString::from(self.rabbit.url());
+        let url = SecretString::from(self.node(self.client_node).url());
         let exchange = self.topology.input_exchange.clone();
         let stream = self.stream.clone();
         let counts = self.published.clone();
@@ -412,7 +471,7 @@ impl Harness {
     /// consumer) is dropped after five quiet seconds and a new one opened, so that the capture
     /// never waits on a dead connection (unacknowledged outcomes go back to the queue).
     fn capture(&self) -> tokio::task::JoinHandle<()> {
-        let url = SecretString::from(self.rabbit.url());
+        let url = SecretString::from(self.node(self.client_node).url());
         let outcomes = self.outcomes.clone();
         let stop = self.stop_sampling.clone();
         tokio::spawn(async move {
@@ -451,7 +510,9 @@ impl Harness {
                         }
                     }
                 }
-                let _ = tokio::time::timeout(step, broker.close()).await;
+                // Not `close`: a connection lapin is still recovering would come back later
+                // with its consumer, and hold up to 500 outcomes that nobody reads.
+                broker.retire();
             }
         })
     }
@@ -502,6 +563,12 @@ impl Harness {
             capture: self.capture(),
             publisher: self.publish(rate),
         }
+    }
+
+    /// [`Harness::start`] on a cluster, with the producer and the capture on node `client`.
+    fn start_on_cluster(&mut self, workers: usize, rate: u32, client: usize) -> Running {
+        self.client_node = client;
+        self.start(workers, rate)
     }
 
     /// Waits until the system settles, runs every check and returns the figures.
@@ -1287,6 +1354,7 @@ async fn postgres_failover_to_an_asynchronous_standby() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let fault = Instant::now();
     h.fail_over();
+    let promoted = fault.elapsed().as_secs_f64();
     let recovered = h.recovery_seconds(fault).await;
     tokio::time::timeout(Duration::from_secs(600), running.publisher)
         .await
@@ -1322,11 +1390,65 @@ async fn postgres_failover_to_an_asynchronous_standby() {
             .collect();
     let lost = h.unique_valid().difference(&inbox).count();
     let figures = json!({"scenario": "postgres_failover_async", "replication": "asynchronous",
-        "valid_messages": h.unique_valid().len(), "acknowledged_but_lost": lost,
+        "valid_messages": h.unique_valid().len(), "acknowledged_but_lost": lost, "failover_seconds": promoted,
         "inbox_growing_again_seconds_after_the_kill": recovered});
     println!("RELIABILITY {figures}");
     if lost == 0 {
         h.check("postgres_failover_async", &[], figures).await;
     }
     running.capture.abort();
+}
+
+/// A three-node RabbitMQ cluster (issue 12), two workers each given every node but starting with
+/// a different one, the producer and the capture on a node that stays up: the node that leads
+/// the inbox queue is killed with SIGKILL mid-stream and started again 20 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection: run with deploy/dev reliability"]
+async fn cluster_leader_of_the_inbox_killed() {
+    let mut h = Harness::build(vec![], "", 3).await;
+    let leader = h.inbox_leader();
+    let running = h.start_on_cluster(2, 2_000, (leader + 1) % 3);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let fault = Instant::now();
+    h.node(leader).kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let recovered = h.recovery_seconds(fault).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    h.node(leader).restart();
+    let new_leader = h.inbox_leader_from((leader + 1) % 3);
+    h.broker_stops.fetch_add(1, Ordering::Relaxed);
+    h.finish(
+        running,
+        "cluster_leader_killed",
+        &[],
+        json!({"nodes": 3, "workers": 2, "killed_node": leader, "new_leader": new_leader,
+               "inbox_growing_again_seconds_after_the_kill": recovered}),
+    )
+    .await;
+}
+
+/// A rolling restart of all three nodes, one after another, while two workers drain and the
+/// producer keeps publishing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection: run with deploy/dev reliability"]
+async fn cluster_rolling_restart() {
+    let mut h = Harness::build(vec![], "", 3).await;
+    let running = h.start_on_cluster(2, 1_000, 2);
+    let mut restarts = Vec::new();
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let started = Instant::now();
+        h.broker_stops.fetch_add(1, Ordering::Relaxed);
+        h.node(i).stop();
+        h.node(i).restart();
+        h.node(i).ctl(&["await_startup"]);
+        restarts.push(started.elapsed().as_secs_f64());
+    }
+    h.finish(
+        running,
+        "cluster_rolling_restart",
+        &[],
+        json!({"nodes": 3, "workers": 2, "restart_seconds": restarts}),
+    )
+    .await;
 }

@@ -128,6 +128,34 @@ impl RabbitNode {
         self.ctl(&["import_definitions", path.to_str().unwrap()]);
     }
 
+    /// The node's Erlang name (`ir<port>@localhost`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `rabbitmqctl` against this node (bounded) and returns what it printed.
+    pub fn query(&self, args: &[&str]) -> String {
+        let out = Command::new("timeout")
+            .args(["60", "rabbitmqctl", "-n", &self.name])
+            .args(args)
+            .output()
+            .expect("rabbitmqctl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Kills the node's Erlang VM with SIGKILL, as a crash would, and waits until its port is
+    /// closed.
+    pub fn kill(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("pid")).expect("the node's pid file");
+        let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Starts the node again after `stop`.
     pub fn restart(&self) {
         self.boot();
