@@ -931,7 +931,11 @@ impl Harness {
                 entries
                     .flatten()
                     .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                    .map(|log| log.lines().filter(|l| l.contains(text)).count())
+                    .map(|log| {
+                        log.lines()
+                            .filter(|l| without_colours(l).contains(text))
+                            .count()
+                    })
                     .sum()
             })
             .unwrap_or(0)
@@ -1029,6 +1033,24 @@ impl Harness {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// A log line without its ANSI colour codes (`ESC [ ... m`).
+fn without_colours(line: &str) -> String {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
 }
 
 /// Whatever a scenario did, and however it ended: no worker outlives it (a stray worker would
