@@ -313,6 +313,8 @@ impl Harness {
 
     /// The first broker address goes away: its connections are closed and new ones refused.
     fn lose_first_broker_address(&mut self) {
+        // Like a broker stop, this can hide whether a parking publish landed.
+        self.broker_stops.fetch_add(1, Ordering::Relaxed);
         let proxies = self.proxies.as_mut().expect("a scenario with proxies");
         drop(proxies.rabbitmq.take());
     }
@@ -650,11 +652,15 @@ impl Harness {
         let proxies = self.proxies.as_ref().expect("a scenario with proxies");
         match service {
             "postgres" => proxies.postgres.black_hole(),
-            _ => proxies
-                .rabbitmq
-                .as_ref()
-                .expect("the first address")
-                .black_hole(),
+            _ => {
+                // Like a broker stop, this can hide whether a parking publish landed.
+                self.broker_stops.fetch_add(1, Ordering::Relaxed);
+                proxies
+                    .rabbitmq
+                    .as_ref()
+                    .expect("the first address")
+                    .black_hole()
+            }
         }
     }
 
