@@ -1337,17 +1337,15 @@ async fn first_broker_address_lost_mid_stream() {
     running.capture.abort();
 }
 
-/// PostgreSQL failover with synchronous replication (issue 12): the primary is killed
-/// mid-stream, the standby promoted behind the same address. Every commit was on the standby
-/// before the worker acknowledged its messages, so the full checker passes: nothing lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fault injection: run with deploy/dev reliability"]
-async fn postgres_failover_to_a_synchronous_standby() {
+/// A harness with a standby (synchronous or not), a worker and the stream under way; 4 s in,
+/// the primary is killed and the standby promoted. Returns the harness, the running stream, how
+/// long the failover took and when the inbox grew again after the kill.
+async fn failing_over(synchronous: bool) -> (Harness, Running, f64, f64) {
     let mut h = Harness::new(vec![])
         .await
         .with_proxies()
         .await
-        .with_standby(true)
+        .with_standby(synchronous)
         .await;
     let running = h.start(1, 2_500);
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -1355,6 +1353,16 @@ async fn postgres_failover_to_a_synchronous_standby() {
     h.fail_over();
     let promoted = fault.elapsed().as_secs_f64();
     let recovered = h.recovery_seconds(fault).await;
+    (h, running, promoted, recovered)
+}
+
+/// PostgreSQL failover with synchronous replication (issue 12): the primary is killed
+/// mid-stream, the standby promoted behind the same address. Every commit was on the standby
+/// before the worker acknowledged its messages, so the full checker passes: nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection: run with deploy/dev reliability"]
+async fn postgres_failover_to_a_synchronous_standby() {
+    let (mut h, running, promoted, recovered) = failing_over(true).await;
     h.finish(
         running,
         "postgres_failover_sync",
@@ -1372,18 +1380,7 @@ async fn postgres_failover_to_a_synchronous_standby() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fault injection: run with deploy/dev reliability"]
 async fn postgres_failover_to_an_asynchronous_standby() {
-    let mut h = Harness::new(vec![])
-        .await
-        .with_proxies()
-        .await
-        .with_standby(false)
-        .await;
-    let running = h.start(1, 2_500);
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let fault = Instant::now();
-    h.fail_over();
-    let promoted = fault.elapsed().as_secs_f64();
-    let recovered = h.recovery_seconds(fault).await;
+    let (mut h, running, promoted, recovered) = failing_over(false).await;
     tokio::time::timeout(Duration::from_secs(600), running.publisher)
         .await
         .expect("publishing finishes")
