@@ -433,17 +433,6 @@ fn serialize_redacted_list<S: serde::Serializer>(
     serializer.serialize_str(&redacted.join(","))
 }
 
-impl DatabaseSettings {
-    /// The pool's bounds.
-    pub fn limits(&self, max_connections: u32) -> crate::store::Limits {
-        crate::store::Limits {
-            max_connections,
-            acquire_timeout: Duration::from_secs(self.acquire_timeout_seconds),
-            operation_timeout: Duration::from_secs(self.operation_timeout_seconds),
-        }
-    }
-}
-
 impl WorkerSettings {
     /// Bound on a graceful shutdown.
     pub fn shutdown_timeout(&self) -> Duration {

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::retry::Backoff;
 use crate::broker::{Broker, BrokerError, Tls};
 use crate::config::Settings;
-use crate::store::Store;
+use crate::store::{Limits, Store};
 use crate::telemetry::events::Quiet;
 
 /// How long one connection attempt to the broker may take (a broker still starting can hang).
@@ -24,9 +24,19 @@ pub async fn broker(settings: &Settings, name: &str) -> anyhow::Result<Broker> {
         .context("cannot connect to the broker")
 }
 
+/// The pool bounds of the settings, for a pool of `max_connections`.
+pub fn store_limits(settings: &Settings, max_connections: u32) -> Limits {
+    let database = &settings.database;
+    Limits {
+        max_connections,
+        acquire_timeout: Duration::from_secs(database.acquire_timeout_seconds),
+        operation_timeout: Duration::from_secs(database.operation_timeout_seconds),
+    }
+}
+
 /// Connects a small pool to PostgreSQL once, for an operator command.
 pub async fn store(settings: &Settings) -> anyhow::Result<Store> {
-    Store::connect(&settings.database_url()?, settings.database.limits(2))
+    Store::connect(&settings.database_url()?, store_limits(settings, 2))
         .await
         .context("cannot connect to the database")
 }
@@ -95,7 +105,7 @@ pub async fn store_waiting(
     let mut backoff = Backoff::new(settings);
     let mut warned = Quiet::default();
     loop {
-        let limits = settings.database.limits(settings.database.max_connections);
+        let limits = store_limits(settings, settings.database.max_connections);
         let connecting = Store::connect(&url, limits);
         match connecting.await {
             Ok(store) => return Ok(Some(store)),

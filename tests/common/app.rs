@@ -78,9 +78,12 @@ impl TestApp {
 
         let mut settings = test_settings(&db_name, &prefix);
         adjust(&mut settings);
-        let store = Store::connect(&settings.database.url, settings.database.limits(5))
-            .await
-            .expect("connect");
+        let store = Store::connect(
+            &settings.database.url,
+            induction_reconciler::app::connect::store_limits(&settings, 5),
+        )
+        .await
+        .expect("connect");
         store.migrate().await.expect("migrate");
 
         let broker = Broker::connect(&settings.amqp.url, "test")

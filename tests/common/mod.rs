@@ -214,7 +214,7 @@ impl LoneWorker {
         settings.sweep.enabled = false;
         let store = induction_reconciler::store::Store::connect(
             &settings.database.url,
-            settings.database.limits(2),
+            induction_reconciler::app::connect::store_limits(&settings, 2),
         )
         .await
         .expect("connect to the worker's database");
