@@ -87,6 +87,16 @@ impl BrokerError {
         }
     }
 
+    /// The broker closed a channel that was working (a consumer that held a delivery past the
+    /// broker's `consumer_timeout`, say): a new channel may work, whatever the reply code.
+    pub fn channel_closed(error: &lapin::Error) -> Self {
+        Self {
+            transient: true,
+            timed_out: false,
+            description: format!("the broker closed the channel: {error}"),
+        }
+    }
+
     /// An operation on the broker did not finish in time.
     pub fn timed_out(what: &str) -> Self {
         Self {

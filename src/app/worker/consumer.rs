@@ -162,8 +162,12 @@ impl Session<'_> {
             let next = tokio::select! {
                 next = self.consumer.next() => next,
                 event = events.next() => match event {
-                    // Only errors lapin cannot recover from are reported here.
-                    Some(lapin::Event::Error(error)) => return Err(error.into()),
+                    // Only errors lapin cannot recover from are reported here. The consumer
+                    // was working, so even a channel-level reply (406 when a delivery was held
+                    // past the broker's consumer_timeout) means: start again on a new channel.
+                    Some(lapin::Event::Error(error)) => {
+                        return Err(BrokerError::channel_closed(&error));
+                    }
                     _ => continue,
                 },
                 _ = self.tick.tick() => {

@@ -121,6 +121,12 @@ async fn run_until_drained(settings: &Settings, plan: &Shutdown) -> anyhow::Resu
     }
 
     let consumed = consumer::consume(settings, &store, plan, &health).await;
+    if consumed.is_err() {
+        // The consumer has failed for good: end everything else too, so that the process
+        // exits with the error (for the orchestrator to restart) instead of serving health
+        // endpoints with nothing consuming.
+        plan.stop.cancel();
+    }
     drained.cancel();
     while background.join_next().await.is_some() {}
     // A connection stuck on a dead network path must not hold the exit.
