@@ -257,3 +257,29 @@ async fn migrate_is_idempotent_and_run_reports_a_bad_setting() {
     );
     app.teardown().await;
 }
+
+/// A consumer that fails for good (here its queue does not exist and the worker may not declare
+/// it) ends the process with the error, even with the health endpoint serving: a process that
+/// answers `/livez` with nothing consuming is an outage nobody sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_fails_for_good_ends_the_process() {
+    let app = TestApp::prepare(|_| {}).await;
+    let port = common::free_port();
+    let mut child = command(&app.settings, &["run"])
+        .env("INDUCTION__AMQP__DECLARE_TOPOLOGY", "false")
+        .env(
+            "INDUCTION__TOPOLOGY__INBOX_QUEUE",
+            format!("{}.missing", app.settings.topology.inbox_queue),
+        )
+        .env("INDUCTION__HTTP__ENABLED", "true")
+        .env("INDUCTION__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_with_timeout(&mut child, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("cannot consume"), "{stderr}");
+    app.teardown().await;
+}
