@@ -43,7 +43,14 @@ impl PendingConfirm {
     /// after [`CONFIRM_TIMEOUT`]: lapin rejects the confirms of a lost connection only once its
     /// recovery starts, and a worker must not wait on a broker that is down for good.
     pub async fn wait(self) -> Result<(), BrokerError> {
-        let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, self.confirm)
+        let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+        self.wait_until(deadline).await
+    }
+
+    /// [`PendingConfirm::wait`] with a deadline shared by a whole batch, so that a batch on a
+    /// connection that died waits [`CONFIRM_TIMEOUT`] once, not once per message.
+    pub async fn wait_until(self, deadline: tokio::time::Instant) -> Result<(), BrokerError> {
+        let confirmed = tokio::time::timeout_at(deadline, self.confirm)
             .await
             .map_err(|_| BrokerError::timed_out("a publisher confirm"))?;
         match confirmed? {
@@ -141,10 +148,14 @@ impl Publisher {
                 }
             }
         }
+        // One bound for the batch: after a connection dies with 500 confirms outstanding, the
+        // relay gives up within CONFIRM_TIMEOUT, not 500 times that (seen when a broker address
+        // went away: the relay sat for ten minutes).
+        let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
         let mut results = Vec::with_capacity(pending.len());
         for sent in pending {
             results.push(match sent {
-                Ok(confirm) => confirm.wait().await,
+                Ok(confirm) => confirm.wait_until(deadline).await,
                 Err(error) => Err(error),
             });
         }
