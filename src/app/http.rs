@@ -1,7 +1,7 @@
 //! The operators' HTTP endpoint: `/metrics` (Prometheus text format), `/livez` and `/readyz`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -111,6 +111,9 @@ pub struct Health {
     progress: Arc<Progress>,
     readiness_stall: Duration,
     liveness_stall: Duration,
+    /// Whether the last readiness check found a dependency down (`/livez` reads it instead of
+    /// pinging, so that a slow database cannot make a liveness probe time out).
+    outage: AtomicU8,
 }
 
 impl Health {
@@ -122,6 +125,7 @@ impl Health {
             progress: Arc::default(),
             readiness_stall: Duration::from_secs(settings.worker.readiness_stall_seconds),
             liveness_stall: Duration::from_secs(settings.worker.liveness_stall_seconds),
+            outage: AtomicU8::new(0),
         })
     }
 
@@ -160,17 +164,20 @@ impl Health {
                 .get_or_create(&label)
                 .set(i64::from(failing(reason)));
         }
+        let outage = failing(NotReady::DatabaseUnreachable) || failing(NotReady::BrokerUnreachable);
+        self.outage.store(u8::from(outage), Ordering::Relaxed);
         NotReady::ALL.into_iter().find(|&reason| failing(reason))
     }
 
     /// False when work has stalled beyond `worker.liveness_stall_seconds` although the database
     /// and the broker answer: the process is stuck, and a restart is what helps. During an
     /// outage the process stays live (a restart cannot bring a dependency back).
-    pub fn is_live(&self, readiness: Option<NotReady>) -> bool {
-        let outage = matches!(
-            readiness,
-            Some(NotReady::DatabaseUnreachable | NotReady::BrokerUnreachable)
-        );
+    ///
+    /// Reads the outage found by the last readiness check (by `/readyz` or the gauge refresher,
+    /// every `http.gauge_refresh_seconds`) rather than pinging: answers at once.
+    pub fn is_live(&self) -> bool {
+        let outage = self.outage.load(Ordering::Relaxed) == 1
+            || !self.broker_connected.load(Ordering::Relaxed);
         outage || self.progress.stalled_for() < self.liveness_stall
     }
 }
@@ -186,8 +193,7 @@ async fn metrics_text() -> impl IntoResponse {
 }
 
 async fn livez(State(health): State<Arc<Health>>) -> (StatusCode, String) {
-    let readiness = health.readiness().await;
-    if health.is_live(readiness) {
+    if health.is_live() {
         (StatusCode::OK, "ok\n".into())
     } else {
         let stalled = health.progress.stalled_for().as_secs();
