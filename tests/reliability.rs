@@ -468,24 +468,26 @@ impl Harness {
         })
     }
 
-    /// Consumes outcomes into memory, reconnecting across broker restarts. Every step has a
-    /// bound: a connection that lapin is still recovering (or that recovered without its
-    /// consumer) is dropped after five quiet seconds and a new one opened, so that the capture
-    /// never waits on a dead connection (unacknowledged outcomes go back to the queue).
+    /// Consumes outcomes into memory, reconnecting across broker restarts. The capture's
+    /// connection has no automatic recovery: one that breaks is dead for good, so that it can
+    /// never come back later with a consumer that takes outcomes (and, when closed, hands them
+    /// back out of order). Every step is bounded; 30 quiet seconds also start a new connection
+    /// (nothing is unacknowledged then).
     fn capture(&self) -> tokio::task::JoinHandle<()> {
-        let url = SecretString::from(self.node(self.client_node).url());
+        let url = format!("{}?heartbeat=5", self.node(self.client_node).url());
         let outcomes = self.outcomes.clone();
         let stop = self.stop_sampling.clone();
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let step = Duration::from_secs(10);
-                let connecting = Broker::connect(&url, "reliability capture");
-                let Ok(Ok(broker)) = tokio::time::timeout(step, connecting).await else {
+                let connecting =
+                    lapin::Connection::connect(&url, lapin::ConnectionProperties::default());
+                let Ok(Ok(connection)) = tokio::time::timeout(step, connecting).await else {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 };
                 let consuming = async {
-                    let channel = broker.channel().await.ok()?;
+                    let channel = connection.create_channel().await.ok()?;
                     channel.basic_qos(500, Default::default()).await.ok()?;
                     channel
                         .basic_consume(
@@ -498,7 +500,7 @@ impl Harness {
                         .ok()
                 };
                 if let Ok(Some(mut consumer)) = tokio::time::timeout(step, consuming).await {
-                    let quiet = Duration::from_secs(5);
+                    let quiet = Duration::from_secs(30);
                     while let Ok(Some(Ok(delivery))) =
                         tokio::time::timeout(quiet, consumer.next()).await
                     {
@@ -512,9 +514,8 @@ impl Harness {
                         }
                     }
                 }
-                // Not `close`: a connection lapin is still recovering would come back later
-                // with its consumer, and hold up to 500 outcomes that nobody reads.
-                broker.retire();
+                let closing = connection.close(200, "capture ends".into());
+                let _ = tokio::time::timeout(step, closing).await;
             }
         })
     }
