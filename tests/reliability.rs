@@ -543,6 +543,17 @@ impl Harness {
         }
     }
 
+    /// The message ids in the inbox.
+    async fn inbox_ids(&self) -> HashSet<String> {
+        let mut db = PgConnection::connect(&self.db_url).await.unwrap();
+        sqlx::query_scalar::<_, String>("select message_id::text from inbox")
+            .fetch_all(&mut db)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
     fn unique_valid(&self) -> HashSet<String> {
         self.stream
             .iter()
@@ -742,13 +753,7 @@ impl Harness {
         }
         // 1. No input lost.
         let mut db = PgConnection::connect(&self.db_url).await.unwrap();
-        let inbox: HashSet<String> =
-            sqlx::query_scalar::<_, String>("select message_id::text from inbox")
-                .fetch_all(&mut db)
-                .await
-                .unwrap()
-                .into_iter()
-                .collect();
+        let inbox = self.inbox_ids().await;
         let valid = self.unique_valid();
         let missing: Vec<&String> = valid.difference(&inbox).collect();
         assert!(
@@ -1410,14 +1415,7 @@ async fn postgres_failover_to_an_asynchronous_standby() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let mut db = PgConnection::connect(&h.db_url).await.unwrap();
-    let inbox: HashSet<String> =
-        sqlx::query_scalar::<_, String>("select message_id::text from inbox")
-            .fetch_all(&mut db)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
+    let inbox = h.inbox_ids().await;
     let lost = h.unique_valid().difference(&inbox).count();
     let figures = json!({"scenario": "postgres_failover_async", "replication": "asynchronous",
         "valid_messages": h.unique_valid().len(), "acknowledged_but_lost": lost, "failover_seconds": promoted,
