@@ -12,6 +12,12 @@ use time::format_description::well_known::Rfc3339;
 use crate::app::parked::{Action, Selection};
 use crate::app::simulate::simulate;
 use crate::config::Settings;
+use crate::domain::Origin;
+
+/// `verify` found teachers whose stored outcome is not what the rules give.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} teachers differ from what the rules give")]
+pub struct VerifyFailed(pub u64);
 
 /// Reconciles ECT induction reports from schools and appropriate bodies.
 #[derive(Debug, Parser)]
@@ -45,6 +51,37 @@ pub enum Command {
     Publish {
         /// The file of messages; `-` or nothing reads standard input.
         file: Option<PathBuf>,
+        /// Stamp this `origin` on every message that does not give one: `migration` when
+        /// loading history from the ECF1 service or the AB portal (docs/MIGRATION.md).
+        #[arg(long, value_parser = parse_origin, value_name = "live|migration")]
+        origin: Option<Origin>,
+    },
+    /// Send a consumer that joins late (or lost its state) the latest outcome of every selected
+    /// teacher, exactly as first published (same outcome_id, version and fields), on its own
+    /// queue through the default exchange, with confirms. Bind the queue to the outcome exchange
+    /// first, so that nothing falls between the resync and the live stream.
+    Resync {
+        /// The consumer's queue (it must exist).
+        #[arg(long, value_name = "NAME")]
+        queue: String,
+        /// Only this teacher (repeatable).
+        #[arg(long = "trn", value_name = "TRN")]
+        trns: Vec<String>,
+        /// Only teachers whose latest outcome has this status (repeatable).
+        #[arg(long = "status", value_name = "STATUS")]
+        statuses: Vec<String>,
+    },
+    /// Audit: recompute every teacher from the stored records with the reconciliation rules and
+    /// compare with the stored last outcome. Prints how many were checked and how many differ,
+    /// writes the differing TRNs to a file, and exits 1 when any differs.
+    Verify {
+        /// Where to write the differing TRNs, one per line.
+        #[arg(long, value_name = "FILE", default_value = "verify-differences.txt")]
+        differences: PathBuf,
+        /// Also write, as new versions with no cause, the corrected outcome of every teacher that
+        /// differs (after a deliberate rule change); running workers publish them.
+        #[arg(long)]
+        emit: bool,
     },
     /// Show what is held for one teacher: the records, the current outcome and the history of
     /// what was applied and emitted. For answering a school's or an AB's question.
@@ -172,6 +209,31 @@ fn parse_now(text: &str) -> Result<OffsetDateTime, String> {
     OffsetDateTime::parse(text, &Rfc3339).map_err(|e| format!("not an RFC 3339 timestamp: {e}"))
 }
 
+fn parse_origin(text: &str) -> Result<Origin, String> {
+    Origin::parse(text).ok_or_else(|| "must be live or migration".to_owned())
+}
+
+/// The number of lines of a file, for a progress bar; `None` for standard input.
+fn count_lines(file: Option<&PathBuf>) -> anyhow::Result<Option<u64>> {
+    let Some(path) = file.filter(|p| p.as_os_str() != "-") else {
+        return Ok(None);
+    };
+    let mut reader = BufReader::new(
+        File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+    );
+    let mut lines = 0u64;
+    loop {
+        let buffer = reader.fill_buf()?;
+        if buffer.is_empty() {
+            break;
+        }
+        lines += buffer.iter().filter(|&&b| b == b'\n').count() as u64;
+        let used = buffer.len();
+        reader.consume(used);
+    }
+    Ok(Some(lines))
+}
+
 fn open_input(file: Option<PathBuf>) -> anyhow::Result<Box<dyn BufRead>> {
     Ok(match file {
         Some(path) if path.as_os_str() != "-" => Box::new(BufReader::new(
@@ -214,7 +276,40 @@ async fn dispatch(command: Command, mut settings: Settings) -> anyhow::Result<()
             crate::app::worker::run(settings, shutdown_signal()).await
         }
         Command::Migrate => crate::app::ops::migrate(&settings).await,
-        Command::Publish { file } => crate::app::ops::publish(&settings, open_input(file)?).await,
+        Command::Publish { file, origin } => {
+            let total = count_lines(file.as_ref())?;
+            crate::app::ops::publish(&settings, open_input(file)?, origin, total).await
+        }
+        Command::Resync {
+            queue,
+            trns,
+            statuses,
+        } => {
+            let filter = crate::app::resync::filter(trns, statuses)?;
+            let sent = crate::app::resync::resync(&settings, &queue, &filter).await?;
+            println!("resent {sent} outcomes to the queue {queue}");
+            Ok(())
+        }
+        Command::Verify { differences, emit } => {
+            let found = crate::app::audit::verify(&settings, &differences, emit).await?;
+            println!(
+                "checked {} teachers: {} differ{}",
+                found.checked,
+                found.differing,
+                if emit {
+                    format!(", {} corrected outcomes written", found.emitted)
+                } else {
+                    String::new()
+                }
+            );
+            if found.differing > 0 {
+                println!("the differing TRNs are in {}", differences.display());
+                if !emit {
+                    return Err(VerifyFailed(found.differing).into());
+                }
+            }
+            Ok(())
+        }
         Command::Explain { trn, json } => crate::app::ops::explain(&settings, &trn, json).await,
         Command::Parked { action } => {
             let (action, selection, json) = action.into_request()?;

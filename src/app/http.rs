@@ -247,6 +247,10 @@ pub async fn refresh_gauges(health: Arc<Health>, period: Duration, stop: Cancell
             m.outbox_oldest_age_seconds.set(g.outbox_oldest_age_seconds);
             m.open_conflicts.set(g.open_conflicts);
             m.overdue_provisionals.set(g.overdue_provisionals);
+            if let Some((at, differing)) = g.last_audit {
+                m.audit_last_run.set(at);
+                m.audit_differing.set(differing);
+            }
         }
         health.readiness().await;
         tokio::select! {

@@ -6,16 +6,20 @@
 //!
 //! Reading order: `worker` (the `run` command: supervisor, consumer, lanes, watchdog, relay and
 //! sweep tasks), `handler` (one batch of deliveries), `parking`, `relay`; then the operator
-//! commands (`ops`, `parked`, `simulate`) and the HTTP endpoint (`http`). `retry` and `connect`
+//! commands (`ops`, `parked`, `resync`, `audit` (`verify`), `simulate`, and `progress`,
+//! which they share) and the HTTP endpoint (`http`). `retry` and `connect`
 //! are shared by all of them.
 
+pub mod audit;
 pub mod connect;
 pub mod handler;
 pub mod http;
 pub mod ops;
 pub mod parked;
 mod parking;
+pub mod progress;
 pub mod relay;
+pub mod resync;
 pub mod retry;
 pub mod simulate;
 pub mod worker;

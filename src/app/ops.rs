@@ -1,5 +1,5 @@
 //! One-shot operator commands: `migrate`, `publish`, `watch`, `explain`, `parked` and
-//! `outbox status`.
+//! `outbox status` (`resync` and `verify` have modules of their own).
 
 use std::io::BufRead;
 
@@ -9,8 +9,10 @@ use lapin::types::FieldTable;
 
 use super::connect::{self, store};
 use super::parked::{Action, Selection, act};
+use super::progress::{Progress, WhenPiped};
 use crate::broker::{Outgoing, Publisher, json_properties, subscribe};
 use crate::config::Settings;
+use crate::domain::Origin;
 use crate::messages::peek;
 
 /// Applies pending migrations.
@@ -23,29 +25,80 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 
 /// Publishes each line of `input` to the input exchange with a confirm. A line that is not a
 /// JSON object with a known `message_type` goes with the registration routing key, so that the
-/// worker parks it (this command is also how test data reaches the worker).
-pub async fn publish(settings: &Settings, input: Box<dyn BufRead>) -> anyhow::Result<()> {
+/// worker parks it (this command is also how test data reaches the worker). With `origin`,
+/// every message that does not say its origin is stamped with it. `total`, the number of lines
+/// when known, lets the progress bar show the time left.
+pub async fn publish(
+    settings: &Settings,
+    input: Box<dyn BufRead>,
+    origin: Option<Origin>,
+    total: Option<u64>,
+) -> anyhow::Result<()> {
     /// Lines sent before their confirms are awaited.
     const WINDOW: usize = 500;
     let broker = connect::broker(settings, "induction-reconciler publish").await?;
     let publisher = broker.publisher().await?;
     let mut window: Vec<Vec<u8>> = Vec::with_capacity(WINDOW);
-    let mut count = 0usize;
+    let mut progress = Progress::new("messages published", total, WhenPiped::Quiet);
     for line in input.split(b'\n') {
         let line = line.context("cannot read the input")?;
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        window.push(line);
+        window.push(match origin {
+            Some(origin) => stamp_origin(line, origin),
+            None => line,
+        });
         if window.len() >= WINDOW {
-            count += publish_lines(settings, &publisher, &window).await?;
+            publish_lines(settings, &publisher, &window).await?;
+            progress.advance(window.len() as u64);
             window.clear();
         }
     }
-    count += publish_lines(settings, &publisher, &window).await?;
+    publish_lines(settings, &publisher, &window).await?;
+    progress.advance(window.len() as u64);
+    progress.finish();
     broker.close().await;
-    println!("published {count} messages");
+    println!(
+        "published {} messages in {:.1} s ({:.0} per second)",
+        progress.done(),
+        progress.elapsed().as_secs_f64(),
+        progress.rate()
+    );
     Ok(())
+}
+
+/// Stamps `origin` on a message that does not give one (absent or null). Anything else is
+/// left byte for byte as it was, including a line that is not a JSON object (the worker parks
+/// it) and one that already says its origin.
+pub fn stamp_origin(line: Vec<u8>, origin: Origin) -> Vec<u8> {
+    let Ok(serde_json::Value::Object(mut envelope)) = serde_json::from_slice(&line) else {
+        return line;
+    };
+    match envelope.get("origin") {
+        None => {
+            // Insert right after the opening brace, keeping the rest of the bytes unchanged.
+            let Some(brace) = line.iter().position(|&b| b == b'{') else {
+                return line;
+            };
+            let field = format!("\"origin\":\"{}\"", origin.as_str());
+            let rest = &line[brace + 1..];
+            let empty = rest.iter().all(|b| b.is_ascii_whitespace() || *b == b'}');
+            let mut stamped = Vec::with_capacity(line.len() + field.len() + 1);
+            stamped.extend_from_slice(&line[..=brace]);
+            stamped.extend_from_slice(field.as_bytes());
+            if !empty {
+                stamped.push(b',');
+            }
+            stamped.extend_from_slice(rest);
+            stamped
+        }
+        Some(serde_json::Value::Null) => {
+            envelope.insert("origin".into(), origin.as_str().into());
+            serde_json::to_vec(&envelope).unwrap_or(line)
+        }
+        Some(_) => line,
+    }
 }
 
 /// Publishes `lines` with confirms; the routing key follows each line's `message_type`.
@@ -53,7 +106,7 @@ async fn publish_lines(
     settings: &Settings,
     publisher: &Publisher,
     lines: &[Vec<u8>],
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<()> {
     let t = &settings.topology;
     let messages = lines.iter().map(|line| {
         let peeked = peek(line);
@@ -72,7 +125,7 @@ async fn publish_lines(
     for result in publisher.publish_all(messages).await {
         result?;
     }
-    Ok(lines.len())
+    Ok(())
 }
 
 /// Prints outcomes as they are published, until `count` were printed or `stop` resolves.
@@ -229,14 +282,14 @@ fn record_json(snapshot: &crate::domain::Snapshot) -> serde_json::Value {
             "started_on": date(r.started_on), "finished_on": r.finished_on.map(date),
             "appropriate_body_id": r.appropriate_body_id.as_str(), "training_programme": r.training_programme.as_str(),
             "lead_provider_id": r.lead_provider_id.as_ref().map(|l| l.as_str()), "deleted": r.deleted,
-            "occurred_at": at, "message_id": snapshot.stamp.message_id,
+            "origin": r.origin.as_str(), "occurred_at": at, "message_id": snapshot.stamp.message_id,
         }),
         Record::Claim(c) => serde_json::json!({
             "kind": "claim", "induction_period_id": c.induction_period_id.as_str(),
             "appropriate_body_id": c.appropriate_body_id.as_str(), "started_on": date(c.started_on),
             "finished_on": c.finished_on.map(date), "training_programme": c.training_programme.map(|p| p.as_str()),
             "number_of_terms": c.number_of_terms.map(|t| t.as_f64()), "outcome": c.outcome.map(|o| o.as_str()),
-            "deleted": c.deleted, "occurred_at": at, "message_id": snapshot.stamp.message_id,
+            "deleted": c.deleted, "origin": c.origin.as_str(), "occurred_at": at, "message_id": snapshot.stamp.message_id,
         }),
     }
 }

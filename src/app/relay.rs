@@ -73,8 +73,8 @@ pub async fn relay_once(
 }
 
 /// An outcome's AMQP properties: its id as `message_id`, its creation time, and the trace
-/// context of the input that caused it.
-fn outcome_properties(row: &OutboxRow) -> lapin::BasicProperties {
+/// context of the input that caused it. `resync` sends the same.
+pub fn outcome_properties(row: &OutboxRow) -> lapin::BasicProperties {
     let mut headers = FieldTable::default();
     if let Some(traceparent) = &row.traceparent {
         headers.insert(

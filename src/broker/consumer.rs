@@ -143,8 +143,9 @@ impl QueueReader {
     }
 }
 
-/// How many messages `queue` holds ready for delivery (a passive declare).
-async fn ready(channel: &Channel, queue: &str) -> Result<u32, BrokerError> {
+/// How many messages `queue` holds ready for delivery (a passive declare: fails if the queue
+/// does not exist, which closes the channel).
+pub async fn ready(channel: &Channel, queue: &str) -> Result<u32, BrokerError> {
     let declared = bounded(
         "a passive declare",
         channel.queue_declare(

@@ -5,7 +5,7 @@ use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
 use super::reconcile::{Reconciliation, Status};
-use super::types::Trn;
+use super::types::{Origin, Trn};
 
 /// The two kinds of input message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,6 +37,8 @@ pub struct Cause {
     pub occurred_at: OffsetDateTime,
     /// The input's `correlation_id`, copied onto the outcome.
     pub correlation_id: Option<String>,
+    /// The input's `origin`.
+    pub origin: Origin,
 }
 
 /// An outcome the worker decided to emit, without its `outcome_id` (the shell assigns that).
@@ -52,7 +54,7 @@ pub struct Outcome {
     pub overdue: bool,
     /// When the current provisional spell began.
     pub provisional_since: Option<OffsetDateTime>,
-    /// The input that caused it; `None` for the overdue sweep.
+    /// The input that caused it; `None` for the overdue sweep and a re-reconciliation.
     pub caused_by: Option<Cause>,
     /// When the worker decided it.
     pub decided_at: OffsetDateTime,
@@ -83,6 +85,28 @@ pub fn emit(
     cause: Cause,
     now: OffsetDateTime,
 ) -> Option<Outcome> {
+    decide(trn, last, reconciliation, Some(cause), now)
+}
+
+/// Decides whether to emit after re-reconciling a teacher whose records did not change (an
+/// audit after a deliberate rule change, `verify --emit`): the same rule as [`emit`], with no
+/// cause.
+pub fn correct(
+    trn: &Trn,
+    last: Option<&Outcome>,
+    reconciliation: Reconciliation,
+    now: OffsetDateTime,
+) -> Option<Outcome> {
+    decide(trn, last, reconciliation, None, now)
+}
+
+fn decide(
+    trn: &Trn,
+    last: Option<&Outcome>,
+    reconciliation: Reconciliation,
+    cause: Option<Cause>,
+    now: OffsetDateTime,
+) -> Option<Outcome> {
     if last.is_none() && reconciliation.status == Status::Closed {
         return None;
     }
@@ -103,7 +127,7 @@ pub fn emit(
         reconciliation,
         overdue,
         provisional_since,
-        caused_by: Some(cause),
+        caused_by: cause,
         decided_at: now,
     })
 }

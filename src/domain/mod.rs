@@ -10,9 +10,9 @@ mod reconcile;
 mod records;
 mod types;
 
-pub use emission::{Cause, MessageKind, Outcome, emit, sweep};
+pub use emission::{Cause, MessageKind, Outcome, correct, emit, sweep};
 pub use inbox::{Receipt, receipt};
 pub use ledger::{Applied, Ledger};
 pub use reconcile::{Discrepancy, Reason, Reconciliation, Resolved, Source, Status, reconcile};
 pub use records::{Admission, Claim, Record, RecordKey, Registration, Snapshot, admit};
-pub use types::{InductionResult, Programme, SchoolUrn, SourceId, Stamp, Terms, Trn};
+pub use types::{InductionResult, Origin, Programme, SchoolUrn, SourceId, Stamp, Terms, Trn};

@@ -3,7 +3,7 @@
 
 use time::{Date, OffsetDateTime};
 
-use super::types::{InductionResult, Programme, SchoolUrn, SourceId, Stamp, Terms, Trn};
+use super::types::{InductionResult, Origin, Programme, SchoolUrn, SourceId, Stamp, Terms, Trn};
 
 /// The school's record of an ECT at that school, as it stands after a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +26,8 @@ pub struct Registration {
     pub lead_provider_id: Option<SourceId>,
     /// True when the registration was undone.
     pub deleted: bool,
+    /// Where this snapshot of the record comes from.
+    pub origin: Origin,
 }
 
 /// The AB's induction period for an ECT, as it stands after a change.
@@ -49,6 +51,8 @@ pub struct Claim {
     pub outcome: Option<InductionResult>,
     /// True when the claim was reverted.
     pub deleted: bool,
+    /// Where this snapshot of the record comes from.
+    pub origin: Origin,
 }
 
 /// One source record of either kind. The two id spaces are separate.

@@ -125,6 +125,37 @@ impl InductionResult {
     }
 }
 
+/// Where a snapshot comes from: reported now, or loaded from an earlier system (the ECF1 service
+/// or the TRA AB portal's history). Migrated snapshots are reconciled exactly like live ones; the
+/// origin only travels onto outcomes so that consumers can tell history from news.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Origin {
+    /// Reported by the source service now (the default).
+    #[default]
+    Live,
+    /// Loaded from an earlier system's history.
+    Migration,
+}
+
+impl Origin {
+    /// The value as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Migration => "migration",
+        }
+    }
+
+    /// Parses a wire value.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "live" => Some(Self::Live),
+            "migration" => Some(Self::Migration),
+            _ => None,
+        }
+    }
+}
+
 /// A number of terms served, 0 to 16 in steps of one tenth, held exactly as tenths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Terms(u8);

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::authority::{Provenance, Publishers};
 use super::rejection::{ReasonCode, Rejection};
 use crate::domain::{
-    Cause, Claim, InductionResult, MessageKind, Programme, Record, Registration, SchoolUrn,
+    Cause, Claim, InductionResult, MessageKind, Origin, Programme, Record, Registration, SchoolUrn,
     Snapshot, SourceId, Stamp, Terms, Trn,
 };
 
@@ -88,14 +88,21 @@ fn decode_checked(
         |v| v.as_str().map(str::to_owned),
         "a string",
     )?;
+    let origin = fields
+        .optional(
+            "origin",
+            |v| v.as_str().and_then(Origin::parse),
+            "\"live\" or \"migration\"",
+        )?
+        .unwrap_or_default();
     let payload = match present(&envelope, "payload") {
         Some(Value::Object(payload)) => Fields::new(payload, "payload."),
         Some(_) => return Err(Rejection::field("payload must be a JSON object")),
         None => return Err(Rejection::field("payload is required")),
     };
     let record = match kind {
-        MessageKind::SchoolRegistration => Record::Registration(registration(&payload)?),
-        MessageKind::AbClaim => Record::Claim(claim(&payload, occurred_at.date())?),
+        MessageKind::SchoolRegistration => Record::Registration(registration(&payload, origin)?),
+        MessageKind::AbClaim => Record::Claim(claim(&payload, occurred_at.date(), origin)?),
     };
 
     if occurred_at > now + MAX_CLOCK_SKEW {
@@ -118,6 +125,7 @@ fn decode_checked(
             message_type: kind,
             occurred_at,
             correlation_id,
+            origin,
         },
         publisher,
     })
@@ -187,7 +195,7 @@ fn check_schema_version(envelope: &serde_json::Map<String, Value>) -> Result<(),
     }
 }
 
-fn registration(p: &Fields<'_>) -> Result<Registration, Rejection> {
+fn registration(p: &Fields<'_>, origin: Origin) -> Result<Registration, Rejection> {
     let registration_id = p.required("registration_id", parse_id, ID_RULE)?;
     let trn = p.required("trn", parse_trn, TRN_RULE)?;
     let school_urn = p.required(
@@ -239,10 +247,11 @@ fn registration(p: &Fields<'_>) -> Result<Registration, Rejection> {
         training_programme,
         lead_provider_id,
         deleted,
+        origin,
     })
 }
 
-fn claim(p: &Fields<'_>, occurred_on: Date) -> Result<Claim, Rejection> {
+fn claim(p: &Fields<'_>, occurred_on: Date, origin: Origin) -> Result<Claim, Rejection> {
     let induction_period_id = p.required("induction_period_id", parse_id, ID_RULE)?;
     let trn = p.required("trn", parse_trn, TRN_RULE)?;
     let appropriate_body_id = p.required("appropriate_body_id", parse_id, ID_RULE)?;
@@ -314,6 +323,7 @@ fn claim(p: &Fields<'_>, occurred_on: Date) -> Result<Claim, Rejection> {
         number_of_terms,
         outcome,
         deleted,
+        origin,
     })
 }
 

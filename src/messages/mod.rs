@@ -16,7 +16,7 @@ pub use decode::{
     decode, decode_delivery,
 };
 pub use outcome::{
-    CauseMessage, InductionPeriodMessage, OutcomeMessage, RegistrationMessage, ResolvedMessage,
+    CauseMessage, InductionPeriodMessage, OriginField, OutcomeMessage, RegistrationMessage, ResolvedMessage,
     UnreadableOutcome,
 };
 pub use peek::{Peek, peek};

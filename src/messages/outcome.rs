@@ -6,7 +6,7 @@ use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
 use crate::domain::{
-    Cause, Claim, Discrepancy, InductionResult, MessageKind, Outcome, Programme, Reason,
+    Cause, Claim, Discrepancy, InductionResult, MessageKind, Origin, Outcome, Programme, Reason,
     Reconciliation, Registration, Resolved, SchoolUrn, Source, SourceId, Status, Terms, Trn,
 };
 
@@ -83,6 +83,10 @@ pub struct RegistrationMessage {
     pub training_programme: String,
     /// The lead provider.
     pub lead_provider_id: Option<String>,
+    /// The origin of the snapshot these fields come from. Outcomes stored before origins
+    /// existed have none and read back as `live`.
+    #[serde(default)]
+    pub origin: OriginField,
 }
 
 /// `induction_period`.
@@ -104,6 +108,9 @@ pub struct InductionPeriodMessage {
     pub number_of_terms: Option<f64>,
     /// `pass`, `fail` or null.
     pub outcome: Option<String>,
+    /// The origin of the snapshot these fields come from.
+    #[serde(default)]
+    pub origin: OriginField,
 }
 
 /// `caused_by`.
@@ -116,6 +123,39 @@ pub struct CauseMessage {
     /// The input's `occurred_at`, in the offset it was given in.
     #[serde(with = "time::serde::rfc3339")]
     pub occurred_at: OffsetDateTime,
+    /// The input's `origin`.
+    #[serde(default)]
+    pub origin: OriginField,
+}
+
+/// `origin` on an outcome: `live` or `migration`, written as its wire text. Stored outcomes
+/// that predate the field read back as `live` (everything before it was live).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OriginField {
+    /// `live`.
+    #[default]
+    Live,
+    /// `migration`.
+    Migration,
+}
+
+impl From<Origin> for OriginField {
+    fn from(origin: Origin) -> Self {
+        match origin {
+            Origin::Live => Self::Live,
+            Origin::Migration => Self::Migration,
+        }
+    }
+}
+
+impl From<OriginField> for Origin {
+    fn from(origin: OriginField) -> Self {
+        match origin {
+            OriginField::Live => Self::Live,
+            OriginField::Migration => Self::Migration,
+        }
+    }
 }
 
 /// A stored outcome that cannot be read back into the domain.
@@ -162,6 +202,7 @@ impl OutcomeMessage {
                 appropriate_body_id: text(&p.appropriate_body_id),
                 training_programme: p.training_programme.as_str().to_owned(),
                 lead_provider_id: p.lead_provider_id.as_ref().map(text),
+                origin: p.origin.into(),
             }),
             induction_period: r.induction_period.as_ref().map(|c| InductionPeriodMessage {
                 induction_period_id: text(&c.induction_period_id),
@@ -171,11 +212,13 @@ impl OutcomeMessage {
                 training_programme: c.training_programme.map(|p| p.as_str().to_owned()),
                 number_of_terms: c.number_of_terms.map(Terms::as_f64),
                 outcome: c.outcome.map(|o| o.as_str().to_owned()),
+                origin: c.origin.into(),
             }),
             caused_by: outcome.caused_by.as_ref().map(|c| CauseMessage {
                 message_id: c.message_id,
                 message_type: c.message_type.as_str().to_owned(),
                 occurred_at: c.occurred_at,
+                origin: c.origin.into(),
             }),
             correlation_id: outcome
                 .caused_by
@@ -280,6 +323,7 @@ impl RegistrationMessage {
                 .ok_or(bad("training_programme"))?,
             lead_provider_id: opt_id(&self.lead_provider_id)?,
             deleted: false,
+            origin: self.origin.into(),
         })
     }
 }
@@ -307,6 +351,7 @@ impl InductionPeriodMessage {
             number_of_terms,
             outcome,
             deleted: false,
+            origin: self.origin.into(),
         })
     }
 }
@@ -323,6 +368,7 @@ impl CauseMessage {
             message_type,
             occurred_at: self.occurred_at,
             correlation_id,
+            origin: self.origin.into(),
         })
     }
 }

@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -14,9 +13,9 @@ use uuid::Uuid;
 use super::effects::Effects;
 use super::error::StoreError;
 use super::locks::{held_trns, lock_records, lock_teachers};
-use super::records;
+use super::{records, teachers};
 use super::{Handled, Store};
-use crate::domain::{Admission, Ledger, Outcome, Receipt, RecordKey, Trn, receipt};
+use crate::domain::{Admission, Ledger, Receipt, RecordKey, Trn, receipt};
 use crate::messages::{Input, OutcomeMessage};
 
 /// One message of a batch.
@@ -205,7 +204,7 @@ impl Ledgered {
     async fn load(conn: &mut PgConnection, teachers: &BTreeSet<Trn>) -> Result<Self, StoreError> {
         let trns: Vec<String> = teachers.iter().map(|t| t.as_str().to_owned()).collect();
         let snapshots = records::for_teachers(conn, &trns).await?;
-        let last = last_outcomes(conn, &trns).await?;
+        let last = teachers::last_outcomes(conn, &trns).await?;
         let previous_versions = last.iter().map(|o| (o.trn.clone(), o.version)).collect();
         Ok(Self {
             ledger: Ledger::seeded(snapshots, last),
@@ -268,22 +267,4 @@ impl Ledgered {
         }
         Ok(self.effects)
     }
-}
-
-async fn last_outcomes(
-    conn: &mut PgConnection,
-    trns: &[String],
-) -> Result<Vec<Outcome>, StoreError> {
-    let stored: Vec<Json<OutcomeMessage>> =
-        sqlx::query_scalar("select last_outcome from teachers where trn = any($1)")
-            .bind(trns)
-            .fetch_all(&mut *conn)
-            .await?;
-    stored
-        .into_iter()
-        .map(|Json(m)| {
-            m.to_domain()
-                .map_err(|e| StoreError::corrupt(e.to_string()))
-        })
-        .collect()
 }

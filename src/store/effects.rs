@@ -21,30 +21,33 @@ type Statement<'q> = Query<'q, Postgres, PgArguments>;
 
 /// The statement. Placeholders: `$1` the time; then each column group in the order
 /// `Effects::write` binds them (registrations `$2..$13`, claims `$14..$25`, teachers
-/// `$26..$32`, outbox `$33..$38`, history `$39..$48`, stale `$49`); `$50` the relay's channel.
+/// `$26..$32`, outbox `$33..$38`, history `$39..$48`, stale `$49`); `$50` the relay's channel;
+/// `$51` and `$52` the origins of the registrations and of the claims (added with the origin
+/// columns, after the rest, so that no placeholder moved).
 const WRITE: &str = "with
  reg as (
    insert into registrations (registration_id, trn, school_urn, started_on, finished_on, appropriate_body_id,
-       training_programme, lead_provider_id, deleted, occurred_at, occurred_at_ns, message_id)
+       training_programme, lead_provider_id, deleted, occurred_at, occurred_at_ns, message_id, origin)
    select * from unnest($2::text[], $3::text[], $4::int4[], $5::date[], $6::date[], $7::text[], $8::text[],
-       $9::text[], $10::bool[], $11::timestamptz[], $12::int2[], $13::uuid[])
+       $9::text[], $10::bool[], $11::timestamptz[], $12::int2[], $13::uuid[], $51::text[])
    on conflict (registration_id) do update set trn = excluded.trn, school_urn = excluded.school_urn,
      started_on = excluded.started_on, finished_on = excluded.finished_on,
      appropriate_body_id = excluded.appropriate_body_id, training_programme = excluded.training_programme,
      lead_provider_id = excluded.lead_provider_id, deleted = excluded.deleted,
-     occurred_at = excluded.occurred_at, occurred_at_ns = excluded.occurred_at_ns, message_id = excluded.message_id
+     occurred_at = excluded.occurred_at, occurred_at_ns = excluded.occurred_at_ns, message_id = excluded.message_id,
+     origin = excluded.origin
    returning 1),
  ip as (
    insert into induction_periods (induction_period_id, trn, appropriate_body_id, started_on, finished_on,
-       training_programme, number_of_terms_tenths, outcome, deleted, occurred_at, occurred_at_ns, message_id)
+       training_programme, number_of_terms_tenths, outcome, deleted, occurred_at, occurred_at_ns, message_id, origin)
    select * from unnest($14::text[], $15::text[], $16::text[], $17::date[], $18::date[], $19::text[], $20::int2[],
-       $21::text[], $22::bool[], $23::timestamptz[], $24::int2[], $25::uuid[])
+       $21::text[], $22::bool[], $23::timestamptz[], $24::int2[], $25::uuid[], $52::text[])
    on conflict (induction_period_id) do update set trn = excluded.trn,
      appropriate_body_id = excluded.appropriate_body_id, started_on = excluded.started_on,
      finished_on = excluded.finished_on, training_programme = excluded.training_programme,
      number_of_terms_tenths = excluded.number_of_terms_tenths, outcome = excluded.outcome,
      deleted = excluded.deleted, occurred_at = excluded.occurred_at,
-     occurred_at_ns = excluded.occurred_at_ns, message_id = excluded.message_id
+     occurred_at_ns = excluded.occurred_at_ns, message_id = excluded.message_id, origin = excluded.origin
    returning 1),
  tch as (
    insert into teachers (trn, version, status, provisional_since, overdue, last_outcome, updated_at)
@@ -129,11 +132,12 @@ impl Effects {
     /// Writes everything in one statement. Fails (and so rolls the transaction back) if a
     /// teacher's stored version was not the one the caller read under its lock.
     pub(super) async fn write(
-        self,
+        mut self,
         conn: &mut PgConnection,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
         let expected_teachers = self.teachers.trn.len() as i64;
+        let origins = self.records.take_origins();
         let statement = sqlx::query(WRITE).bind(now);
         let statement = self.records.bind(statement);
         let statement = self.teachers.bind(statement);
@@ -142,6 +146,8 @@ impl Effects {
         let row = statement
             .bind(self.stale)
             .bind(OUTBOX_CHANNEL)
+            .bind(origins.0)
+            .bind(origins.1)
             .fetch_one(&mut *conn)
             .await?;
         let written: i64 = row.try_get("teachers")?;
@@ -175,6 +181,7 @@ struct RegistrationColumns {
     at: Vec<OffsetDateTime>,
     ns: Vec<i16>,
     message: Vec<Uuid>,
+    origin: Vec<&'static str>,
 }
 
 #[derive(Default)]
@@ -191,6 +198,7 @@ struct ClaimColumns {
     at: Vec<OffsetDateTime>,
     ns: Vec<i16>,
     message: Vec<Uuid>,
+    origin: Vec<&'static str>,
 }
 
 impl RecordColumns {
@@ -212,6 +220,7 @@ impl RecordColumns {
                 r.at.push(occurred_at);
                 r.ns.push(ns);
                 r.message.push(snapshot.stamp.message_id);
+                r.origin.push(x.origin.as_str());
             }
             Record::Claim(x) => {
                 let c = &mut self.c;
@@ -233,8 +242,17 @@ impl RecordColumns {
                 c.at.push(occurred_at);
                 c.ns.push(ns);
                 c.message.push(snapshot.stamp.message_id);
+                c.origin.push(x.origin.as_str());
             }
         }
+    }
+
+    /// The origins of the registrations and of the claims, bound last (`$51`, `$52`).
+    fn take_origins(&mut self) -> (Vec<&'static str>, Vec<&'static str>) {
+        (
+            std::mem::take(&mut self.r.origin),
+            std::mem::take(&mut self.c.origin),
+        )
     }
 
     /// Binds `$2..$25`.

@@ -5,6 +5,7 @@
 //! transaction; locks are taken in one order (the record, then its teachers by TRN) so that any
 //! number of workers can run at once.
 
+mod audit;
 mod batch;
 mod effects;
 mod error;
@@ -21,6 +22,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+pub use audit::{AuditRecord, Published, ResyncFilter, TeacherState};
 pub use batch::BatchItem;
 pub use error::StoreError;
 pub use outbox::{OutboxBatch, OutboxRow, OutboxStatus};
@@ -266,6 +268,8 @@ pub struct Gauges {
     pub open_conflicts: i64,
     /// Teachers in an overdue provisional spell.
     pub overdue_provisionals: i64,
+    /// The last audit (`verify`): when it ran (Unix seconds) and how many teachers differed.
+    pub last_audit: Option<(f64, i64)>,
 }
 
 impl Store {
@@ -276,7 +280,11 @@ impl Store {
             "select (select count(*) from outbox where published_at is null) as backlog,
                     coalesce(extract(epoch from now() - (select min(created_at) from outbox where published_at is null)), 0)::float8 as oldest,
                     (select count(*) from teachers where status = 'conflict') as conflicts,
-                    (select count(*) from teachers where status = 'provisional' and overdue) as overdue",
+                    (select count(*) from teachers where status = 'provisional' and overdue) as overdue,
+                    a.at as audit_at, a.differing as audit_differing
+             from (select 1) as one
+             left join lateral (select extract(epoch from finished_at)::float8 as at, differing
+                                from audits order by id desc limit 1) as a on true",
         )
         .fetch_one(&self.pool);
         let row = self
@@ -287,6 +295,9 @@ impl Store {
             outbox_oldest_age_seconds: row.try_get("oldest")?,
             open_conflicts: row.try_get("conflicts")?,
             overdue_provisionals: row.try_get("overdue")?,
+            last_audit: row
+                .try_get::<Option<f64>, _>("audit_at")?
+                .zip(row.try_get::<Option<i64>, _>("audit_differing")?),
         })
     }
 }

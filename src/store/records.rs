@@ -7,20 +7,20 @@ use uuid::Uuid;
 
 use super::error::StoreError;
 use crate::domain::{
-    Claim, InductionResult, Programme, Record, Registration, SchoolUrn, Snapshot, SourceId, Stamp,
+    Claim, InductionResult, Origin, Programme, Record, Registration, SchoolUrn, Snapshot, SourceId, Stamp,
     Terms, Trn,
 };
 
 macro_rules! registration_columns {
     () => {
         "registration_id, trn, school_urn, started_on, finished_on, appropriate_body_id, \
-         training_programme, lead_provider_id, deleted, occurred_at, occurred_at_ns, message_id"
+         training_programme, lead_provider_id, deleted, occurred_at, occurred_at_ns, message_id, origin"
     };
 }
 macro_rules! claim_columns {
     () => {
         "induction_period_id, trn, appropriate_body_id, started_on, finished_on, training_programme, \
-         number_of_terms_tenths, outcome, deleted, occurred_at, occurred_at_ns, message_id"
+         number_of_terms_tenths, outcome, deleted, occurred_at, occurred_at_ns, message_id, origin"
     };
 }
 
@@ -95,6 +95,10 @@ fn stamp(row: &PgRow) -> Result<Stamp, StoreError> {
     })
 }
 
+fn origin(row: &PgRow) -> Result<Origin, StoreError> {
+    Origin::parse(row.try_get::<&str, _>("origin")?).ok_or_else(|| corrupt("origin"))
+}
+
 fn trn(row: &PgRow) -> Result<Trn, StoreError> {
     Trn::parse(row.try_get::<&str, _>("trn")?).ok_or_else(|| corrupt("trn"))
 }
@@ -112,6 +116,7 @@ fn registration_from_row(row: &PgRow) -> Result<Snapshot, StoreError> {
             .ok_or_else(|| corrupt("training_programme"))?,
         lead_provider_id: opt_id(row, "lead_provider_id")?,
         deleted: row.try_get("deleted")?,
+        origin: origin(row)?,
     };
     Ok(Snapshot {
         record: Record::Registration(record),
@@ -139,6 +144,7 @@ fn claim_from_row(row: &PgRow) -> Result<Snapshot, StoreError> {
             .map(|o| InductionResult::parse(o).ok_or_else(|| corrupt("outcome")))
             .transpose()?,
         deleted: row.try_get("deleted")?,
+        origin: origin(row)?,
     };
     Ok(Snapshot {
         record: Record::Claim(record),

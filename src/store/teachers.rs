@@ -38,12 +38,31 @@ pub async fn last_outcome(
         .transpose()
 }
 
+/// The last outcomes emitted for any of the teachers, read back into the domain.
+pub async fn last_outcomes(
+    conn: &mut PgConnection,
+    trns: &[String],
+) -> Result<Vec<Outcome>, StoreError> {
+    let stored: Vec<Json<OutcomeMessage>> =
+        sqlx::query_scalar("select last_outcome from teachers where trn = any($1)")
+            .bind(trns)
+            .fetch_all(&mut *conn)
+            .await?;
+    stored
+        .into_iter()
+        .map(|Json(m)| {
+            m.to_domain()
+                .map_err(|e| StoreError::corrupt(e.to_string()))
+        })
+        .collect()
+}
+
 /// One line of a teacher's history.
 #[derive(Debug, Clone)]
 pub struct HistoryEntry {
     /// When it happened.
     pub at: OffsetDateTime,
-    /// `applied`, `stale`, `moved_away`, `emitted` or `swept`.
+    /// `applied`, `stale`, `moved_away`, `emitted`, `swept` or `reconciled`.
     pub event: String,
     /// The input message, for applied and stale snapshots.
     pub message_id: Option<Uuid>,

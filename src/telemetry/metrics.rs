@@ -62,6 +62,11 @@ pub struct Metrics {
     pub open_conflicts: Gauge,
     /// Teachers in an overdue provisional spell.
     pub overdue_provisionals: Gauge,
+    /// Teachers whose stored outcome differed from the rules at the last `verify` (absent
+    /// until one has run).
+    pub audit_differing: Gauge,
+    /// When the last `verify` finished, in Unix seconds (absent until one has run).
+    pub audit_last_run: Gauge<f64, AtomicU64>,
     /// Reconnections after a broker failure, by component.
     pub reconnects: Family<ComponentLabel, Counter>,
     /// 1 for each reason the worker is not ready now (`database_unreachable`,
@@ -145,6 +150,18 @@ impl Metrics {
                 "overdue_provisionals",
                 "Teachers in an overdue provisional spell",
                 Gauge::default(),
+            ),
+            audit_differing: register(
+                &mut r,
+                "audit_differing_teachers",
+                "Teachers whose stored outcome differed from the rules at the last verify",
+                Gauge::default(),
+            ),
+            audit_last_run: register(
+                &mut r,
+                "audit_last_run_timestamp_seconds",
+                "When the last verify finished (Unix seconds)",
+                Gauge::<f64, AtomicU64>::default(),
             ),
             reconnects: register(
                 &mut r,
