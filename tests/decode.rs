@@ -294,6 +294,46 @@ fn correlation_id_is_an_optional_string() {
 }
 
 #[test]
+fn origin_is_live_or_migration_and_defaults_to_live() {
+    use induction_reconciler::domain::Origin;
+    let r = accepted(R());
+    assert_eq!(r.cause.origin, Origin::Live);
+    assert_eq!(registration_of(r).origin, Origin::Live);
+    for (value, expected) in [
+        (json!("live"), Origin::Live),
+        (json!(null), Origin::Live),
+        (json!("migration"), Origin::Migration),
+    ] {
+        let registration = accepted(set(R(), "origin", value.clone()));
+        assert_eq!(registration.cause.origin, expected);
+        assert_eq!(registration_of(registration).origin, expected);
+        let claim = accepted(set(C(), "origin", value));
+        assert_eq!(claim.cause.origin, expected);
+        assert_eq!(claim_of(claim).origin, expected);
+    }
+    for bad in [
+        json!("Migration"),
+        json!("ecf1"),
+        json!(""),
+        json!(true),
+        json!(1),
+    ] {
+        rejected(
+            set(R(), "origin", bad.clone()),
+            ReasonCode::InvalidField,
+            "origin",
+        );
+        rejected(set(C(), "origin", bad), ReasonCode::InvalidField, "origin");
+    }
+    // An envelope field: checked before the payload's.
+    rejected(
+        set(without(R(), "payload.trn"), "origin", json!("x")),
+        ReasonCode::InvalidField,
+        "origin",
+    );
+}
+
+#[test]
 fn payload_is_a_required_object() {
     rejected(without(R(), "payload"), ReasonCode::InvalidField, "payload");
     rejected(

@@ -114,3 +114,51 @@ fn the_wire_form_reads_back_into_the_same_outcome() {
         );
     }
 }
+
+#[test]
+fn migrated_history_confirmed_by_a_live_claim_json() {
+    // A registration loaded from ECF1, then the AB's live claim: the cause is live, the
+    // registration's fields rest on migrated history.
+    let migrated = set(
+        registration(1, "r1", "1234567"),
+        "origin",
+        json!("migration"),
+    );
+    let (_, all) = outcomes(&[migrated, claim(2, "ip1", "1234567")]);
+    assert_eq!(all.len(), 2);
+    insta::assert_json_snapshot!("migrated_then_live", wire(&all[1]));
+    let first = wire(&all[0]);
+    assert_eq!(first["caused_by"]["origin"], "migration");
+    assert_eq!(first["school_registration"]["origin"], "migration");
+}
+
+#[test]
+fn a_record_whose_latest_snapshot_changes_only_in_origin_is_a_visible_change() {
+    let migrated = set(
+        registration(1, "r1", "1234567"),
+        "origin",
+        json!("migration"),
+    );
+    let live_again = set(
+        registration(2, "r1", "1234567"),
+        "occurred_at",
+        json!("2025-09-02T09:00:00+01:00"),
+    );
+    let (_, all) = outcomes(&[migrated, live_again]);
+    assert_eq!(all.len(), 2, "the live re-send emits a new version");
+    let second = wire(&all[1]);
+    assert_eq!(second["version"], 2);
+    assert_eq!(second["school_registration"]["origin"], "live");
+    assert_eq!(second["caused_by"]["origin"], "live");
+}
+
+#[test]
+fn an_outcome_stored_before_origins_existed_reads_back_as_live() {
+    let (_, all) = outcomes(&[registration(1, "r1", "1234567"), claim(2, "ip1", "1234567")]);
+    let mut old = wire(&all[1]);
+    for path in ["school_registration", "induction_period", "caused_by"] {
+        old[path].as_object_mut().unwrap().remove("origin");
+    }
+    let back: OutcomeMessage = serde_json::from_value(old).unwrap();
+    assert_eq!(back.to_domain().unwrap(), all[1]);
+}

@@ -14,31 +14,7 @@ use lapin::types::FieldTable;
 use secrecy::ExposeSecret;
 use serde_json::json;
 
-const BIN: &str = env!("CARGO_BIN_EXE_induction-reconciler");
-
-fn command(settings: &Settings, subcommand: &[&str]) -> Command {
-    let t = &settings.topology;
-    let mut cmd = Command::new(BIN);
-    cmd.args(subcommand)
-        .env_remove("RUST_LOG")
-        .env("DATABASE_URL", settings.database.url.expose_secret())
-        .env("AMQP_URL", settings.amqp.url.expose_secret())
-        .env("INDUCTION__TOPOLOGY__INPUT_EXCHANGE", &t.input_exchange)
-        .env("INDUCTION__TOPOLOGY__INBOX_QUEUE", &t.inbox_queue)
-        .env("INDUCTION__TOPOLOGY__OUTCOME_EXCHANGE", &t.outcome_exchange)
-        .env("INDUCTION__TOPOLOGY__PARKING_QUEUE", &t.parking_queue)
-        .env(
-            "INDUCTION__TOPOLOGY__UNROUTED_EXCHANGE",
-            &t.unrouted_exchange,
-        )
-        .env("INDUCTION__TOPOLOGY__UNROUTED_QUEUE", &t.unrouted_queue)
-        .env("INDUCTION__WORKER__SHUTDOWN_TIMEOUT_SECONDS", "15")
-        .env("INDUCTION__LOG__FORMAT", "json")
-        .env("INDUCTION__LOG__FILTER", "debug")
-        .env("INDUCTION__HTTP__ENABLED", "false")
-        .stdin(Stdio::null());
-    cmd
-}
+use common::cli as command;
 
 fn wait_with_timeout(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + limit;

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{NOW, mid};
-use induction_reconciler::domain::{Admission, Ledger, Reconciliation, Status, Trn};
+use induction_reconciler::domain::{Admission, Ledger, Origin, Reconciliation, Status, Trn};
 use induction_reconciler::messages::{Input, decode};
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -26,6 +26,7 @@ struct Spec {
     outcome: u8,
     deleted: bool,
     occurred_hour: u8,
+    migrated: bool,
 }
 
 fn spec() -> impl Strategy<Value = Spec> {
@@ -40,6 +41,7 @@ fn spec() -> impl Strategy<Value = Spec> {
         0u8..3,
         prop::bool::weighted(0.1),
         0u8..3,
+        prop::bool::weighted(0.4),
     )
         .prop_map(
             |(
@@ -53,6 +55,7 @@ fn spec() -> impl Strategy<Value = Spec> {
                 outcome,
                 deleted,
                 occurred_hour,
+                migrated,
             )| Spec {
                 claim,
                 record,
@@ -64,6 +67,7 @@ fn spec() -> impl Strategy<Value = Spec> {
                 outcome,
                 deleted,
                 occurred_hour,
+                migrated,
             },
         )
 }
@@ -103,6 +107,7 @@ fn message(n: u64, s: &Spec) -> Value {
         "message_type": if s.claim { "ab_claim" } else { "school_registration" },
         "schema_version": 1,
         "occurred_at": occurred_at,
+        "origin": if s.migrated { "migration" } else { "live" },
         "payload": payload,
     })
 }
@@ -228,5 +233,32 @@ proptest! {
         prop_assert_eq!(applied.admission, Admission::Stale);
         prop_assert!(applied.outcomes.is_empty());
         prop_assert_eq!(before, finals(&ledger));
+    }
+
+    #[test]
+    fn migrated_snapshots_reconcile_exactly_like_live_ones(
+        (specs, order) in prop::collection::vec(spec(), 1..24).prop_flat_map(|s| { let n = s.len(); (Just(s), arrival(n)) })
+    ) {
+        // The same facts, all live: the same statuses, reasons, discrepancies and resolved
+        // values; only the origins differ, and each record carries its own snapshot's.
+        let shuffled: Vec<Spec> = order.iter().map(|&i| specs[i].clone()).collect();
+        let all_live: Vec<Spec> = shuffled.iter().cloned().map(|mut s| { s.migrated = false; s }).collect();
+        let mut mixed = Ledger::new();
+        replay(&mut mixed, &inputs(&shuffled));
+        let mut live = Ledger::new();
+        replay(&mut live, &inputs(&all_live));
+        let (mixed, live) = (finals(&mixed), finals(&live));
+        for (trn, (reconciliation, emitted)) in &mixed {
+            let (live_reconciliation, live_emitted) = &live[trn];
+            prop_assert_eq!(emitted, live_emitted);
+            prop_assert_eq!(reconciliation.status, live_reconciliation.status);
+            prop_assert_eq!(reconciliation.reason, live_reconciliation.reason);
+            prop_assert_eq!(&reconciliation.discrepancies, &live_reconciliation.discrepancies);
+            prop_assert_eq!(&reconciliation.resolved, &live_reconciliation.resolved);
+            let mut strip = reconciliation.clone();
+            if let Some(p) = strip.school_registration.as_mut() { p.origin = Origin::Live; }
+            if let Some(c) = strip.induction_period.as_mut() { c.origin = Origin::Live; }
+            prop_assert_eq!(&strip, live_reconciliation);
+        }
     }
 }

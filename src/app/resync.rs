@@ -38,7 +38,11 @@ pub fn filter(trns: Vec<String>, statuses: Vec<String>) -> anyhow::Result<Resync
 }
 
 /// Runs `resync` to `queue` and returns how many outcomes were sent (each confirmed).
-pub async fn resync(settings: &Settings, queue: &str, filter: &ResyncFilter) -> anyhow::Result<u64> {
+pub async fn resync(
+    settings: &Settings,
+    queue: &str,
+    filter: &ResyncFilter,
+) -> anyhow::Result<u64> {
     let store = store(settings).await?;
     let broker = connect::broker(settings, "induction-reconciler resync").await?;
     let channel = broker.channel().await?;

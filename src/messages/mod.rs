@@ -16,8 +16,8 @@ pub use decode::{
     decode, decode_delivery,
 };
 pub use outcome::{
-    CauseMessage, InductionPeriodMessage, OriginField, OutcomeMessage, RegistrationMessage, ResolvedMessage,
-    UnreadableOutcome,
+    CauseMessage, InductionPeriodMessage, OriginField, OutcomeMessage, RegistrationMessage,
+    ResolvedMessage, UnreadableOutcome,
 };
 pub use peek::{Peek, peek};
 pub use rejection::{ReasonCode, Rejection};

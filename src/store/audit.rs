@@ -203,9 +203,15 @@ impl Store {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<Published>, StoreError> {
+        // The outbox keeps every outcome as published; should its row be gone (a database
+        // restored without it), the teacher's stored last outcome is the same fields.
         let query = sqlx::query(
-            "select t.trn, o.id, o.outcome_id, o.routing_key, o.body, o.traceparent, o.created_at
-             from teachers t join outbox o on o.trn = t.trn and o.version = t.version
+            "select t.trn, coalesce(o.id, 0) as id,
+                    coalesce(o.outcome_id, (t.last_outcome->>'outcome_id')::uuid) as outcome_id,
+                    coalesce(o.routing_key, 'outcome.' || t.status) as routing_key,
+                    coalesce(o.body, convert_to(t.last_outcome::text, 'UTF8')) as body,
+                    o.traceparent, coalesce(o.created_at, t.updated_at) as created_at
+             from teachers t left join outbox o on o.trn = t.trn and o.version = t.version
              where t.trn > $1
                and (cardinality($2::text[]) = 0 or t.trn = any($2))
                and (cardinality($3::text[]) = 0 or t.status = any($3))

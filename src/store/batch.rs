@@ -13,8 +13,8 @@ use uuid::Uuid;
 use super::effects::Effects;
 use super::error::StoreError;
 use super::locks::{held_trns, lock_records, lock_teachers};
-use super::{records, teachers};
 use super::{Handled, Store};
+use super::{records, teachers};
 use crate::domain::{Admission, Ledger, Receipt, RecordKey, Trn, receipt};
 use crate::messages::{Input, OutcomeMessage};
 

@@ -7,8 +7,8 @@ use uuid::Uuid;
 
 use super::error::StoreError;
 use crate::domain::{
-    Claim, InductionResult, Origin, Programme, Record, Registration, SchoolUrn, Snapshot, SourceId, Stamp,
-    Terms, Trn,
+    Claim, InductionResult, Origin, Programme, Record, Registration, SchoolUrn, Snapshot, SourceId,
+    Stamp, Terms, Trn,
 };
 
 macro_rules! registration_columns {

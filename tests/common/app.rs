@@ -230,7 +230,12 @@ impl TestApp {
 
     /// Waits until a boolean query holds.
     pub async fn wait_until(&self, query: &str) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
+        self.wait_until_within(query, PATIENCE).await;
+    }
+
+    /// Waits until a boolean query holds, for at most `limit`.
+    pub async fn wait_until_within(&self, query: &str, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             let done: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(query.to_owned()))
                 .fetch_one(self.store.pool())

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod cluster;
+pub mod ecf1;
 pub mod proxy;
 pub mod rabbit;
 pub mod workload;
@@ -256,4 +257,41 @@ pub fn is_root() -> bool {
 /// The message's bytes as a producer would send them.
 pub fn bytes(message: &Value) -> Vec<u8> {
     serde_json::to_vec(message).expect("serialisable")
+}
+
+/// The worker binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_induction-reconciler");
+
+/// The binary as an operator runs it, pointed at the test's database, broker and names.
+pub fn cli(
+    settings: &induction_reconciler::config::Settings,
+    subcommand: &[&str],
+) -> std::process::Command {
+    let t = &settings.topology;
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(subcommand)
+        .env_remove("RUST_LOG")
+        .env(
+            "DATABASE_URL",
+            secrecy::ExposeSecret::expose_secret(&settings.database.url),
+        )
+        .env(
+            "AMQP_URL",
+            secrecy::ExposeSecret::expose_secret(&settings.amqp.url),
+        )
+        .env("INDUCTION__TOPOLOGY__INPUT_EXCHANGE", &t.input_exchange)
+        .env("INDUCTION__TOPOLOGY__INBOX_QUEUE", &t.inbox_queue)
+        .env("INDUCTION__TOPOLOGY__OUTCOME_EXCHANGE", &t.outcome_exchange)
+        .env("INDUCTION__TOPOLOGY__PARKING_QUEUE", &t.parking_queue)
+        .env(
+            "INDUCTION__TOPOLOGY__UNROUTED_EXCHANGE",
+            &t.unrouted_exchange,
+        )
+        .env("INDUCTION__TOPOLOGY__UNROUTED_QUEUE", &t.unrouted_queue)
+        .env("INDUCTION__WORKER__SHUTDOWN_TIMEOUT_SECONDS", "15")
+        .env("INDUCTION__LOG__FORMAT", "json")
+        .env("INDUCTION__LOG__FILTER", "debug")
+        .env("INDUCTION__HTTP__ENABLED", "false")
+        .stdin(std::process::Stdio::null());
+    cmd
 }
