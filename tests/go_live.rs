@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use common::app::{TestApp, header};
 use common::workload::{Generated, generate};
 use common::{cli, ecf1, free_port, http_get};
-use futures_lite::StreamExt;
 use induction_reconciler::broker::{Broker, json_properties};
 use induction_reconciler::config::Settings;
 use induction_reconciler::domain::{Ledger, Reconciliation, Trn};
@@ -143,7 +142,7 @@ async fn wait_drained(app: &TestApp, accepted: usize, limit: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migrated_backlog_loaded_with_live_traffic_ends_as_simulate_says() {
-    let mut app = TestApp::spawn().await;
+    let app = TestApp::spawn().await;
     let backlog = ecf1::backlog(50_000, 12_000, 4_000_000, 7);
     assert!(backlog.lines.len() >= 50_000 && backlog.without_trn > 0);
     // Live traffic about half of the same teachers, flowing while the backlog loads.
@@ -311,12 +310,9 @@ async fn a_consumer_that_binds_then_resyncs_ends_like_one_that_listened_from_the
     let queue = format!("{}.late", app.settings.topology.inbox_queue);
     let channel = late_consumer(&broker, &app.settings, &queue).await;
     let during = generate(3_000, 800, 5_000_000, 22);
+    let args = ["resync", "--queue", queue.as_str()];
     let (resync, ()) = tokio::join!(
-        run(
-            &app.settings,
-            &["resync", "--queue", &queue],
-            Duration::from_secs(120)
-        ),
+        run(&app.settings, &args, Duration::from_secs(120)),
         publish_live(&app, &during)
     );
     let stdout = text(&resync.stdout);
