@@ -34,6 +34,8 @@ use sha2::{Digest, Sha256};
 
 #[path = "throughput/figures.rs"]
 mod figures;
+#[path = "throughput/go_live.rs"]
+mod go_live;
 #[path = "throughput/raw.rs"]
 mod raw;
 
@@ -62,6 +64,13 @@ struct BenchOptions {
     /// Teachers already in the database before the run (the stream's are among them).
     #[arg(long, default_value_t = 0)]
     seed_teachers: u32,
+    /// Instead of the throughput runs, time `verify` and `resync` over the seeded teachers
+    /// (1,000,000 unless --seed-teachers says otherwise) and the load of a migrated backlog.
+    #[arg(long)]
+    go_live: bool,
+    /// Snapshots in the migrated backlog of --go-live.
+    #[arg(long, default_value_t = 50_000)]
+    backlog: usize,
     /// Skip the raw broker-only relay.
     #[arg(long)]
     no_raw: bool,
@@ -102,7 +111,16 @@ struct Rig {
     worker: tokio::process::Child,
 }
 
-async fn bench(options: BenchOptions) -> anyhow::Result<()> {
+async fn bench(mut options: BenchOptions) -> anyhow::Result<()> {
+    if options.go_live {
+        if options.seed_teachers == 0 {
+            options.seed_teachers = 1_000_000;
+        }
+        let rig = Rig::start(&options).await?;
+        let result = go_live::run(&rig, options.seed_teachers, options.backlog).await;
+        rig.finish(options.keep).await;
+        return result;
+    }
     let rig = Rig::start(&options).await?;
     let arrivals = rig.collect_outcomes().await?;
     let full_stream = generate(options.messages, options.teachers, FIRST_TRN, 1);

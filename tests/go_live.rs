@@ -59,10 +59,10 @@ fn simulate<'a>(bodies: impl IntoIterator<Item = &'a [u8]>) -> (Ledger, usize) {
     let mut ledger = Ledger::new();
     let mut accepted = HashSet::new();
     for body in bodies {
-        if let Ok(input) = decode(body, now) {
-            if accepted.insert(input.message_id()) {
-                ledger.apply(input.snapshot, input.cause, now);
-            }
+        if let Ok(input) = decode(body, now)
+            && accepted.insert(input.message_id())
+        {
+            ledger.apply(input.snapshot, input.cause, now);
         }
     }
     (ledger, accepted.len())

@@ -3,15 +3,13 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use common::app::{PATIENCE, TestApp};
 use common::{bytes, claim, registration, set};
-use induction_reconciler::config::Settings;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use secrecy::ExposeSecret;
 use serde_json::json;
 
 use common::cli as command;
