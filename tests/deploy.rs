@@ -59,6 +59,7 @@ fn every_manifest_parses_and_names_its_kind() {
         kinds,
         [
             "ConfigMap",
+            "CronJob",
             "Deployment",
             "Job",
             "PodDisruptionBudget",

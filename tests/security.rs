@@ -166,6 +166,20 @@ async fn the_shipped_runtime_role_can_run_the_worker_and_nothing_more() {
     app.publish(&common::claim(2, "ip1", "1000001")).await;
     assert_eq!(app.next_outcome().await["status"], "confirmed");
 
+    // The operator commands run as the same role: `verify` reads everything and records its run.
+    let verify = Command::new(BIN)
+        .args(["verify", "--differences", "/dev/null"])
+        .env("DATABASE_URL", &runtime_url)
+        .env("AMQP_URL", common::app::amqp_url())
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("checked 1 teachers: 0 differ"));
+
     // It cannot change the schema or delete history.
     let mut as_runtime = sqlx::PgConnection::connect(&runtime_url).await.unwrap();
     for statement in [
