@@ -53,6 +53,8 @@ fn every_command_has_help() {
         vec!["parked", "purge", "--help"],
         vec!["outbox", "status", "--help"],
         vec!["check-config", "--help"],
+        vec!["resync", "--help"],
+        vec!["verify", "--help"],
     ] {
         let output = Command::new(BIN).args(&args).output().unwrap();
         assert!(output.status.success(), "{args:?}");
@@ -66,7 +68,13 @@ fn every_command_has_help() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explain_shows_records_outcome_and_history() {
     let mut app = TestApp::spawn().await;
-    app.publish(&registration(1, "r1", "1000001")).await;
+    // Loaded from ECF1: the record and the outcome say so.
+    app.publish(&set(
+        registration(1, "r1", "1000001"),
+        "origin",
+        json!("migration"),
+    ))
+    .await;
     app.next_outcome().await;
     app.publish(&set(
         claim(2, "ip1", "1000001"),
@@ -97,6 +105,17 @@ async fn explain_shows_records_outcome_and_history() {
     .unwrap();
     assert_eq!(json["current_outcome"]["version"], 2);
     assert_eq!(json["records"].as_array().unwrap().len(), 2);
+    let origins: Vec<&str> = json["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["origin"].as_str().unwrap())
+        .collect();
+    assert_eq!(origins, ["migration", "live"]);
+    let current = &json["current_outcome"];
+    assert_eq!(current["school_registration"]["origin"], "migration");
+    assert_eq!(current["induction_period"]["origin"], "live");
+    assert_eq!(current["caused_by"]["origin"], "live");
     assert_eq!(json["history"].as_array().unwrap().len(), 4);
 
     let unknown = stdout(&run(&app.settings, &["explain", "7777777"]));

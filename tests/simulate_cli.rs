@@ -134,3 +134,29 @@ fn simulate_fails_clearly_on_a_missing_file_or_bad_clock() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("RFC 3339"));
 }
+
+#[test]
+fn simulate_carries_origins_onto_outcomes() {
+    let migrated = r#"{"message_id":"6f1c2b1e-3d4a-4b5c-8d6e-7f8091a2b3c4","message_type":"school_registration","schema_version":1,"occurred_at":"2025-09-01T09:00:00+01:00","origin":"migration","payload":{"registration_id":"ECF1-IR-1","trn":"1234567","school_urn":123456,"started_on":"2025-09-01","appropriate_body_id":"AB-1","training_programme":"full_induction_programme","lead_provider_id":"LP-1"}}"#;
+    let live = r#"{"message_id":"6f1c2b1e-3d4a-4b5c-8d6e-7f8091a2b3c5","message_type":"ab_claim","schema_version":1,"occurred_at":"2025-09-02T09:00:00Z","payload":{"induction_period_id":"IP-1","trn":"1234567","appropriate_body_id":"AB-1","started_on":"2025-09-01"}}"#;
+    let mut child = Command::new(BIN)
+        .args(["simulate", "-", "--now", "2026-01-15T12:00:00Z"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{migrated}\n{live}").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let outcomes: Vec<Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(outcomes.len(), 2);
+    assert_eq!(outcomes[0]["caused_by"]["origin"], "migration");
+    assert_eq!(outcomes[0]["school_registration"]["origin"], "migration");
+    assert_eq!(outcomes[1]["caused_by"]["origin"], "live");
+    assert_eq!(outcomes[1]["school_registration"]["origin"], "migration");
+    assert_eq!(outcomes[1]["induction_period"]["origin"], "live");
+}
