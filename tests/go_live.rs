@@ -551,3 +551,51 @@ async fn verify_during_live_traffic_reports_no_false_difference() {
     );
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_draws_its_progress_on_a_terminal() {
+    // `script` (util-linux) gives the command a terminal, as an operator's shell would.
+    let app = TestApp::spawn().await;
+    let stream = generate(3_000, 1_000, 8_000_000, 51);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("messages.jsonl");
+    let mut contents = Vec::new();
+    for m in &stream {
+        contents.extend_from_slice(&m.body);
+        contents.push(b'\n');
+    }
+    std::fs::write(&file, contents).unwrap();
+    let plain = cli(&app.settings, &[]);
+    let mut command = tokio::process::Command::new("script");
+    command
+        .args(["-qefc"])
+        .arg(format!(
+            "{} publish --origin migration {}",
+            common::BIN,
+            file.display()
+        ))
+        .arg("/dev/null")
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (key, value) in plain.get_envs() {
+        if let Some(value) = value {
+            command.env(key, value);
+        }
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("publish finishes")
+        .expect("script runs");
+    let screen = text(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(screen.contains("messages published"), "{screen}");
+    assert!(
+        screen.contains("/3,000") || screen.contains("/3000"),
+        "{screen}"
+    );
+    assert!(screen.contains("published 3000 messages in "), "{screen}");
+    app.teardown().await;
+}
