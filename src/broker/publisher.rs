@@ -34,9 +34,13 @@ pub struct Outgoing<'a> {
 /// A message sent and waiting for its confirm.
 pub struct PendingConfirm {
     confirm: PublisherConfirm,
+    channel: Channel,
     exchange: String,
     routing_key: String,
 }
+
+/// How often a wait for a confirm checks that its channel is still connected.
+const CONNECTED_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl PendingConfirm {
     /// Waits for the broker: `Ok` only for a positive confirm of a routed message. Gives up
@@ -49,10 +53,31 @@ impl PendingConfirm {
 
     /// [`PendingConfirm::wait`] with a deadline shared by a whole batch, so that a batch on a
     /// connection that died waits [`CONFIRM_TIMEOUT`] once, not once per message.
+    ///
+    /// A confirm cannot arrive once its channel has lost its connection (a recovered connection
+    /// has new delivery tags, and a connection whose node is gone for good may never recover),
+    /// so the wait fails as soon as the channel is not connected: the caller republishes later
+    /// (found when a broker address went away: the relay sat on its outbox claim for the whole
+    /// confirm bound, past the database's idle-in-transaction bound).
     pub async fn wait_until(self, deadline: tokio::time::Instant) -> Result<(), BrokerError> {
-        let confirmed = tokio::time::timeout_at(deadline, self.confirm)
-            .await
-            .map_err(|_| BrokerError::timed_out("a publisher confirm"))?;
+        let channel = self.channel;
+        let disconnected = async move {
+            loop {
+                tokio::time::sleep(CONNECTED_CHECK).await;
+                if !channel.status().connected() {
+                    return;
+                }
+            }
+        };
+        let confirmed = tokio::select! {
+            biased;
+            confirmed = tokio::time::timeout_at(deadline, self.confirm) => {
+                confirmed.map_err(|_| BrokerError::timed_out("a publisher confirm"))?
+            }
+            () = disconnected => {
+                return Err(BrokerError::lost("the connection a publisher confirm was due on"));
+            }
+        };
         match confirmed? {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
@@ -101,6 +126,7 @@ impl Publisher {
         .await?;
         Ok(PendingConfirm {
             confirm,
+            channel: self.channel.clone(),
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
         })
