@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use common::app::{TestApp, header};
 use common::workload::{Generated, generate};
-use common::{cli, ecf1, free_port, http_get};
+use common::{assert_matches, cli, ecf1, free_port, http_get};
 use induction_reconciler::broker::{Broker, json_properties};
 use induction_reconciler::config::Settings;
-use induction_reconciler::domain::{Ledger, Reconciliation, Trn};
+use induction_reconciler::domain::{Ledger, Trn};
 use induction_reconciler::messages::{OutcomeMessage, ReasonCode, decode};
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -76,25 +76,6 @@ async fn stored(app: &TestApp) -> HashMap<String, OutcomeMessage> {
             .await
             .unwrap();
     rows.into_iter().map(|(t, j)| (t, j.0)).collect()
-}
-
-/// Checks every teacher `ledger` knows against the stored state; returns how many.
-fn assert_matches(ledger: &Ledger, stored: &HashMap<String, OutcomeMessage>) -> usize {
-    let mut compared = 0;
-    for trn in ledger.teachers() {
-        let expected: Reconciliation = ledger.reconcile(trn);
-        match stored.get(trn.as_str()) {
-            Some(m) => assert_eq!(
-                m.to_domain().unwrap().reconciliation,
-                expected,
-                "teacher {}",
-                trn.as_str()
-            ),
-            None => assert_eq!(expected.status.as_str(), "closed", "{}", trn.as_str()),
-        }
-        compared += 1;
-    }
-    compared
 }
 
 /// A consumer's state after applying `outcomes` as CONTRACT.md tells it to: de-duplicate on
@@ -190,7 +171,7 @@ async fn a_migrated_backlog_loaded_with_live_traffic_ends_as_simulate_says() {
 
     // Every teacher as simulate says; migrated origins carried onto outcomes.
     let stored = stored(&app).await;
-    let compared = assert_matches(&ledger, &stored);
+    let compared = assert_matches(&ledger, &stored, "migration");
     let migrated_records = stored
         .values()
         .filter(|m| {
@@ -338,7 +319,7 @@ async fn a_consumer_that_binds_then_resyncs_ends_like_one_that_listened_from_the
         .unwrap_or_else(|| panic!("{stdout}"));
     assert!(resent >= 700 && late_messages.len() >= resent, "{stdout}");
     // And both equal the rules' answer.
-    assert_matches(&ledger, &stored(&app).await);
+    assert_matches(&ledger, &stored(&app).await, "resync");
 
     // A selection: only conflicts; every one sent is the stored outcome, byte for byte.
     let picked = format!("{}.conflicts", app.settings.topology.inbox_queue);

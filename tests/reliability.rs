@@ -834,25 +834,7 @@ impl Harness {
                 .unwrap();
         let stored: HashMap<String, OutcomeMessage> =
             stored.into_iter().map(|(t, j)| (t, j.0)).collect();
-        let mut compared = 0;
-        for trn in ledger.teachers() {
-            let expected = ledger.reconcile(trn);
-            match stored.get(trn.as_str()) {
-                Some(m) => assert_eq!(
-                    m.to_domain().unwrap().reconciliation,
-                    expected,
-                    "{scenario}: teacher {}",
-                    trn.as_str()
-                ),
-                None => assert_eq!(
-                    expected.status.as_str(),
-                    "closed",
-                    "{scenario}: teacher {}",
-                    trn.as_str()
-                ),
-            }
-            compared += 1;
-        }
+        let compared = common::assert_matches(&ledger, &stored, scenario);
 
         // 4. Versions gap-free and in order as received; repeats counted.
         let outcomes = self.outcomes.lock().await.clone();

@@ -230,14 +230,7 @@ impl Store {
             .map(|row| {
                 Ok(Published {
                     trn: row.try_get("trn")?,
-                    row: OutboxRow {
-                        id: row.try_get("id")?,
-                        outcome_id: row.try_get("outcome_id")?,
-                        routing_key: row.try_get("routing_key")?,
-                        body: row.try_get("body")?,
-                        traceparent: row.try_get("traceparent")?,
-                        created_at: row.try_get("created_at")?,
-                    },
+                    row: OutboxRow::from_row(row)?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()

@@ -24,6 +24,21 @@ pub struct OutboxRow {
     pub created_at: OffsetDateTime,
 }
 
+impl OutboxRow {
+    /// Reads the row from a query's columns `id, outcome_id, routing_key, body, traceparent,
+    /// created_at`.
+    pub(super) fn from_row(row: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: row.try_get("id")?,
+            outcome_id: row.try_get("outcome_id")?,
+            routing_key: row.try_get("routing_key")?,
+            body: row.try_get("body")?,
+            traceparent: row.try_get("traceparent")?,
+            created_at: row.try_get("created_at")?,
+        })
+    }
+}
+
 /// The outbox at a glance, for `outbox status` and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxStatus {
@@ -89,16 +104,7 @@ impl super::Store {
             .fetch_all(&mut *tx)
             .await?
             .iter()
-            .map(|row| {
-                Ok(OutboxRow {
-                    id: row.try_get("id")?,
-                    outcome_id: row.try_get("outcome_id")?,
-                    routing_key: row.try_get("routing_key")?,
-                    body: row.try_get("body")?,
-                    traceparent: row.try_get("traceparent")?,
-                    created_at: row.try_get("created_at")?,
-                })
-            })
+            .map(OutboxRow::from_row)
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
             Ok(OutboxBatch {
                 tx,

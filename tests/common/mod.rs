@@ -295,3 +295,33 @@ pub fn cli(
         .stdin(std::process::Stdio::null());
     cmd
 }
+
+/// Checks every teacher `ledger` knows against the stored last outcomes (by TRN): equal
+/// reconciliations, or no outcome where the model gives `closed`; `label` names the run in a
+/// failure. Returns how many it compared.
+pub fn assert_matches(
+    ledger: &induction_reconciler::domain::Ledger,
+    stored: &std::collections::HashMap<String, induction_reconciler::messages::OutcomeMessage>,
+    label: &str,
+) -> usize {
+    let mut compared = 0;
+    for trn in ledger.teachers() {
+        let expected = ledger.reconcile(trn);
+        match stored.get(trn.as_str()) {
+            Some(m) => assert_eq!(
+                m.to_domain().unwrap().reconciliation,
+                expected,
+                "{label}: teacher {}",
+                trn.as_str()
+            ),
+            None => assert_eq!(
+                expected.status.as_str(),
+                "closed",
+                "{label}: teacher {}",
+                trn.as_str()
+            ),
+        }
+        compared += 1;
+    }
+    compared
+}
