@@ -44,7 +44,9 @@ impl Progress {
             bar.set_style(style);
         }
         bar.set_message(what);
-        bar.enable_steady_tick(Duration::from_millis(250));
+        if !bar.is_hidden() {
+            bar.enable_steady_tick(Duration::from_millis(250));
+        }
         let now = Instant::now();
         Self {
             bar,

@@ -95,36 +95,30 @@ impl Store {
             let last = teachers::last_outcomes(&mut tx, &trns).await?;
             tx.commit().await?;
 
-            let mut states: Vec<TeacherState> = trns
-                .iter()
-                .map(|t| {
-                    Ok(TeacherState {
-                        trn: parse_trn(t)?,
-                        records: Vec::new(),
-                        last: None,
-                    })
-                })
-                .collect::<Result<_, StoreError>>()?;
-            let index = |trn: &Trn| states.binary_search_by(|s| s.trn.cmp(trn));
-            let mut placed = Vec::with_capacity(snapshots.len());
+            let mut states = std::collections::BTreeMap::new();
+            for t in &trns {
+                let trn = parse_trn(t)?;
+                let state = TeacherState {
+                    trn: trn.clone(),
+                    records: Vec::new(),
+                    last: None,
+                };
+                states.insert(trn, state);
+            }
             for snapshot in snapshots {
-                let i = index(snapshot.record.trn())
-                    .map_err(|_| StoreError::corrupt("a record outside its page"))?;
-                placed.push((i, snapshot));
+                states
+                    .get_mut(snapshot.record.trn())
+                    .ok_or_else(|| StoreError::corrupt("a record outside its page"))?
+                    .records
+                    .push(snapshot);
             }
-            let mut outcomes = Vec::with_capacity(last.len());
             for outcome in last {
-                let i = index(&outcome.trn)
-                    .map_err(|_| StoreError::corrupt("an outcome outside its page"))?;
-                outcomes.push((i, outcome));
+                let state = states
+                    .get_mut(&outcome.trn)
+                    .ok_or_else(|| StoreError::corrupt("an outcome outside its page"))?;
+                state.last = Some(outcome);
             }
-            for (i, snapshot) in placed {
-                states[i].records.push(snapshot);
-            }
-            for (i, outcome) in outcomes {
-                states[i].last = Some(outcome);
-            }
-            Ok(states)
+            Ok(states.into_values().collect())
         })
         .await
     }
