@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod ecf1;
 pub mod proxy;
 pub mod rabbit;
+pub mod tools;
 pub mod workload;
 
 use serde_json::{Value, json};
