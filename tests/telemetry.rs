@@ -126,6 +126,64 @@ async fn metrics_liveness_and_readiness() {
         "{text}"
     );
     app.teardown().await;
+    the_scrape_passes_promtool_and_has_every_metric_the_rules_use(&text);
+}
+
+/// `promtool check metrics` (the exposition format and Prometheus's naming conventions) on a
+/// live scrape, and every `induction_reconciler_*` series the alert and recording rules use is
+/// one this scrape exports.
+fn the_scrape_passes_promtool_and_has_every_metric_the_rules_use(scrape: &str) {
+    use std::io::Write;
+    let mut child = common::tools::promtool()
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    // promtool 2.42 reads the classic text format, where a counter's HELP names the sample
+    // (`x_total`); the worker serves OpenMetrics, where HELP names the family (`x`). That one
+    // report is known and listed in the issue-14 note; anything else promtool says fails here.
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let other: Vec<&str> = report
+        .lines()
+        .filter(|line| {
+            let family_help = line
+                .strip_suffix("_total no help text")
+                .map(|family| scrape.contains(&format!("# HELP {family} ")));
+            family_help != Some(true)
+        })
+        .collect();
+    assert!(other.is_empty(), "promtool check metrics:\n{report}");
+    let exported: std::collections::BTreeSet<&str> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let rules =
+        std::fs::read_to_string(common::tools::repo("deploy/prometheus/rules.yaml")).unwrap();
+    let mut used = 0;
+    for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("induction_reconciler_") {
+            assert!(
+                exported.contains(word),
+                "the rules use {word}, which the worker does not export"
+            );
+            used += 1;
+        }
+    }
+    assert!(used >= 10, "only {used} metric names found in the rules");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
