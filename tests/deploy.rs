@@ -354,3 +354,143 @@ fn the_image_is_multi_stage_and_runs_as_non_root() {
             .ends_with("-management")
     );
 }
+
+/// The AsyncAPI document as the AsyncAPI project's parser reads it (tests/tools/parse-asyncapi.mjs).
+fn parse_asyncapi(file: &Path) -> std::process::Output {
+    common::tools::output(
+        common::tools::node("tests/tools")
+            .arg("parse-asyncapi.mjs")
+            .arg(file),
+    )
+}
+
+#[test]
+fn the_asyncapi_document_is_valid_and_names_what_the_worker_uses() {
+    let out = parse_asyncapi(&path("../docs/contracts/asyncapi.yaml"));
+    assert!(
+        out.status.success(),
+        "@asyncapi/parser refused docs/contracts/asyncapi.yaml:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["warnings"], serde_json::json!([]), "{doc:#}");
+    let settings = settings_from_configmap();
+    let t = &settings.topology;
+    let channel = |id: &str| -> &Value {
+        doc["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap_or_else(|| panic!("no channel {id}"))
+    };
+    let registrations = channel("schoolRegistrations");
+    assert_eq!(
+        registrations["address"],
+        t.registration_routing_key.as_str()
+    );
+    assert_eq!(registrations["exchange"], t.input_exchange.as_str());
+    assert_eq!(registrations["exchange_type"], "topic");
+    let claims = channel("abClaims");
+    assert_eq!(claims["address"], t.claim_routing_key.as_str());
+    assert_eq!(claims["exchange"], t.input_exchange.as_str());
+    let outcomes = channel("outcomes");
+    assert_eq!(outcomes["address"], "outcome.{status}");
+    assert_eq!(outcomes["exchange"], t.outcome_exchange.as_str());
+    assert_eq!(outcomes["exchange_type"], "topic");
+    assert_eq!(channel("parked")["queue"], t.parking_queue.as_str());
+    assert_eq!(channel("unrouted")["queue"], t.unrouted_queue.as_str());
+
+    use induction_reconciler::broker::parking;
+    let mut headers: Vec<&str> = channel("parked")["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    headers.sort();
+    let mut expected = [
+        parking::REASON,
+        parking::DETAIL,
+        parking::PARKED_AT,
+        parking::ORIGINAL_EXCHANGE,
+        parking::ORIGINAL_ROUTING_KEY,
+        parking::ORIGINAL_USER_ID,
+    ];
+    expected.sort();
+    assert_eq!(headers, expected);
+
+    // The parking reasons it lists are exactly the worker's codes and the broker's own.
+    let text = std::fs::read_to_string(path("../docs/contracts/asyncapi.yaml")).unwrap();
+    let mut codes: Vec<&str> = induction_reconciler::messages::ReasonCode::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
+    codes.push("delivery_limit");
+    let listed = format!("enum: [{}]", codes.join(", "));
+    assert!(text.contains(&listed), "asyncapi.yaml lacks {listed}");
+
+    // Its worked examples are valid examples of docs/contracts/examples.json, verbatim.
+    let spec: Value = serde_saphyr::from_str(&text).unwrap();
+    let shared: Value = serde_json::from_str(
+        &std::fs::read_to_string(path("../docs/contracts/examples.json")).unwrap(),
+    )
+    .unwrap();
+    let mut worked = 0;
+    for message in spec["components"]["messages"].as_object().unwrap().values() {
+        for example in message["examples"].as_array().into_iter().flatten() {
+            let found = shared["examples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["message"] == example["payload"])
+                .unwrap_or_else(|| panic!("{} is not in examples.json", example["name"]));
+            assert_eq!(found["valid"], true, "{}", example["name"]);
+            worked += 1;
+        }
+    }
+    assert!(worked >= 2, "{worked} worked examples");
+
+    // Producers publish persistent messages as the users the shipped configuration trusts.
+    for (operation, users) in [
+        (
+            "publishSchoolRegistration",
+            &settings.publishers.school_registration,
+        ),
+        ("publishAbClaim", &settings.publishers.ab_claim),
+    ] {
+        let op = doc["operations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["id"] == operation)
+            .unwrap();
+        assert_eq!(op["action"], "send");
+        assert_eq!(op["amqp"]["deliveryMode"], 2, "{operation}");
+        let user = op["amqp"]["userId"].as_str().unwrap();
+        assert!(
+            users.iter().any(|u| u == user),
+            "{operation}: {user} not in {users:?}"
+        );
+    }
+}
+
+#[test]
+fn the_asyncapi_parser_refuses_a_broken_document() {
+    let text = std::fs::read_to_string(path("../docs/contracts/asyncapi.yaml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for schema in ["school_registration", "ab_claim", "outcome"] {
+        let name = format!("{schema}.schema.json");
+        std::fs::copy(
+            path(&format!("../docs/contracts/{name}")),
+            dir.path().join(&name),
+        )
+        .unwrap();
+    }
+    // AsyncAPI 2's verb in a 3.0 document.
+    let broken = dir.path().join("asyncapi.yaml");
+    std::fs::write(&broken, text.replacen("action: send", "action: publish", 1)).unwrap();
+    let out = parse_asyncapi(&broken);
+    assert!(!out.status.success(), "the parser accepted action: publish");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("action"));
+}
