@@ -17,9 +17,9 @@ const KUBERNETES_VERSION: &str = "1.34.0";
 fn validate_manifests(files: &[PathBuf]) -> std::process::Output {
     common::tools::output(
         common::tools::python()
-            .arg(path("../tests/tools/validate_manifests.py"))
+            .arg(common::tools::repo("tests/tools/validate_manifests.py"))
             .arg(KUBERNETES_VERSION)
-            .arg(path("../tests/tools/crds"))
+            .arg(common::tools::repo("tests/tools/crds"))
             .args(files),
     )
 }
@@ -364,9 +364,18 @@ fn parse_asyncapi(file: &Path) -> std::process::Output {
     )
 }
 
+/// The entry of the parser's summary list `list` whose `id` is `id`.
+fn by_id<'a>(list: &'a Value, id: &str) -> &'a Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["id"] == id)
+        .unwrap_or_else(|| panic!("the AsyncAPI document has no {id}"))
+}
+
 #[test]
 fn the_asyncapi_document_is_valid_and_names_what_the_worker_uses() {
-    let out = parse_asyncapi(&path("../docs/contracts/asyncapi.yaml"));
+    let out = parse_asyncapi(&common::tools::repo("docs/contracts/asyncapi.yaml"));
     assert!(
         out.status.success(),
         "@asyncapi/parser refused docs/contracts/asyncapi.yaml:\n{}",
@@ -376,14 +385,7 @@ fn the_asyncapi_document_is_valid_and_names_what_the_worker_uses() {
     assert_eq!(doc["warnings"], serde_json::json!([]), "{doc:#}");
     let settings = settings_from_configmap();
     let t = &settings.topology;
-    let channel = |id: &str| -> &Value {
-        doc["channels"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["id"] == id)
-            .unwrap_or_else(|| panic!("no channel {id}"))
-    };
+    let channel = |id: &str| by_id(&doc["channels"], id);
     let registrations = channel("schoolRegistrations");
     assert_eq!(
         registrations["address"],
@@ -421,7 +423,8 @@ fn the_asyncapi_document_is_valid_and_names_what_the_worker_uses() {
     assert_eq!(headers, expected);
 
     // The parking reasons it lists are exactly the worker's codes and the broker's own.
-    let text = std::fs::read_to_string(path("../docs/contracts/asyncapi.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(common::tools::repo("docs/contracts/asyncapi.yaml")).unwrap();
     let mut codes: Vec<&str> = induction_reconciler::messages::ReasonCode::ALL
         .iter()
         .map(|c| c.as_str())
@@ -433,7 +436,7 @@ fn the_asyncapi_document_is_valid_and_names_what_the_worker_uses() {
     // Its worked examples are valid examples of docs/contracts/examples.json, verbatim.
     let spec: Value = serde_saphyr::from_str(&text).unwrap();
     let shared: Value = serde_json::from_str(
-        &std::fs::read_to_string(path("../docs/contracts/examples.json")).unwrap(),
+        &std::fs::read_to_string(common::tools::repo("docs/contracts/examples.json")).unwrap(),
     )
     .unwrap();
     let mut worked = 0;
@@ -459,12 +462,7 @@ fn the_asyncapi_document_is_valid_and_names_what_the_worker_uses() {
         ),
         ("publishAbClaim", &settings.publishers.ab_claim),
     ] {
-        let op = doc["operations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|o| o["id"] == operation)
-            .unwrap();
+        let op = by_id(&doc["operations"], operation);
         assert_eq!(op["action"], "send");
         assert_eq!(op["amqp"]["deliveryMode"], 2, "{operation}");
         let user = op["amqp"]["userId"].as_str().unwrap();
@@ -477,12 +475,13 @@ fn the_asyncapi_document_is_valid_and_names_what_the_worker_uses() {
 
 #[test]
 fn the_asyncapi_parser_refuses_a_broken_document() {
-    let text = std::fs::read_to_string(path("../docs/contracts/asyncapi.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(common::tools::repo("docs/contracts/asyncapi.yaml")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for schema in ["school_registration", "ab_claim", "outcome"] {
         let name = format!("{schema}.schema.json");
         std::fs::copy(
-            path(&format!("../docs/contracts/{name}")),
+            common::tools::repo(&format!("docs/contracts/{name}")),
             dir.path().join(&name),
         )
         .unwrap();

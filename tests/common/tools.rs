@@ -1,7 +1,7 @@
 //! The external tools an integrator or operator would use, pinned and installed by
 //! `deploy/dev tools` (which `deploy/dev test` runs first): Python's `jsonschema` and
-//! `kubernetes-validate` in `tests/tools/.venv`, the npm packages of `tests/tools` and
-//! `examples/node-client`, and Prometheus's `promtool`.
+//! `kubernetes-validate` in `tests/tools/.venv`, the npm packages of `tests/tools`, and
+//! Prometheus's `promtool`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
