@@ -7,9 +7,8 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::app::{TestApp, header};
+use common::rabbit::BrokerUser;
 use common::{bytes, claim, mid, registration};
 use induction_reconciler::app::parked::{Action, Selection, act};
 use induction_reconciler::broker::{Broker, json_properties};
@@ -137,48 +136,9 @@ async fn messages_from_the_wrong_publisher_or_key_are_parked_and_the_rest_applie
 }
 
 /// A RabbitMQ user of the shared broker for one test, deleted when dropped.
-struct BrokerUser {
-    name: String,
-}
-
-impl BrokerUser {
-    fn create(name: String) -> Self {
-        let ctl = |args: &[&str]| {
-            let out = Command::new("rabbitmqctl")
-                .args(args)
-                .output()
-                .expect("rabbitmqctl");
-            assert!(
-                out.status.success(),
-                "rabbitmqctl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ctl(&["add_user", &name, "secret"]);
-        let user = Self { name };
-        ctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"]);
-        user
-    }
-
-    fn url(&self) -> String {
-        common::app::amqp_url().replacen("guest:guest", &format!("{}:secret", self.name), 1)
-    }
-}
-
-impl Drop for BrokerUser {
-    fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["delete_user", &self.name])
-            .output();
-    }
-}
-
 #[tokio::test]
 async fn an_operator_replay_is_judged_by_its_first_publisher() {
-    let ab = BrokerUser::create(format!(
-        "it-ab-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    ));
+    let ab = BrokerUser::create("it-ab");
     // First the AB service's user is missing from the configuration: its claim is parked.
     let mut app = TestApp::spawn_with(|s| {
         s.publishers.ab_claim = vec!["someone-else".into()];

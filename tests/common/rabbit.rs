@@ -168,3 +168,48 @@ impl Drop for RabbitNode {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A user on the machine's shared broker, with every permission on `/` and the password
+/// `secret`, named `prefix-` and a random suffix; deleted on drop.
+pub struct BrokerUser {
+    pub name: String,
+}
+
+impl BrokerUser {
+    pub fn create(prefix: &str) -> Self {
+        let name = format!(
+            "{prefix}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let ctl = |args: &[&str]| {
+            let out = Command::new("timeout")
+                .arg("60")
+                .arg("rabbitmqctl")
+                .args(args)
+                .output()
+                .expect("rabbitmqctl");
+            assert!(
+                out.status.success(),
+                "rabbitmqctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ctl(&["add_user", &name, "secret"]);
+        let user = Self { name };
+        ctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"]);
+        user
+    }
+
+    /// The shared broker's URL, as this user.
+    pub fn url(&self) -> String {
+        super::app::amqp_url().replacen("guest:guest", &format!("{}:secret", self.name), 1)
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = Command::new("timeout")
+            .args(["60", "rabbitmqctl", "delete_user", &self.name])
+            .output();
+    }
+}
