@@ -412,3 +412,8 @@ async fn a_node_producer_and_consumer_end_with_the_state_simulate_gives() {
     broker.close().await;
     app.teardown().await;
 }
+
+#[test]
+fn the_node_consumer_rule_passes_its_own_unit_tests() {
+    stdout_of(node(CLIENT).args(["--test", "outcomes.test.mjs"]));
+}
