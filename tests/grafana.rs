@@ -77,6 +77,7 @@ fn the_dashboard_shows_what_the_issue_asks_and_only_metrics_the_worker_exports()
         "open_conflicts",
         "overdue_provisionals",
         "broker_reconnects_total",
+        "broker_blocked",
     ] {
         assert!(
             all.contains(&format!("induction_reconciler_{needed}")),

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::store::Store;
+use crate::telemetry::events::Component;
 use crate::telemetry::metrics::metrics;
 
 /// How long the readiness check waits for the database to answer.
@@ -82,15 +83,18 @@ pub enum NotReady {
     DatabaseUnreachable,
     /// The consumer has no working broker connection.
     BrokerUnreachable,
+    /// RabbitMQ blocks one of the worker's connections (flow control: a memory or disk alarm).
+    BrokerBlocked,
     /// Deliveries wait and none has finished for `worker.readiness_stall_seconds`.
     NotProgressing,
 }
 
 impl NotReady {
     /// Every reason, in the order they are checked.
-    pub const ALL: [Self; 3] = [
+    pub const ALL: [Self; 4] = [
         Self::DatabaseUnreachable,
         Self::BrokerUnreachable,
+        Self::BrokerBlocked,
         Self::NotProgressing,
     ];
 
@@ -99,7 +103,18 @@ impl NotReady {
         match self {
             Self::DatabaseUnreachable => "database_unreachable",
             Self::BrokerUnreachable => "broker_unreachable",
+            Self::BrokerBlocked => "broker_blocked",
             Self::NotProgressing => "not_progressing",
+        }
+    }
+
+    /// What `/readyz` answers.
+    fn answer(self) -> &'static str {
+        match self {
+            Self::DatabaseUnreachable => "database unreachable\n",
+            Self::BrokerUnreachable => "broker unreachable\n",
+            Self::BrokerBlocked => "broker blocked\n",
+            Self::NotProgressing => "not making progress\n",
         }
     }
 }
@@ -108,6 +123,8 @@ impl NotReady {
 pub struct Health {
     store: Store,
     broker_connected: AtomicBool,
+    /// Whether the broker blocks the consumer's and the relay's connection (by `Component`).
+    broker_blocked: [AtomicBool; 2],
     progress: Arc<Progress>,
     readiness_stall: Duration,
     liveness_stall: Duration,
@@ -122,6 +139,7 @@ impl Health {
         Arc::new(Self {
             store,
             broker_connected: AtomicBool::new(false),
+            broker_blocked: [AtomicBool::new(false), AtomicBool::new(false)],
             progress: Arc::default(),
             readiness_stall: Duration::from_secs(settings.worker.readiness_stall_seconds),
             liveness_stall: Duration::from_secs(settings.worker.liveness_stall_seconds),
@@ -144,14 +162,36 @@ impl Health {
         self.broker_connected.store(connected, Ordering::Relaxed);
     }
 
+    /// Records whether the broker blocks `component`'s connection, and sets the
+    /// `broker_blocked` gauge (1 while any is blocked).
+    pub fn set_broker_blocked(&self, component: Component, blocked: bool) {
+        let index = match component {
+            Component::Consumer => 0,
+            Component::Relay => 1,
+        };
+        self.broker_blocked[index].store(blocked, Ordering::Relaxed);
+        metrics()
+            .broker_blocked
+            .set(i64::from(self.is_broker_blocked()));
+    }
+
+    /// True while the broker blocks any of the worker's connections.
+    pub fn is_broker_blocked(&self) -> bool {
+        self.broker_blocked
+            .iter()
+            .any(|blocked| blocked.load(Ordering::Relaxed))
+    }
+
     /// Why the worker cannot make progress now, if it cannot; sets the `not_ready` metric.
     pub async fn readiness(&self) -> Option<NotReady> {
         let database = self.store.ping(PING_TIMEOUT).await;
         let broker = self.broker_connected.load(Ordering::Relaxed);
+        let blocked = self.is_broker_blocked();
         let stalled = self.progress.stalled_for();
         let failing = |reason: NotReady| match reason {
             NotReady::DatabaseUnreachable => !database,
             NotReady::BrokerUnreachable => !broker,
+            NotReady::BrokerBlocked => blocked,
             NotReady::NotProgressing => stalled >= self.readiness_stall,
         };
         let m = metrics();
@@ -164,7 +204,10 @@ impl Health {
                 .get_or_create(&label)
                 .set(i64::from(failing(reason)));
         }
-        let outage = failing(NotReady::DatabaseUnreachable) || failing(NotReady::BrokerUnreachable);
+        // A blocked broker is an outage too: the alarm clears on the broker, not by a restart.
+        let outage = failing(NotReady::DatabaseUnreachable)
+            || failing(NotReady::BrokerUnreachable)
+            || failing(NotReady::BrokerBlocked);
         self.outage.store(u8::from(outage), Ordering::Relaxed);
         NotReady::ALL.into_iter().find(|&reason| failing(reason))
     }
@@ -177,7 +220,8 @@ impl Health {
     /// every `http.gauge_refresh_seconds`) rather than pinging: answers at once.
     pub fn is_live(&self) -> bool {
         let outage = self.outage.load(Ordering::Relaxed) == 1
-            || !self.broker_connected.load(Ordering::Relaxed);
+            || !self.broker_connected.load(Ordering::Relaxed)
+            || self.is_broker_blocked();
         outage || self.progress.stalled_for() < self.liveness_stall
     }
 }
@@ -208,15 +252,7 @@ async fn livez(State(health): State<Arc<Health>>) -> (StatusCode, String) {
 async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str) {
     match health.readiness().await {
         None => (StatusCode::OK, "ready\n"),
-        Some(NotReady::DatabaseUnreachable) => {
-            (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n")
-        }
-        Some(NotReady::BrokerUnreachable) => {
-            (StatusCode::SERVICE_UNAVAILABLE, "broker unreachable\n")
-        }
-        Some(NotReady::NotProgressing) => {
-            (StatusCode::SERVICE_UNAVAILABLE, "not making progress\n")
-        }
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason.answer()),
     }
 }
 

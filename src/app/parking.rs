@@ -22,6 +22,14 @@ impl Handler {
         let mut remaining = self.not_parked_before(jobs).await;
         let mut backoff = Backoff::new(&self.settings);
         while !remaining.is_empty() {
+            // While the broker blocks the connection (a resource alarm) nothing can be parked;
+            // the lane waits for the unblock (or the shutdown deadline) instead of retrying.
+            if self.parking.is_blocked() && !self.parking.until_unblocked(&self.abandon).await {
+                for &i in &remaining {
+                    hand_back(jobs[i]).await;
+                }
+                break;
+            }
             remaining = self.park_round(jobs, &remaining).await;
             if !remaining.is_empty() && !backoff.pause(&self.abandon).await {
                 for &i in &remaining {
@@ -105,6 +113,11 @@ impl Handler {
                 Ok(()) => {
                     job.disposition = Some(Disposition::Parked(reason));
                     parked.push((job.digest, reason.as_str()));
+                }
+                Err(error) if job.delivery.acker.usable() && error.is_blocked() => {
+                    // Sent again once the broker unblocks the connection (see `park`).
+                    tracing::debug!(parent: &job.span, error = %error, "cannot park the message yet");
+                    again.push(i);
                 }
                 Err(error) if job.delivery.acker.usable() && !error.is_transient() => {
                     tracing::error!(parent: &job.span, error = %error, "cannot park the message; will try again");

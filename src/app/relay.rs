@@ -27,6 +27,11 @@ impl RelayError {
     pub fn broker_timeout(&self) -> bool {
         matches!(self, Self::Broker(error) if error.is_timeout())
     }
+
+    /// True when the broker blocked the connection (flow control) during the round.
+    pub fn broker_blocked(&self) -> bool {
+        matches!(self, Self::Broker(error) if error.is_blocked())
+    }
 }
 
 /// Publishes one batch. Returns how many outcomes were published.
@@ -109,10 +114,26 @@ pub async fn relay_until(
         // Drain: a full batch means there may be more (including later versions of the same
         // teachers, which become publishable once the earlier ones are marked).
         loop {
+            // While the broker blocks the connection (a resource alarm) nothing can be sent:
+            // wait for the unblock without claiming anything. The connection is healthy; it is
+            // not replaced.
+            if publisher.is_blocked() && !publisher.until_unblocked(stop).await {
+                if stop.is_cancelled() {
+                    return Ok(());
+                }
+                return Err(BrokerError::lost(
+                    "the publishing channel while the broker blocked it",
+                )
+                .into());
+            }
             // A round abandoned at the shutdown deadline (the broker is down) rolls its claim
-            // back: the rows stay pending for the next worker.
+            // back: the rows stay pending for the next worker. A round the broker blocked
+            // released its claim, keeping what was confirmed; the rest is sent after the unblock.
             let published = tokio::select! {
-                round = relay_once(store, publisher, exchange, batch_size) => round?,
+                round = relay_once(store, publisher, exchange, batch_size) => match round {
+                    Err(error) if error.broker_blocked() => continue,
+                    round => round?,
+                },
                 () = abandon.cancelled() => return Ok(()),
             };
             if published == 0 {

@@ -7,6 +7,7 @@ use std::fmt;
 pub struct BrokerError {
     transient: bool,
     timed_out: bool,
+    blocked: bool,
     description: String,
 }
 
@@ -22,11 +23,32 @@ impl BrokerError {
         self.timed_out
     }
 
+    /// True when the broker holds the connection back with flow control (`connection.blocked`,
+    /// a memory or disk alarm): the connection is healthy, and the caller waits for the broker
+    /// to unblock it rather than replacing it.
+    pub fn is_blocked(&self) -> bool {
+        self.blocked
+    }
+
+    /// The broker blocked the connection (a resource alarm) before a message could be sent or
+    /// confirmed.
+    pub fn blocked(what: &str) -> Self {
+        Self {
+            transient: true,
+            timed_out: false,
+            blocked: true,
+            description: format!(
+                "the broker is blocking the connection (a resource alarm); {what} waits until it unblocks"
+            ),
+        }
+    }
+
     /// The broker refused a published message (a negative confirm).
     pub fn nacked(what: &str) -> Self {
         Self {
             transient: true,
             timed_out: false,
+            blocked: false,
             description: format!("the broker did not confirm {what}"),
         }
     }
@@ -36,6 +58,7 @@ impl BrokerError {
         Self {
             transient: true,
             timed_out: false,
+            blocked: false,
             description: format!("cannot open a TCP connection: {error}"),
         }
     }
@@ -47,6 +70,7 @@ impl BrokerError {
         Self {
             transient: error.kind() != std::io::ErrorKind::InvalidData,
             timed_out: false,
+            blocked: false,
             description: format!("the TLS handshake with the broker failed: {error}"),
         }
     }
@@ -56,6 +80,7 @@ impl BrokerError {
         Self {
             transient: false,
             timed_out: false,
+            blocked: false,
             description: "the broker's port expects TLS: use an amqps:// URL (and amqp.tls_ca_file for a private CA)".to_owned(),
         }
     }
@@ -65,6 +90,7 @@ impl BrokerError {
         Self {
             transient: false,
             timed_out: false,
+            blocked: false,
             description: "the port does not speak AMQP 0-9-1".to_owned(),
         }
     }
@@ -74,6 +100,7 @@ impl BrokerError {
         Self {
             transient: false,
             timed_out: false,
+            blocked: false,
             description: "the AMQP URL cannot be parsed".to_owned(),
         }
     }
@@ -83,6 +110,7 @@ impl BrokerError {
         Self {
             transient: true,
             timed_out: false,
+            blocked: false,
             description: format!("lost {what}"),
         }
     }
@@ -93,6 +121,7 @@ impl BrokerError {
         Self {
             transient: true,
             timed_out: false,
+            blocked: false,
             description: format!("the broker closed the channel: {error}"),
         }
     }
@@ -102,6 +131,7 @@ impl BrokerError {
         Self {
             transient: true,
             timed_out: true,
+            blocked: false,
             description: format!("timed out waiting for {what}"),
         }
     }
@@ -111,6 +141,7 @@ impl BrokerError {
         Self {
             transient: false,
             timed_out: false,
+            blocked: false,
             description: format!(
                 "no queue is bound for exchange {exchange:?} with routing key {routing_key:?}"
             ),
@@ -151,6 +182,7 @@ impl From<lapin::Error> for BrokerError {
         Self {
             transient,
             timed_out: false,
+            blocked: false,
             description: error.to_string(),
         }
     }

@@ -19,7 +19,7 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
-pub use consumer::{Consumer, QueueReader, ack, ready, requeue};
+pub use consumer::{Consumer, QueueReader, ack, ack_by, ready, requeue, settle_deadline};
 pub use error::BrokerError;
 pub use publisher::{CONFIRM_TIMEOUT, Outgoing, PendingConfirm, Publisher, json_properties};
 pub use topology::{declare_topology, inbox_arguments, subscribe};
@@ -136,6 +136,7 @@ impl Broker {
         Ok(Publisher {
             channel,
             user: self.user.clone(),
+            flow: self.connection.status().clone(),
         })
     }
 
@@ -156,6 +157,13 @@ impl Broker {
     /// Connection-level events (errors, re-established connections, flow control).
     pub fn events(&self) -> impl futures_lite::Stream<Item = lapin::Event> + Send + 'static {
         self.connection.events_listener()
+    }
+
+    /// True while the broker blocks the connection with flow control (`connection.blocked`, a
+    /// memory or disk alarm): it is up, but lapin sends nothing on it until the broker unblocks
+    /// it (no publish, no acknowledgement, no new channel).
+    pub fn is_blocked(&self) -> bool {
+        self.connection.status().blocked()
     }
 
     /// True while the connection is usable.

@@ -17,6 +17,8 @@ pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 pub struct Publisher {
     pub(super) channel: Channel,
     pub(super) user: std::sync::Arc<str>,
+    /// The connection's status, which says whether the broker blocks it (flow control).
+    pub(super) flow: lapin::ConnectionStatus,
 }
 
 /// One message to publish.
@@ -35,12 +37,19 @@ pub struct Outgoing<'a> {
 pub struct PendingConfirm {
     confirm: PublisherConfirm,
     channel: Channel,
+    flow: lapin::ConnectionStatus,
     exchange: String,
     routing_key: String,
 }
 
 /// How often a wait for a confirm checks that its channel is still connected.
 const CONNECTED_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How long a wait for a confirm goes on once the broker has blocked the connection: confirms
+/// of what the broker read before the alarm still come; the rest come only after it clears,
+/// which may take hours, so the caller is told (and waits for the unblock without holding
+/// anything, such as an outbox claim).
+const BLOCKED_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl PendingConfirm {
     /// Waits for the broker: `Ok` only for a positive confirm of a routed message. Gives up
@@ -58,14 +67,25 @@ impl PendingConfirm {
     /// has new delivery tags, and a connection whose node is gone for good may never recover),
     /// so the wait fails as soon as the channel is not connected: the caller republishes later
     /// (found when a broker address went away: the relay sat on its outbox claim for the whole
-    /// confirm bound, past the database's idle-in-transaction bound).
+    /// confirm bound, past the database's idle-in-transaction bound). It fails too once the
+    /// broker has blocked the connection for [`BLOCKED_GRACE`] (flow control): the message is
+    /// sent when the alarm clears and may then be published twice, which consumers de-duplicate.
     pub async fn wait_until(self, deadline: tokio::time::Instant) -> Result<(), BrokerError> {
-        let channel = self.channel;
-        let disconnected = async move {
+        let (channel, flow) = (self.channel, self.flow);
+        let interrupted = async move {
+            let mut blocked_for = std::time::Duration::ZERO;
             loop {
                 tokio::time::sleep(CONNECTED_CHECK).await;
                 if !channel.status().connected() {
-                    return;
+                    return BrokerError::lost("the connection a publisher confirm was due on");
+                }
+                blocked_for = if flow.blocked() {
+                    blocked_for + CONNECTED_CHECK
+                } else {
+                    std::time::Duration::ZERO
+                };
+                if blocked_for >= BLOCKED_GRACE {
+                    return BrokerError::blocked("a publisher confirm");
                 }
             }
         };
@@ -74,9 +94,7 @@ impl PendingConfirm {
             confirmed = tokio::time::timeout_at(deadline, self.confirm) => {
                 confirmed.map_err(|_| BrokerError::timed_out("a publisher confirm"))?
             }
-            () = disconnected => {
-                return Err(BrokerError::lost("the connection a publisher confirm was due on"));
-            }
+            error = interrupted => return Err(error),
         };
         match confirmed? {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
@@ -99,6 +117,29 @@ impl Publisher {
         self.channel.status().connected()
     }
 
+    /// True while the broker blocks the connection (`connection.blocked`: a memory or disk
+    /// alarm). Nothing can be sent until it unblocks it.
+    pub fn is_blocked(&self) -> bool {
+        self.flow.blocked()
+    }
+
+    /// Waits while the broker blocks the connection. True once it is unblocked; false when
+    /// `stop` fires or the channel is lost first (a lost connection is no longer blocked, and
+    /// the caller's usual recovery takes over). An alarm lasts as long as the broker's operator
+    /// takes to clear it, so `stop` is the bound.
+    pub async fn until_unblocked(&self, stop: &tokio_util::sync::CancellationToken) -> bool {
+        while self.flow.blocked() {
+            if !self.is_open() {
+                return false;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(CONNECTED_CHECK) => {}
+                () = stop.cancelled() => return false,
+            }
+        }
+        self.is_open()
+    }
+
     /// Sends a persistent, mandatory message and returns its pending confirm, so that a caller
     /// can send many before waiting for any.
     pub async fn send(
@@ -108,6 +149,11 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<PendingConfirm, BrokerError> {
+        // lapin holds back every frame of a blocked connection: a message sent now would wait
+        // in its buffer for the alarm to clear, and be sent again by a caller that gave up on it.
+        if self.is_blocked() {
+            return Err(BrokerError::blocked("a message to be sent"));
+        }
         let confirm = bounded(
             "a message to be sent",
             self.channel.basic_publish(
@@ -127,6 +173,7 @@ impl Publisher {
         Ok(PendingConfirm {
             confirm,
             channel: self.channel.clone(),
+            flow: self.flow.clone(),
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
         })
@@ -155,7 +202,12 @@ impl Publisher {
     ) -> Vec<Result<(), BrokerError>> {
         let mut pending = Vec::new();
         let mut broken: Option<String> = None;
+        let mut blocked = false;
         for message in messages {
+            if blocked {
+                pending.push(Err(BrokerError::blocked("a message to be sent")));
+                continue;
+            }
             if let Some(reason) = &broken {
                 pending.push(Err(BrokerError::lost(reason)));
                 continue;
@@ -169,6 +221,7 @@ impl Publisher {
             match sent.await {
                 Ok(confirm) => pending.push(Ok(confirm)),
                 Err(error) => {
+                    blocked = error.is_blocked();
                     broken = Some(format!("the publishing channel ({error})"));
                     pending.push(Err(error));
                 }

@@ -101,6 +101,45 @@ impl BrokerRecovered {
     }
 }
 
+/// RabbitMQ blocked a component's connection (`connection.blocked`: a memory or disk alarm).
+/// Logged once per transition; the `broker_blocked` gauge is set by `Health`.
+pub struct BrokerBlocked<'a> {
+    /// Which component.
+    pub component: Component,
+    /// The broker's reason (`low on memory`, `low on disk`), when it gave one.
+    pub reason: Option<&'a str>,
+}
+
+impl BrokerBlocked<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::warn!(
+            component = self.component.as_str(),
+            reason = self.reason.unwrap_or("not given"),
+            "the broker is blocking this connection (a resource alarm); nothing is published or acknowledged on it until the alarm clears"
+        );
+    }
+}
+
+/// RabbitMQ unblocked a component's connection.
+pub struct BrokerUnblocked {
+    /// Which component.
+    pub component: Component,
+    /// How long it was blocked.
+    pub blocked_for: Duration,
+}
+
+impl BrokerUnblocked {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::info!(
+            component = self.component.as_str(),
+            blocked_s = self.blocked_for.as_secs_f64(),
+            "the broker unblocked this connection; resuming"
+        );
+    }
+}
+
 fn count_reconnect(component: Component) {
     metrics()
         .reconnects

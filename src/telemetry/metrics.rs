@@ -70,8 +70,10 @@ pub struct Metrics {
     /// Reconnections after a broker failure, by component.
     pub reconnects: Family<ComponentLabel, Counter>,
     /// 1 for each reason the worker is not ready now (`database_unreachable`,
-    /// `broker_unreachable`, `not_progressing`), else 0.
+    /// `broker_unreachable`, `broker_blocked`, `not_progressing`), else 0.
     pub not_ready: Family<ReasonLabel, Gauge>,
+    /// 1 while RabbitMQ blocks one of the worker's connections (flow control), else 0.
+    pub broker_blocked: Gauge,
     /// Seconds that deliveries have waited with none finishing (0 when none wait).
     pub stalled_seconds: Gauge<f64, AtomicU64>,
 }
@@ -90,6 +92,7 @@ impl Metrics {
         for reason in [
             "database_unreachable",
             "broker_unreachable",
+            "broker_blocked",
             "not_progressing",
         ] {
             let _ = not_ready.get_or_create(&ReasonLabel {
@@ -174,6 +177,12 @@ impl Metrics {
                 "not_ready",
                 "1 for each reason the worker cannot make progress now (see /readyz)",
                 not_ready,
+            ),
+            broker_blocked: register(
+                &mut r,
+                "broker_blocked",
+                "1 while RabbitMQ blocks one of the worker's connections (a memory or disk alarm: connection.blocked), else 0",
+                Gauge::default(),
             ),
             stalled_seconds: register(
                 &mut r,

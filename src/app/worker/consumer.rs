@@ -15,6 +15,7 @@ use lapin::message::Delivery;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::flow::Flow;
 use super::lanes::Lanes;
 use super::watchdog::Watchdog;
 use super::{Shutdown, keep_or_replace};
@@ -41,7 +42,7 @@ pub(super) async fn consume(
     settings: &Settings,
     store: &Store,
     plan: &Shutdown,
-    health: &Health,
+    health: &std::sync::Arc<Health>,
 ) -> anyhow::Result<()> {
     let shared = Shared {
         settings,
@@ -55,6 +56,7 @@ pub(super) async fn consume(
     let mut in_flight: JoinSet<()> = JoinSet::new();
     let mut backoff = Backoff::new(settings);
     let mut current: Option<Broker> = None;
+    let mut flow = Flow::new(Component::Consumer, health.clone());
     let result = loop {
         if plan.stop.is_cancelled() {
             break Ok(());
@@ -69,7 +71,7 @@ pub(super) async fn consume(
                 }
             }
         };
-        match consume_on(&shared, &broker, &mut in_flight).await {
+        match consume_on(&shared, &broker, &mut flow, &mut in_flight).await {
             Ok(()) => {
                 current = Some(broker);
                 break Ok(());
@@ -86,6 +88,9 @@ pub(super) async fn consume(
                     break Ok(());
                 }
                 current = keep_or_replace(broker, error.is_timeout(), settings, &plan.stop).await;
+                if current.is_none() {
+                    flow.forget();
+                }
             }
             Err(error) => break Err(anyhow::Error::new(error).context("cannot consume")),
         }
@@ -103,6 +108,7 @@ pub(super) async fn consume(
 async fn consume_on(
     shared: &Shared<'_>,
     broker: &Broker,
+    flow: &mut Flow,
     in_flight: &mut JoinSet<()>,
 ) -> Result<(), BrokerError> {
     let settings = shared.settings;
@@ -127,6 +133,8 @@ async fn consume_on(
     let mut session = Session {
         shared,
         broker,
+        flow,
+        events: Box::pin(broker.events().chain(futures_lite::stream::pending())),
         watchdog: Watchdog::new(progress, settings.amqp.recovery_timeout()),
         consumer,
         lanes,
@@ -146,6 +154,9 @@ fn every_second() -> tokio::time::Interval {
 struct Session<'a> {
     shared: &'a Shared<'a>,
     broker: &'a Broker,
+    flow: &'a mut Flow,
+    /// The connection's events (errors, flow control); ends only with the connection.
+    events: futures_lite::stream::Boxed<lapin::Event>,
     consumer: Consumer,
     lanes: Lanes,
     watchdog: Watchdog,
@@ -156,22 +167,17 @@ impl Session<'_> {
     /// Hands deliveries to the lanes until `stop` (`Ok`) or a failure the watchdog, lapin or the
     /// broker reports (`Err`).
     async fn receive(&mut self, in_flight: &mut JoinSet<()>) -> Result<(), BrokerError> {
-        let mut events = Box::pin(self.broker.events());
+        self.flow.observe(self.broker.is_blocked(), None);
         loop {
             while in_flight.try_join_next().is_some() {}
             let next = tokio::select! {
                 next = self.consumer.next() => next,
-                event = events.next() => match event {
-                    // Only errors lapin cannot recover from are reported here. The consumer
-                    // was working, so even a channel-level reply (406 when a delivery was held
-                    // past the broker's consumer_timeout) means: start again on a new channel.
-                    Some(lapin::Event::Error(error)) => {
-                        return Err(BrokerError::channel_closed(&error));
-                    }
-                    _ => continue,
-                },
+                event = self.events.next() => {
+                    on_event(self.flow, event)?;
+                    continue;
+                }
                 _ = self.tick.tick() => {
-                    self.watchdog.check(self.broker, &self.consumer, self.shared.health).await?;
+                    check(self.flow, &mut self.watchdog, self.broker, &self.consumer, self.shared.health).await?;
                     continue;
                 }
                 () = self.shared.stop.cancelled() => return Ok(()),
@@ -206,9 +212,9 @@ impl Session<'_> {
                     }
                     None => false,
                 }),
-                _ = self.tick.tick() => {
-                    self.watchdog.check(self.broker, &self.consumer, self.shared.health).await?;
-                }
+                _ = self.tick.tick() => check(self.flow, &mut self.watchdog, self.broker, &self.consumer, self.shared.health).await?,
+                // Heard here too: a lane waiting for the broker to unblock holds this loop.
+                event = self.events.next() => on_event(self.flow, event)?,
                 () = self.shared.stop.cancelled() => return Ok(false),
             }
         }
@@ -236,6 +242,38 @@ impl Session<'_> {
         self.consumer.close().await;
         ended
     }
+}
+
+/// A connection event: an error lapin cannot recover from ends the consumer; flow control is
+/// noted.
+fn on_event(flow: &mut Flow, event: Option<lapin::Event>) -> Result<(), BrokerError> {
+    match event {
+        // Only errors lapin cannot recover from are reported here. The consumer was working, so
+        // even a channel-level reply (406 when a delivery was held past the broker's
+        // consumer_timeout) means: start again on a new channel.
+        Some(lapin::Event::Error(error)) => Err(BrokerError::channel_closed(&error)),
+        Some(event) => {
+            flow.event(&event);
+            Ok(())
+        }
+        // Not sent: `Session::events` never ends.
+        None => Ok(()),
+    }
+}
+
+/// The consumer's check every second: flow control (an event missed between sessions is seen in
+/// the connection's status), then the watchdog, which leaves a blocked connection alone.
+async fn check(
+    flow: &mut Flow,
+    watchdog: &mut Watchdog,
+    broker: &Broker,
+    consumer: &Consumer,
+    health: &Health,
+) -> Result<(), BrokerError> {
+    flow.observe(broker.is_blocked(), None);
+    watchdog
+        .check(broker, consumer, health, flow.is_blocked())
+        .await
 }
 
 /// Waits for every task of `tasks` to end; once `abandon` fires, gives them a moment to see it

@@ -3,6 +3,7 @@
 //! resolves, then drains within `worker.shutdown_timeout_seconds`.
 
 mod consumer;
+mod flow;
 mod lanes;
 mod relaying;
 mod sweep;
@@ -100,10 +101,12 @@ async fn run_until_drained(settings: &Settings, plan: &Shutdown) -> anyhow::Resu
     // their outcomes; `abandon` fires near the shutdown deadline and stops any retry still going.
     let drained = CancellationToken::new();
     let mut background = JoinSet::new();
+    let health = Health::new(store.clone(), settings);
     if settings.relay.enabled {
         background.spawn(relaying::relay_task(
             settings.clone(),
             store.clone(),
+            health.clone(),
             drained.clone(),
             plan.abandon.clone(),
         ));
@@ -115,7 +118,6 @@ async fn run_until_drained(settings: &Settings, plan: &Shutdown) -> anyhow::Resu
             plan.stop.clone(),
         ));
     }
-    let health = Health::new(store.clone(), settings);
     if settings.http.enabled {
         serve_http(settings, &health, &plan.stop, &mut background);
     }

@@ -1,12 +1,15 @@
 //! The relay task: keeps a broker connection for the outbox relay (`app::relay`), reconnecting
 //! like the consumer does, and flushes the outbox once the consumer has drained.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::flow::Flow;
 use super::keep_or_replace;
 use crate::app::connect;
+use crate::app::http::Health;
 use crate::app::relay;
 use crate::app::retry::Backoff;
 use crate::broker::{Broker, Publisher};
@@ -20,10 +23,12 @@ use crate::telemetry::events::{BrokerInterrupted, Component, Quiet};
 pub(super) async fn relay_task(
     settings: Settings,
     store: Store,
+    health: Arc<Health>,
     drained: CancellationToken,
     abandon: CancellationToken,
 ) {
     let mut backoff = Backoff::new(&settings);
+    let mut flow = Flow::new(Component::Relay, health);
     let mut current: Option<Broker> = None;
     let mut last: Option<(Broker, Publisher)> = None;
     let mut warned = Quiet::default();
@@ -39,19 +44,23 @@ pub(super) async fn relay_task(
                 }
             }
         };
-        let (error, timed_out) =
-            match relay_on(&settings, &store, &broker, &drained, &abandon).await {
-                Ok(publisher) => {
-                    last = Some((broker, publisher));
-                    break;
+        let relaying = relay_on(&settings, &store, &broker, &drained, &abandon);
+        let ended = tokio::select! {
+            ended = relaying => ended,
+            never = flow.follow(&broker) => match never {},
+        };
+        let (error, timed_out) = match ended {
+            Ok(publisher) => {
+                last = Some((broker, publisher));
+                break;
+            }
+            Err((publisher, error, timed_out)) => {
+                if let Some(publisher) = publisher {
+                    last = Some((broker.clone(), publisher));
                 }
-                Err((publisher, error, timed_out)) => {
-                    if let Some(publisher) = publisher {
-                        last = Some((broker.clone(), publisher));
-                    }
-                    (error, timed_out)
-                }
-            };
+                (error, timed_out)
+            }
+        };
         BrokerInterrupted {
             component: Component::Relay,
             error: &error,
@@ -61,6 +70,9 @@ pub(super) async fn relay_task(
             break;
         }
         current = keep_or_replace(broker, timed_out, &settings, &drained).await;
+        if current.is_none() {
+            flow.forget();
+        }
     }
     if let Some((broker, publisher)) = last {
         flush_at_shutdown(&settings, &store, &publisher, &abandon).await;
