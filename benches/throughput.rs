@@ -31,6 +31,7 @@ use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use secrecy::SecretString;
 use sha2::{Digest, Sha256};
+use time::format_description::well_known::Rfc3339;
 
 #[path = "throughput/figures.rs"]
 mod figures;
@@ -83,7 +84,9 @@ struct BenchOptions {
 }
 
 /// Every outcome received, with when, by the input message that caused it.
-type Arrivals = Arc<Mutex<Vec<(String, Instant)>>>;
+/// Each outcome's cause (the input's `message_id`), when it arrived, and when the worker decided
+/// it (its `decided_at`, on this machine's clock, as an `Instant`).
+type Arrivals = Arc<Mutex<Vec<(String, Instant, Option<Instant>)>>>;
 
 fn main() -> anyhow::Result<()> {
     let options = BenchOptions::parse();
@@ -108,6 +111,9 @@ struct Rig {
     broker: Broker,
     channel: lapin::Channel,
     publisher: Publisher,
+    /// A connection of its own for the outcomes, as a consuming team has (not the one that
+    /// publishes the stream).
+    outcome_broker: Broker,
     worker: tokio::process::Child,
 }
 
@@ -172,6 +178,8 @@ impl Rig {
         let channel = broker.channel().await?;
         declare_topology(&channel, &topology).await?;
         let publisher = broker.publisher().await?;
+        let outcome_broker =
+            Broker::connect(&amqp_url, "induction-reconciler bench outcomes").await?;
         let worker = start_worker(&db_name, &topology).await?;
         Ok(Self {
             id,
@@ -181,14 +189,16 @@ impl Rig {
             broker,
             channel,
             publisher,
+            outcome_broker,
             worker,
         })
     }
 
     /// Subscribes to every outcome and times each on arrival.
     async fn collect_outcomes(&self) -> anyhow::Result<Arrivals> {
+        let channel = self.outcome_broker.channel().await?;
         let mut outcomes = subscribe(
-            &self.channel,
+            &channel,
             &format!("bench-{}.capture", self.id),
             &self.topology.outcome_exchange,
             "outcome.#",
@@ -199,11 +209,24 @@ impl Rig {
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = outcomes.next().await {
                 let at = Instant::now();
-                let cause = serde_json::from_slice::<serde_json::Value>(&delivery.data)
-                    .ok()
-                    .and_then(|v| v["caused_by"]["message_id"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                sink.lock().expect("not poisoned").push((cause, at));
+                let body = serde_json::from_slice::<serde_json::Value>(&delivery.data).ok();
+                let field = |path: [&str; 2]| {
+                    body.as_ref()
+                        .and_then(|v| v[path[0]][path[1]].as_str().map(str::to_owned))
+                };
+                let cause = field(["caused_by", "message_id"]).unwrap_or_default();
+                // The worker and the bench share this machine's clock.
+                let decided = body
+                    .as_ref()
+                    .and_then(|v| v["decided_at"].as_str())
+                    .and_then(|d| time::OffsetDateTime::parse(d, &Rfc3339).ok())
+                    .and_then(|d| {
+                        let ago = time::OffsetDateTime::now_utc() - d;
+                        at.checked_sub(Duration::try_from(ago).unwrap_or_default())
+                    });
+                sink.lock()
+                    .expect("not poisoned")
+                    .push((cause, at, decided));
             }
         });
         Ok(arrivals)
@@ -239,6 +262,7 @@ impl Rig {
             self.store.pool().close().await;
             common::drop_database(&self.db_name).await;
         }
+        self.outcome_broker.close().await;
         self.broker.close().await;
     }
 }
@@ -256,7 +280,12 @@ async fn start_worker(db_name: &str, t: &Topology) -> anyhow::Result<tokio::proc
         .env("INDUCTION__TOPOLOGY__PARKING_QUEUE", &t.parking_queue)
         .env("INDUCTION__HTTP__LISTEN", format!("127.0.0.1:{port}"))
         .env("INDUCTION__SWEEP__ENABLED", "false")
-        .env("INDUCTION__LOG__FILTER", "error")
+        // BENCH_WORKER_LOG (a log filter, such as `induction_reconciler=debug`) shows where the
+        // worker's time goes; its log goes to the bench's standard error.
+        .env(
+            "INDUCTION__LOG__FILTER",
+            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "error".into()),
+        )
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()

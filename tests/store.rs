@@ -275,48 +275,65 @@ async fn wait_for_lock_waiters(store: &Store, n: i64) {
     }
 }
 
-/// Two relays claiming at once get disjoint rows, and neither gets a teacher's second version
-/// while the first is unpublished.
+/// Two relays claiming at once get disjoint teachers; a relay that claims a teacher's lowest
+/// unpublished version claims its later ones with it, in order, and the other relay gets none of
+/// them; a version the broker did not confirm goes back to pending with every later one.
 #[tokio::test]
-async fn two_relays_claim_disjoint_rows_and_versions_go_out_in_order() {
+async fn two_relays_claim_disjoint_teachers_and_versions_go_out_in_order() {
     let db = Db::new().await;
     let messages: Vec<Value> = (0..6u64)
         .map(|n| registration(n + 1, &format!("R-{n}"), &format!("100000{n}")))
         .chain([claim(10, "IP-0", "1000000")])
         .collect();
     apply(&db.store, &messages).await;
-    let first = db.store.claim_outbox(3).await.unwrap();
-    let second = db.store.claim_outbox(10).await.unwrap();
-    let ids = |batch: &induction_reconciler::store::OutboxBatch| {
-        batch.rows.iter().map(|r| r.id).collect::<Vec<i64>>()
-    };
-    let (a, b) = (ids(&first), ids(&second));
-    assert_eq!(a.len(), 3);
-    assert_eq!(b.len(), 3, "the other three teachers' first versions");
-    assert!(a.iter().all(|id| !b.contains(id)), "disjoint: {a:?} {b:?}");
-    let versions = |batch: &induction_reconciler::store::OutboxBatch| {
+    let first = db.store.claim_outbox(3, NOW).await.unwrap();
+    let second = db.store.claim_outbox(10, NOW).await.unwrap();
+    let claimed = |batch: &induction_reconciler::store::OutboxBatch| {
         batch
             .rows
             .iter()
             .map(|r| {
-                serde_json::from_slice::<Value>(&r.body).unwrap()["version"]
-                    .as_i64()
-                    .unwrap()
+                let body = serde_json::from_slice::<Value>(&r.body).unwrap();
+                (
+                    body["trn"].as_str().unwrap().to_owned(),
+                    body["version"].as_i64().unwrap(),
+                )
             })
-            .collect::<Vec<i64>>()
+            .collect::<Vec<(String, i64)>>()
     };
-    assert!(
-        versions(&first)
-            .iter()
-            .chain(&versions(&second))
-            .all(|v| *v == 1)
+    let teacher = |n: u64, version: i64| (format!("100000{n}"), version);
+    assert_eq!(
+        claimed(&first),
+        vec![teacher(0, 1), teacher(0, 2), teacher(1, 1), teacher(2, 1)],
+        "three teachers, the first with both its versions, in order"
     );
-    first.complete(&a, NOW).await.unwrap();
-    second.complete(&b, NOW).await.unwrap();
-    // Now the second version of teacher 1000000 is publishable, and only it.
-    let third = db.store.claim_outbox(10).await.unwrap();
-    assert_eq!(versions(&third), vec![2]);
-    third.complete(&[], NOW).await.unwrap();
+    assert_eq!(
+        claimed(&second),
+        vec![teacher(3, 1), teacher(4, 1), teacher(5, 1)],
+        "the other three teachers"
+    );
+    let ids = |batch: &induction_reconciler::store::OutboxBatch| {
+        batch.rows.iter().map(|r| r.id).collect::<Vec<i64>>()
+    };
+    // The broker confirmed all of the second relay's rows, and of the first's all but teacher
+    // 1000000's first version.
+    let (a, b) = (ids(&first), ids(&second));
+    assert_eq!(first.complete(&a[1..]).await.unwrap(), 2);
+    assert_eq!(second.complete(&b).await.unwrap(), 3);
+    let pending: Vec<(String, i64)> = sqlx::query_as(
+        "select trn, version from outbox where published_at is null order by trn, version",
+    )
+    .fetch_all(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(pending, vec![teacher(0, 1), teacher(0, 2)]);
+    let third = db.store.claim_outbox(10, NOW).await.unwrap();
+    assert_eq!(claimed(&third), vec![teacher(0, 1), teacher(0, 2)]);
+    let c = ids(&third);
+    assert_eq!(third.complete(&c).await.unwrap(), 2);
+    let fourth = db.store.claim_outbox(10, NOW).await.unwrap();
+    assert!(fourth.is_empty(), "everything published");
+    fourth.complete(&[]).await.unwrap();
     db.finish().await;
 }
 

@@ -25,6 +25,15 @@ pub struct RunFigures {
     pub latency_p99_ms: f64,
     /// Maximum.
     pub latency_max_ms: f64,
+    /// Where the latency goes: publish to the worker's decision (`decided_at`: consumed,
+    /// applied and about to commit), median and 99th percentile, in milliseconds.
+    pub to_decision_p50_ms: f64,
+    /// 99th percentile.
+    pub to_decision_p99_ms: f64,
+    /// The worker's decision to the outcome's arrival (commit, relay, broker), median.
+    pub to_arrival_p50_ms: f64,
+    /// 99th percentile.
+    pub to_arrival_p99_ms: f64,
 }
 
 /// The figures of a run: the end is the last outcome's arrival; a message's latency runs from
@@ -34,11 +43,11 @@ pub fn figures(
     outcomes: usize,
     started: Instant,
     published_at: &[(String, Instant)],
-    arrived: &[(String, Instant)],
+    arrived: &[(String, Instant, Option<Instant>)],
 ) -> RunFigures {
     let last = arrived
         .iter()
-        .map(|(_, at)| *at)
+        .map(|(_, at, _)| *at)
         .max()
         .unwrap_or_else(Instant::now);
     let seconds = (last - started).as_secs_f64();
@@ -46,18 +55,29 @@ pub fn figures(
     for (id, at) in published_at {
         first_publish.entry(id.as_str()).or_insert(*at);
     }
-    let mut first_outcome: HashMap<&str, Instant> = HashMap::new();
-    for (cause, at) in arrived {
-        first_outcome.entry(cause.as_str()).or_insert(*at);
+    let mut first_outcome: HashMap<&str, (Instant, Option<Instant>)> = HashMap::new();
+    for (cause, at, decided) in arrived {
+        first_outcome
+            .entry(cause.as_str())
+            .or_insert((*at, *decided));
     }
-    let mut latencies: Vec<f64> = first_outcome
-        .iter()
-        .filter_map(|(cause, at)| {
-            let sent = first_publish.get(cause)?;
-            Some((*at - *sent).as_secs_f64() * 1000.0)
-        })
-        .collect();
-    latencies.sort_by(f64::total_cmp);
+    let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1000.0;
+    let mut latencies = Vec::new();
+    let mut to_decision = Vec::new();
+    let mut to_arrival = Vec::new();
+    for (cause, (at, decided)) in &first_outcome {
+        let Some(sent) = first_publish.get(cause) else {
+            continue;
+        };
+        latencies.push(ms(*sent, *at));
+        if let Some(decided) = decided {
+            to_decision.push(ms(*sent, *decided));
+            to_arrival.push(ms(*decided, *at));
+        }
+    }
+    for series in [&mut latencies, &mut to_decision, &mut to_arrival] {
+        series.sort_by(f64::total_cmp);
+    }
     RunFigures {
         published,
         outcomes,
@@ -66,6 +86,10 @@ pub fn figures(
         latency_p50_ms: percentile(&latencies, 50.0),
         latency_p99_ms: percentile(&latencies, 99.0),
         latency_max_ms: latencies.last().copied().unwrap_or_default(),
+        to_decision_p50_ms: percentile(&to_decision, 50.0),
+        to_decision_p99_ms: percentile(&to_decision, 99.0),
+        to_arrival_p50_ms: percentile(&to_arrival, 50.0),
+        to_arrival_p99_ms: percentile(&to_arrival, 99.0),
     }
 }
 
@@ -109,6 +133,10 @@ pub fn report(
             r.latency_max_ms,
             r.published,
             r.messages_per_second
+        );
+        println!(
+            "               publish to decision p50 {:.1} ms, p99 {:.1} ms; decision to arrival p50 {:.1} ms, p99 {:.1} ms",
+            r.to_decision_p50_ms, r.to_decision_p99_ms, r.to_arrival_p50_ms, r.to_arrival_p99_ms
         );
     }
     if let Some(raw) = raw {

@@ -41,9 +41,11 @@ pub async fn relay_once(
     exchange: &str,
     batch_size: i64,
 ) -> Result<usize, RelayError> {
-    let batch = store.claim_outbox(batch_size).await?;
-    if batch.rows.is_empty() {
-        batch.complete(&[], OffsetDateTime::now_utc()).await?;
+    let batch = store
+        .claim_outbox(batch_size, OffsetDateTime::now_utc())
+        .await?;
+    if batch.is_empty() {
+        batch.complete(&[]).await?;
         return Ok(0);
     }
     // Send the whole batch, then wait for the confirms: one round trip per batch, not per row.
@@ -65,15 +67,13 @@ pub async fn relay_once(
             Err(error) => failure = Some(error),
         }
     }
-    batch
-        .complete(&published, OffsetDateTime::now_utc())
-        .await?;
+    let kept = batch.complete(&published).await?;
     crate::telemetry::metrics::metrics()
         .published
-        .inc_by(published.len() as u64);
+        .inc_by(kept as u64);
     match failure {
         Some(error) => Err(error.into()),
-        None => Ok(published.len()),
+        None => Ok(kept),
     }
 }
 

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::effects::Effects;
 use super::error::StoreError;
-use super::locks::{held_trns, lock_records, lock_teachers};
+use super::locks::lock_batch;
 use super::{Handled, Store};
 use super::{records, teachers};
 use crate::domain::{Admission, Ledger, Receipt, RecordKey, Trn, receipt};
@@ -168,8 +168,8 @@ fn digest_of(stored: &[u8]) -> Result<[u8; 32], StoreError> {
 }
 
 /// Step 2: locks the records of the messages to apply, then every teacher they can touch (each
-/// snapshot's TRN and the TRN its record counts for now). Every writer of a record holds the
-/// record's lock, so once it is held the record cannot move or appear under us.
+/// snapshot's TRN and the TRN its record counts for now), in one round trip. Every writer of a
+/// record holds the record's lock, so once it is held the record cannot move or appear under us.
 async fn lock(
     conn: &mut PgConnection,
     items: &[BatchItem<'_>],
@@ -179,14 +179,11 @@ async fn lock(
         .iter()
         .map(|&i| items[i].input.snapshot.record.key())
         .collect();
-    lock_records(conn, &keys).await?;
-    let mut teachers: BTreeSet<Trn> = to_apply
+    let snapshot_trns: BTreeSet<Trn> = to_apply
         .iter()
         .map(|&i| items[i].input.snapshot.record.trn().clone())
         .collect();
-    teachers.extend(held_trns(conn, &keys).await?);
-    lock_teachers(conn, &teachers).await?;
-    Ok(teachers)
+    lock_batch(conn, &keys, &snapshot_trns).await
 }
 
 /// Step 3: a ledger seeded with what the locked teachers hold, the messages applied to it in

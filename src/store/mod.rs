@@ -10,6 +10,7 @@ mod batch;
 mod effects;
 mod error;
 mod locks;
+mod nodelay;
 mod outbox;
 mod records;
 mod teachers;
@@ -101,6 +102,7 @@ impl Store {
     /// Connects a pool. Fails fast when the database cannot be reached.
     pub async fn connect(url: &SecretString, limits: Limits) -> Result<Self, StoreError> {
         let options: PgConnectOptions = url.expose_secret().parse()?;
+        let port = options.get_port();
         let bound = limits.operation_timeout.as_millis().max(1).to_string();
         // Server-side: end a session idle in a transaction (its client gone) and notice a dead
         // client socket, so that locks held by a vanished worker are released.
@@ -111,9 +113,20 @@ impl Store {
             ("tcp_keepalives_count", "3"),
             ("tcp_user_timeout", bound.as_str()),
         ]);
+        // A connection is checked when it goes back to the pool (bounded, below), not again
+        // when it is taken: sqlx's default ping on acquire is one more round trip before every
+        // transaction (issue 15). One that died while idle fails its first statement, and the
+        // operation is retried on another, as any transient failure is.
         let pool = PgPoolOptions::new()
             .max_connections(limits.max_connections)
             .acquire_timeout(limits.acquire_timeout)
+            .test_before_acquire(false)
+            .after_connect(move |_, _| {
+                Box::pin(async move {
+                    nodelay::set_on_sockets_to(port);
+                    Ok(())
+                })
+            })
             .after_release(|conn, _| {
                 Box::pin(async move {
                     use sqlx::Connection;

@@ -52,64 +52,113 @@ pub struct OutboxStatus {
     pub published: i64,
 }
 
-/// A batch of outbox rows locked by one relay until it commits or rolls back.
+/// A batch of outbox rows claimed by one relay: already marked published in its transaction,
+/// which commits (keeping the marks of what the broker confirmed) or rolls back (the rows stay
+/// pending for the next round or the next relay).
 pub struct OutboxBatch {
     tx: Transaction<'static, Postgres>,
     /// The store's operation bound, for the update and the commit.
     operation_timeout: std::time::Duration,
-    /// The rows, oldest first.
+    /// The rows, in publishing order: teachers by their oldest row, each teacher's versions in
+    /// order.
     pub rows: Vec<OutboxRow>,
+    /// Each row's teacher, in the order of `rows`.
+    trns: Vec<String>,
 }
 
 impl OutboxBatch {
-    /// Marks the given rows published and releases the batch.
-    pub async fn complete(
-        mut self,
-        published: &[i64],
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
+    /// Keeps the rows in `published` marked and releases the batch. Any other row goes back to
+    /// pending, and with it every later version of its teacher in the batch (whether or not the
+    /// broker confirmed it), so that the next round sends that teacher's versions in order again;
+    /// a consumer de-duplicates what it sees twice. Returns how many rows stay published.
+    pub async fn complete(mut self, published: &[i64]) -> Result<usize, StoreError> {
+        let mut failed_teachers: Vec<&str> = Vec::new();
+        let mut unmark: Vec<i64> = Vec::new();
+        for (row, trn) in self.rows.iter().zip(&self.trns) {
+            if failed_teachers.contains(&trn.as_str()) || !published.contains(&row.id) {
+                failed_teachers.push(trn);
+                unmark.push(row.id);
+            }
+        }
+        let kept = self.rows.len() - unmark.len();
         let limit = self.operation_timeout;
         super::bounded(limit, "the outbox update", async move {
-            if !published.is_empty() {
-                sqlx::query("update outbox set published_at = $2 where id = any($1)")
-                    .bind(published)
-                    .bind(now)
+            if !unmark.is_empty() {
+                sqlx::query("update outbox set published_at = null where id = any($1)")
+                    .bind(&unmark)
                     .execute(&mut *self.tx)
                     .await?;
             }
             self.tx.commit().await?;
-            Ok(())
+            Ok(kept)
         })
         .await
+    }
+
+    /// How many rows were claimed.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// True when the claim found nothing to publish.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
     }
 }
 
 impl super::Store {
-    /// Locks up to `limit` publishable outcomes: for each teacher, only the lowest unpublished
-    /// version, so that versions go out in order even with several relays. Rows another relay
-    /// holds are skipped.
-    pub async fn claim_outbox(&self, limit: i64) -> Result<OutboxBatch, StoreError> {
+    /// Claims publishable outcomes in one statement, marking them published at `now` in a
+    /// transaction that [`OutboxBatch::complete`] commits: the lowest unpublished version of up
+    /// to `limit` teachers (rows another relay holds are skipped, so that versions go out in
+    /// order even with several relays), with each such teacher's later unpublished versions, so
+    /// that a teacher whose batch emitted several goes out in one round. No other relay can
+    /// claim those later versions: they are not the lowest while the lowest is unpublished in
+    /// its snapshot.
+    pub async fn claim_outbox(
+        &self,
+        limit: i64,
+        now: OffsetDateTime,
+    ) -> Result<OutboxBatch, StoreError> {
         self.bounded("an outbox claim", async {
             let mut tx = self.pool().begin().await?;
-            let rows = sqlx::query(
-                "select o.id, o.outcome_id, o.routing_key, o.body, o.traceparent, o.created_at
-                 from outbox o
-                 where o.published_at is null
-                   and not exists (select 1 from outbox e where e.trn = o.trn and e.published_at is null and e.version < o.version)
-                 order by o.id
-                 limit $1
-                 for update skip locked",
+            let found = sqlx::query(
+                "with lowest as (
+                   select o.id, o.trn
+                   from outbox o
+                   where o.published_at is null
+                     and not exists (select 1 from outbox e where e.trn = o.trn and e.published_at is null and e.version < o.version)
+                   order by o.id
+                   limit $1
+                   for update skip locked
+                 ), later as (
+                   select o.id
+                   from outbox o
+                   where o.published_at is null
+                     and o.trn in (select trn from lowest)
+                     and o.id not in (select id from lowest)
+                   for update
+                 ), claimed as (
+                   update outbox set published_at = $2
+                   where id in (select id from lowest union all select id from later)
+                   returning id, outcome_id, trn, version, routing_key, body, traceparent, created_at
+                 )
+                 select * from claimed order by min(id) over (partition by trn), version",
             )
             .bind(limit)
+            .bind(now)
             .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(OutboxRow::from_row)
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            .await?;
+            let mut rows = Vec::with_capacity(found.len());
+            let mut trns = Vec::with_capacity(found.len());
+            for row in &found {
+                rows.push(OutboxRow::from_row(row)?);
+                trns.push(row.try_get("trn")?);
+            }
             Ok(OutboxBatch {
                 tx,
                 operation_timeout: self.operation_timeout(),
                 rows,
+                trns,
             })
         })
         .await
