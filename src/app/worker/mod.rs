@@ -1,6 +1,7 @@
 //! `run`: the worker. Consumes the inbox queue (`consumer`, `lanes`, `watchdog`), relays the
-//! outbox (`relaying`) and sweeps overdue provisional spells (`sweep`) until the shutdown future
-//! resolves, then drains within `worker.shutdown_timeout_seconds`.
+//! outbox (`relaying`), follows the broker's flow control on both connections (`flow`) and
+//! sweeps overdue provisional spells (`sweep`) until the shutdown future resolves, then drains
+//! within `worker.shutdown_timeout_seconds`.
 
 mod consumer;
 mod flow;
