@@ -129,13 +129,6 @@ async fn a_memory_alarm_mid_stream_is_reported_and_the_worker_resumes_losing_not
     alarm_mid_stream(None).await;
 }
 
-/// Parking publishes on the consumer's own connection, so the broker blocks that one too: its
-/// acknowledgements wait, and parking waits for the unblock instead of retrying.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_memory_alarm_while_messages_are_being_parked_parks_each_once_it_clears() {
-    alarm_mid_stream(Some(20)).await;
-}
-
 /// A stream of registrations and claims (and, with `invalid_every`, a registration with an
 /// invalid TRN after every so many teachers), an alarm raised once some outcomes have arrived,
 /// held for [`HELD`] and cleared.

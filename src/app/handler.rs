@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::retry::Backoff;
 use crate::broker::parking::{ORIGINAL_USER_ID, header_text};
-use crate::broker::{Publisher, ack_by, settle_deadline};
+use crate::broker::{Publisher, ack};
 use crate::config::Settings;
 use crate::domain::{Admission, Status};
 use crate::messages::{Input, Provenance, Publishers, ReasonCode, Rejection, decode_delivery};
@@ -301,16 +301,15 @@ fn prepare(delivery: Delivery, clock: OffsetDateTime, publishers: &Publishers) -
 async fn settle(jobs: Vec<Job>, started: Instant) -> Vec<Disposition> {
     let mut results = Vec::with_capacity(jobs.len());
     let mut unacknowledged = 0_usize;
-    let deadline = settle_deadline();
     for job in jobs {
         let disposition = job.disposition.unwrap_or(Disposition::Abandoned);
         let abandoned = disposition == Disposition::Abandoned;
-        let acked = !abandoned && ack_by(&job.delivery.acker, deadline).await;
+        let acked = !abandoned && ack(&job.delivery.acker).await;
         let _entered = job.span.enter();
         job.span.record("message.result", disposition.as_str());
         if !acked && !abandoned {
             unacknowledged += 1;
-            tracing::debug!("could not acknowledge (channel closed, or the connection blocked)");
+            tracing::debug!("could not acknowledge (channel closed)");
         }
         report(job.kind, &disposition, started);
         results.push(disposition);
@@ -318,7 +317,7 @@ async fn settle(jobs: Vec<Job>, started: Instant) -> Vec<Disposition> {
     if unacknowledged > 0 {
         tracing::warn!(
             messages = unacknowledged,
-            "could not acknowledge messages in time (the channel closed, or the broker blocks the connection); an acknowledgement not sent means a redelivery, which the inbox de-duplicates"
+            "could not acknowledge messages (channel closed); the broker will redeliver them and the inbox will de-duplicate"
         );
     }
     results

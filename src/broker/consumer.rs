@@ -70,6 +70,13 @@ impl Consumer {
         self.channel.status().connected()
     }
 
+    /// True while lapin is recovering the consumer's channel (it will be reopened, with the
+    /// consumer, once its connection is back).
+    pub fn is_recovering(&self) -> bool {
+        let status = self.channel.status();
+        status.reconnecting() || status.initializing()
+    }
+
     /// How many messages the queue holds ready for delivery (a passive declare).
     pub async fn ready(&self) -> Result<u32, BrokerError> {
         ready(&self.channel, &self.queue).await

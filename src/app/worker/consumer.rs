@@ -15,7 +15,6 @@ use lapin::message::Delivery;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::flow::Flow;
 use super::lanes::Lanes;
 use super::watchdog::Watchdog;
 use super::{Shutdown, keep_or_replace};
@@ -42,7 +41,7 @@ pub(super) async fn consume(
     settings: &Settings,
     store: &Store,
     plan: &Shutdown,
-    health: &std::sync::Arc<Health>,
+    health: &Health,
 ) -> anyhow::Result<()> {
     let shared = Shared {
         settings,
@@ -56,7 +55,7 @@ pub(super) async fn consume(
     let mut in_flight: JoinSet<()> = JoinSet::new();
     let mut backoff = Backoff::new(settings);
     let mut current: Option<Broker> = None;
-    let mut flow = Flow::new(Component::Consumer, health.clone());
+    let mut leftover: Option<Consumer> = None;
     let result = loop {
         if plan.stop.is_cancelled() {
             break Ok(());
@@ -71,7 +70,7 @@ pub(super) async fn consume(
                 }
             }
         };
-        match consume_on(&shared, &broker, &mut flow, &mut in_flight).await {
+        match consume_on(&shared, &broker, &mut in_flight, &mut leftover).await {
             Ok(()) => {
                 current = Some(broker);
                 break Ok(());
@@ -88,8 +87,12 @@ pub(super) async fn consume(
                     break Ok(());
                 }
                 current = keep_or_replace(broker, error.is_timeout(), settings, &plan.stop).await;
-                if current.is_none() {
-                    flow.forget();
+                // On the connection kept, the failed consumer's channel is closed before a new
+                // one starts; a connection given up takes its channels with it.
+                if let Some(old) = leftover.take()
+                    && current.is_some()
+                {
+                    close_recovered(old).await;
                 }
             }
             Err(error) => break Err(anyhow::Error::new(error).context("cannot consume")),
@@ -108,8 +111,8 @@ pub(super) async fn consume(
 async fn consume_on(
     shared: &Shared<'_>,
     broker: &Broker,
-    flow: &mut Flow,
     in_flight: &mut JoinSet<()>,
+    leftover: &mut Option<Consumer>,
 ) -> Result<(), BrokerError> {
     let settings = shared.settings;
     if settings.amqp.declare_topology {
@@ -133,15 +136,13 @@ async fn consume_on(
     let mut session = Session {
         shared,
         broker,
-        flow,
-        events: Box::pin(broker.events().chain(futures_lite::stream::pending())),
         watchdog: Watchdog::new(progress, settings.amqp.recovery_timeout()),
         consumer,
         lanes,
         tick: every_second(),
     };
     let ended = session.receive(in_flight).await;
-    session.finish(in_flight, ended).await
+    session.finish(in_flight, ended, leftover).await
 }
 
 fn every_second() -> tokio::time::Interval {
@@ -154,9 +155,6 @@ fn every_second() -> tokio::time::Interval {
 struct Session<'a> {
     shared: &'a Shared<'a>,
     broker: &'a Broker,
-    flow: &'a mut Flow,
-    /// The connection's events (errors, flow control); ends only with the connection.
-    events: futures_lite::stream::Boxed<lapin::Event>,
     consumer: Consumer,
     lanes: Lanes,
     watchdog: Watchdog,
@@ -167,17 +165,22 @@ impl Session<'_> {
     /// Hands deliveries to the lanes until `stop` (`Ok`) or a failure the watchdog, lapin or the
     /// broker reports (`Err`).
     async fn receive(&mut self, in_flight: &mut JoinSet<()>) -> Result<(), BrokerError> {
-        self.flow.observe(self.broker.is_blocked(), None);
+        let mut events = Box::pin(self.broker.events());
         loop {
             while in_flight.try_join_next().is_some() {}
             let next = tokio::select! {
                 next = self.consumer.next() => next,
-                event = self.events.next() => {
-                    on_event(self.flow, event)?;
-                    continue;
-                }
+                event = events.next() => match event {
+                    // Only errors lapin cannot recover from are reported here. The consumer
+                    // was working, so even a channel-level reply (406 when a delivery was held
+                    // past the broker's consumer_timeout) means: start again on a new channel.
+                    Some(lapin::Event::Error(error)) => {
+                        return Err(BrokerError::channel_closed(&error));
+                    }
+                    _ => continue,
+                },
                 _ = self.tick.tick() => {
-                    check(self.flow, &mut self.watchdog, self.broker, &self.consumer, self.shared.health).await?;
+                    self.watchdog.check(self.broker, &self.consumer, self.shared.health).await?;
                     continue;
                 }
                 () = self.shared.stop.cancelled() => return Ok(()),
@@ -212,9 +215,9 @@ impl Session<'_> {
                     }
                     None => false,
                 }),
-                _ = self.tick.tick() => check(self.flow, &mut self.watchdog, self.broker, &self.consumer, self.shared.health).await?,
-                // Heard here too: a lane waiting for the broker to unblock holds this loop.
-                event = self.events.next() => on_event(self.flow, event)?,
+                _ = self.tick.tick() => {
+                    self.watchdog.check(self.broker, &self.consumer, self.shared.health).await?;
+                }
                 () = self.shared.stop.cancelled() => return Ok(false),
             }
         }
@@ -229,6 +232,7 @@ impl Session<'_> {
         self,
         in_flight: &mut JoinSet<()>,
         ended: Result<(), BrokerError>,
+        leftover: &mut Option<Consumer>,
     ) -> Result<(), BrokerError> {
         drop(self.lanes);
         if ended.is_ok() {
@@ -239,41 +243,29 @@ impl Session<'_> {
             }
             join_until(in_flight, self.shared.abandon).await;
         }
-        self.consumer.close().await;
+        match ended {
+            Ok(()) => self.consumer.close().await,
+            // The connection may be being recovered, and lapin recovers the channel with its
+            // consumer: closed now, the close could not go out and the channel would come back
+            // holding up to `prefetch` deliveries that nobody reads (found in the reliability
+            // suite, broker path black-holed: 750 deliveries stuck behind a second consumer).
+            // The caller closes it once the connection is back (`close_recovered`).
+            Err(_) => *leftover = Some(self.consumer),
+        }
         ended
     }
 }
 
-/// A connection event: an error lapin cannot recover from ends the consumer; flow control is
-/// noted.
-fn on_event(flow: &mut Flow, event: Option<lapin::Event>) -> Result<(), BrokerError> {
-    match event {
-        // Only errors lapin cannot recover from are reported here. The consumer was working, so
-        // even a channel-level reply (406 when a delivery was held past the broker's
-        // consumer_timeout) means: start again on a new channel.
-        Some(lapin::Event::Error(error)) => Err(BrokerError::channel_closed(&error)),
-        Some(event) => {
-            flow.event(&event);
-            Ok(())
-        }
-        // Not sent: `Session::events` never ends.
-        None => Ok(()),
+/// Closes the consumer of a failed session on a connection that is up again: waits (at most
+/// ten seconds) for lapin to finish recovering its channel, then closes it, so that its
+/// unacknowledged deliveries go back to the queue. A channel that is closed for good needs
+/// nothing.
+async fn close_recovered(consumer: Consumer) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while consumer.is_recovering() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// The consumer's check every second: flow control (an event missed between sessions is seen in
-/// the connection's status), then the watchdog, which leaves a blocked connection alone.
-async fn check(
-    flow: &mut Flow,
-    watchdog: &mut Watchdog,
-    broker: &Broker,
-    consumer: &Consumer,
-    health: &Health,
-) -> Result<(), BrokerError> {
-    flow.observe(broker.is_blocked(), None);
-    watchdog
-        .check(broker, consumer, health, flow.is_blocked())
-        .await
+    consumer.close().await;
 }
 
 /// Waits for every task of `tasks` to end; once `abandon` fires, gives them a moment to see it

@@ -63,11 +63,6 @@ impl Flow {
         }
     }
 
-    /// True while the connection is blocked, as last seen.
-    pub(super) fn is_blocked(&self) -> bool {
-        self.since.is_some()
-    }
-
     /// Notes a connection event; true when it was about flow control.
     pub(super) fn event(&mut self, event: &lapin::Event) -> bool {
         match event {

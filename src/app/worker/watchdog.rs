@@ -46,14 +46,11 @@ impl Watchdog {
     }
 
     /// `Err` when the consumer should end and start again (on a new channel or connection).
-    /// While the broker `blocked` the connection (flow control) the consumer is not judged
-    /// stalled: nothing can be sent on it, not even the passive declare the judgement needs.
     pub(super) async fn check(
         &mut self,
         broker: &Broker,
         consumer: &Consumer,
         health: &Health,
-        blocked: bool,
     ) -> Result<(), BrokerError> {
         let link = broker.link();
         if link == Link::Down {
@@ -69,10 +66,6 @@ impl Watchdog {
                 .emit();
                 health.set_broker_connected(true);
                 self.last_delivery = tokio::time::Instant::now();
-            }
-            if blocked {
-                self.last_delivery = tokio::time::Instant::now();
-                return Ok(());
             }
             return self.check_stalled(consumer).await;
         }
