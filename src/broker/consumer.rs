@@ -99,24 +99,8 @@ impl Consumer {
 
 /// Acknowledges a delivery. False when the channel is gone (the broker will redeliver it).
 pub async fn ack(acker: &Acker) -> bool {
-    ack_by(acker, settle_deadline()).await
-}
-
-/// When acknowledgements started now must have been sent: [`ack_by`] with one deadline for a
-/// whole batch.
-pub fn settle_deadline() -> tokio::time::Instant {
-    tokio::time::Instant::now() + SETTLE_TIMEOUT
-}
-
-/// Acknowledges a delivery by `deadline`. False when the channel is gone or the deadline passed.
-///
-/// The acknowledgement is queued on the channel even when the deadline has already passed (the
-/// future is polled once first), so a batch whose connection the broker blocks (flow control:
-/// lapin sends nothing until it unblocks) waits for the deadline once, not once per delivery,
-/// and its acknowledgements go out when the alarm clears.
-pub async fn ack_by(acker: &Acker, deadline: tokio::time::Instant) -> bool {
     matches!(
-        tokio::time::timeout_at(deadline, acker.ack(BasicAckOptions::default())).await,
+        tokio::time::timeout(SETTLE_TIMEOUT, acker.ack(BasicAckOptions::default())).await,
         Ok(Ok(true))
     )
 }

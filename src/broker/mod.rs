@@ -19,7 +19,7 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
-pub use consumer::{Consumer, QueueReader, ack, ack_by, ready, requeue, settle_deadline};
+pub use consumer::{Consumer, QueueReader, ack, ready, requeue};
 pub use error::BrokerError;
 pub use publisher::{CONFIRM_TIMEOUT, Outgoing, PendingConfirm, Publisher, json_properties};
 pub use topology::{declare_topology, inbox_arguments, subscribe};

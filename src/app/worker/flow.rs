@@ -63,14 +63,13 @@ impl Flow {
         }
     }
 
-    /// Notes a connection event; true when it was about flow control.
-    pub(super) fn event(&mut self, event: &lapin::Event) -> bool {
+    /// Notes a connection event (only flow control matters here).
+    fn event(&mut self, event: &lapin::Event) {
         match event {
             lapin::Event::ConnectionBlocked(reason) => self.observe(true, Some(reason)),
             lapin::Event::ConnectionUnblocked => self.observe(false, None),
-            _ => return false,
+            _ => {}
         }
-        true
     }
 
     /// Follows `broker`'s events, and its status every second (an event sent before this began
