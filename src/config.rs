@@ -197,6 +197,12 @@ pub struct RelaySettings {
     pub batch_size: i64,
     /// Fallback poll interval.
     pub poll_interval_millis: u64,
+    /// Lanes publish their batch's outcomes on the relay's connection right after the commit,
+    /// instead of waiting for the relay's next round (`app::direct`).
+    pub publish_after_commit: bool,
+    /// How long outcomes a lane will publish itself are left alone by every relay: after that
+    /// (the worker died before it marked them published) any relay publishes them.
+    pub lease_seconds: u64,
 }
 
 /// Overdue sweep settings.
@@ -300,6 +306,12 @@ impl Settings {
         anyhow::ensure!(
             self.relay.batch_size >= 1,
             "relay.batch_size must be at least 1"
+        );
+        // Three times the 10 s a lane waits for its confirms (`app::direct::CONFIRM_BOUND`), so
+        // that a lease does not run out while its lane still waits to mark it.
+        anyhow::ensure!(
+            self.relay.lease_seconds >= 30,
+            "relay.lease_seconds must be at least 30"
         );
         anyhow::ensure!(
             self.sweep.interval_seconds >= 1,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{NOW, bytes, claim, registration, set};
 use induction_reconciler::domain::{Admission, Ledger, Status, Trn};
 use induction_reconciler::messages::{Input, decode};
-use induction_reconciler::store::{BatchItem, Handled, Limits, Store};
+use induction_reconciler::store::{BatchItem, Handled, Limits, Publishing, Store, Written};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::Row;
@@ -85,6 +85,33 @@ async fn apply(store: &Store, messages: &[Value]) -> Vec<Handled> {
         .apply_batch(&items, NOW)
         .await
         .expect("the batch commits")
+}
+
+/// `apply`, for a lane that publishes its own outcomes.
+async fn apply_publishing(
+    store: &Store,
+    messages: &[Value],
+    confirmed: &[i64],
+    lease: bool,
+) -> Written {
+    let inputs: Vec<(Input, [u8; 32])> = messages.iter().map(input).collect();
+    let items: Vec<BatchItem<'_>> = inputs
+        .iter()
+        .map(|(input, digest)| BatchItem {
+            input,
+            digest: *digest,
+            traceparent: None,
+        })
+        .collect();
+    let publishing = Publishing {
+        confirmed,
+        lease_until: lease.then(|| NOW + Duration::from_secs(30)),
+    };
+    let (_, written) = store
+        .apply_batch_publishing(&items, NOW, &publishing)
+        .await
+        .expect("the batch commits");
+    written
 }
 
 /// What the in-memory `Ledger` (the same as `simulate`) gives as each teacher's final status.
@@ -334,6 +361,115 @@ async fn two_relays_claim_disjoint_teachers_and_versions_go_out_in_order() {
     let fourth = db.store.claim_outbox(10, NOW).await.unwrap();
     assert!(fourth.is_empty(), "everything published");
     fourth.complete(&[]).await.unwrap();
+    db.finish().await;
+}
+
+/// A lane's outcomes: leased to it by its write, left alone by the relay until the lane marks
+/// them (with its next write), hands them back, or lets the lease run out; and never leased
+/// while an earlier version of the teacher waits for the relay, so that versions stay in order.
+#[tokio::test]
+async fn a_lane_leases_its_outcomes_and_the_relay_takes_only_what_it_hands_back_or_lets_expire() {
+    let db = Db::new().await;
+    let teacher = |n: u64| format!("100000{n}");
+    let versions = |written: &Written| {
+        written
+            .leased
+            .iter()
+            .map(|l| {
+                let body = serde_json::from_slice::<Value>(&l.row.body).unwrap();
+                (l.trn.clone(), body["version"].as_i64().unwrap())
+            })
+            .collect::<Vec<(String, i64)>>()
+    };
+    let claimed = |batch: &induction_reconciler::store::OutboxBatch| {
+        batch
+            .rows
+            .iter()
+            .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["trn"].clone())
+            .map(|t| t.as_str().unwrap().to_owned())
+            .collect::<Vec<String>>()
+    };
+
+    // Teachers 0 and 1, leased to the lane: the relay leaves them.
+    let first = apply_publishing(
+        &db.store,
+        &[
+            registration(1, "R-0", &teacher(0)),
+            registration(2, "R-1", &teacher(1)),
+        ],
+        &[],
+        true,
+    )
+    .await;
+    assert_eq!(versions(&first), vec![(teacher(0), 1), (teacher(1), 1)]);
+    assert_eq!(first.leased[0].row.routing_key, "outcome.provisional");
+    let batch = db.store.claim_outbox(10, NOW).await.unwrap();
+    assert!(batch.is_empty(), "leased rows are not the relay's");
+    batch.complete(&[]).await.unwrap();
+
+    // The next write marks teacher 0's first version (confirmed) and leases its second.
+    let ids: Vec<i64> = first.leased.iter().map(|l| l.row.id).collect();
+    let second =
+        apply_publishing(&db.store, &[claim(3, "IP-0", &teacher(0))], &ids[..1], true).await;
+    assert_eq!(second.marked, 1);
+    assert_eq!(versions(&second), vec![(teacher(0), 2)]);
+
+    // Teacher 1's version was not confirmed: handed back, the relay takes it.
+    db.store.release_leases(&ids[1..]).await.unwrap();
+    let batch = db.store.claim_outbox(10, NOW).await.unwrap();
+    assert_eq!(claimed(&batch), vec![teacher(1)]);
+    let relayed: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+    assert_eq!(batch.complete(&relayed).await.unwrap(), 1);
+
+    // Teacher 2's first version is the relay's (written without a lease); its second is not
+    // leased either, so that the relay sends both, in order.
+    let third = apply_publishing(
+        &db.store,
+        &[registration(4, "R-2", &teacher(2))],
+        &[],
+        false,
+    )
+    .await;
+    assert!(third.leased.is_empty());
+    let fourth = apply_publishing(&db.store, &[claim(5, "IP-2", &teacher(2))], &[], true).await;
+    assert!(
+        fourth.leased.is_empty(),
+        "an earlier version waits for the relay"
+    );
+    let batch = db.store.claim_outbox(10, NOW).await.unwrap();
+    assert_eq!(claimed(&batch), vec![teacher(2), teacher(2)]);
+    let relayed: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+    assert_eq!(batch.complete(&relayed).await.unwrap(), 2);
+
+    // Teacher 0's second version: the lane never marked it; once its lease ran out the relay
+    // takes it.
+    let batch = db.store.claim_outbox(10, NOW).await.unwrap();
+    assert!(batch.is_empty());
+    batch.complete(&[]).await.unwrap();
+    let later = NOW + Duration::from_secs(31);
+    let batch = db.store.claim_outbox(10, later).await.unwrap();
+    assert_eq!(claimed(&batch), vec![teacher(0)]);
+    let relayed: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+    assert_eq!(batch.complete(&relayed).await.unwrap(), 1);
+
+    // A published row keeps its lease when its lane published it: the mark says who did.
+    let by_lane: Vec<(String, i64)> = sqlx::query_as(
+        "select trn, version from outbox where published_at is not null and lease_until is not null order by trn, version",
+    )
+    .fetch_all(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(by_lane, vec![(teacher(0), 1)]);
+    let pending: i64 = sqlx::query_scalar("select count(*) from outbox where published_at is null")
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(pending, 0, "everything published once");
+    assert_eq!(
+        db.store.mark_published(&ids[..1], NOW).await.unwrap(),
+        0,
+        "already marked"
+    );
     db.finish().await;
 }
 

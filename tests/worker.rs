@@ -392,6 +392,61 @@ async fn an_outcome_committed_but_not_published_goes_out_after_a_restart() {
     app.teardown().await;
 }
 
+/// Outcomes go out from the lane that committed them, right after the commit, in version order
+/// (the outbox row keeps the lease that says so); with `relay.publish_after_commit` off, the
+/// relay publishes them instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_publishes_its_outcomes_after_the_commit_and_the_relay_when_lanes_may_not() {
+    let mut app = TestApp::spawn().await;
+    // Once one outcome is out, the relay has its publisher, which it offers to the lanes.
+    app.publish(&registration(1, "r0", "1000000")).await;
+    assert_eq!(app.next_outcome().await["trn"], "1000000");
+    app.publish(&registration(2, "r1", "1000001")).await;
+    app.publish(&claim(3, "ip1", "1000001")).await;
+    app.publish(&set(
+        claim(4, "ip1", "1000001"),
+        "payload.appropriate_body_id",
+        json!("AB-OTHER"),
+    ))
+    .await;
+    let mut versions = Vec::new();
+    for _ in 0..3 {
+        versions.push(summary(&app.next_outcome().await));
+    }
+    assert_eq!(
+        versions
+            .iter()
+            .map(|v| (v.0.as_str(), v.1))
+            .collect::<Vec<_>>(),
+        [("1000001", 1), ("1000001", 2), ("1000001", 3)]
+    );
+    app.wait_until("select count(*) = 0 from outbox where published_at is null")
+        .await;
+    let by_lane: i64 = sqlx::query_scalar(
+        "select count(*) from outbox where trn = '1000001' and lease_until is not null",
+    )
+    .fetch_one(app.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(by_lane, 3, "published by their lane");
+
+    app.stop_workers().await;
+    app.start_worker_with(|s| s.relay.publish_after_commit = false)
+        .await;
+    app.publish(&registration(5, "r2", "1000002")).await;
+    assert_eq!(app.next_outcome().await["trn"], "1000002");
+    app.wait_until("select count(*) = 0 from outbox where published_at is null")
+        .await;
+    let by_relay: i64 = sqlx::query_scalar(
+        "select count(*) from outbox where trn = '1000002' and lease_until is null",
+    )
+    .fetch_one(app.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(by_relay, 1, "published by the relay");
+    app.teardown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_no_queue_is_bound_for_is_kept_in_the_unrouted_queue() {
     let mut app = TestApp::prepare(|_| {}).await;

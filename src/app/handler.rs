@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
+use super::direct::{DirectPublisher, LaneOutbox};
 use super::retry::Backoff;
 use crate::broker::parking::{ORIGINAL_USER_ID, header_text};
 use crate::broker::{Publisher, ack};
@@ -66,6 +67,8 @@ pub struct Handler {
     pub(crate) abandon: CancellationToken,
     /// Who may publish what (`publishers` settings and the routing keys).
     pub(crate) publishers: std::sync::Arc<Publishers>,
+    /// The relay's publisher, on which lanes publish their own outcomes after each commit.
+    pub(crate) direct: std::sync::Arc<DirectPublisher>,
 }
 
 /// The publisher rules of the settings.
@@ -103,8 +106,13 @@ impl Job {
 
 impl Handler {
     /// Handles a batch of deliveries to the end and acknowledges each (or leaves it for
-    /// redelivery). Returns how each ended, in order.
-    pub async fn handle_batch(&self, deliveries: Vec<Delivery>) -> Vec<Disposition> {
+    /// redelivery); the outcomes it commits are published through `outbox` right after the
+    /// commit when they can be (`app::direct`). Returns how each ended, in order.
+    pub async fn handle_batch(
+        &self,
+        deliveries: Vec<Delivery>,
+        outbox: &mut LaneOutbox,
+    ) -> Vec<Disposition> {
         let started = Instant::now();
         let clock = now();
         let mut jobs: Vec<Job> = deliveries
@@ -113,7 +121,7 @@ impl Handler {
             .collect();
         // Apply what decoded; park what did not (and what the store refused).
         if jobs.iter().any(|job| job.decoded.is_ok()) {
-            self.apply(&mut jobs).await;
+            self.apply(&mut jobs, outbox).await;
         }
         let mut to_park: Vec<&mut Job> = jobs
             .iter_mut()
@@ -137,12 +145,15 @@ impl Handler {
     /// Applies the accepted jobs in one transaction, retrying while the database is unavailable.
     /// If the batch fails for another reason, each job is retried alone, so that one message that
     /// cannot be processed is parked and the others go through.
-    async fn apply(&self, jobs: &mut [Job]) {
+    async fn apply(&self, jobs: &mut [Job], outbox: &mut LaneOutbox) {
         let accepted: Vec<usize> = (0..jobs.len())
             .filter(|&i| jobs[i].decoded.is_ok())
             .collect();
         let alone = accepted.len() == 1;
-        match self.apply_with_retries(jobs, &accepted, alone).await {
+        match self
+            .apply_with_retries(jobs, &accepted, alone, outbox)
+            .await
+        {
             Ok(()) => {}
             Err(error) if alone => self.give_up(&mut jobs[accepted[0]], &error),
             Err(_) => {
@@ -151,7 +162,7 @@ impl Handler {
                     "batch failed; retrying its messages one by one"
                 );
                 for &i in &accepted {
-                    if let Err(error) = self.apply_with_retries(jobs, &[i], true).await {
+                    if let Err(error) = self.apply_with_retries(jobs, &[i], true, outbox).await {
                         self.give_up(&mut jobs[i], &error);
                     }
                 }
@@ -167,12 +178,13 @@ impl Handler {
         jobs: &mut [Job],
         which: &[usize],
         count_failures: bool,
+        outbox: &mut LaneOutbox,
     ) -> Result<(), StoreError> {
         let mut backoff = Backoff::new(&self.settings);
         let mut failures = 0;
         let mut outage_logged = false;
         loop {
-            let error = match self.apply_once(jobs, which).await {
+            let error = match self.apply_once(jobs, which, outbox).await {
                 Ok(()) => {
                     if outage_logged {
                         tracing::info!("database available again");
@@ -202,7 +214,12 @@ impl Handler {
     }
 
     /// One attempt at the batch `which`; on commit, records how each job ended.
-    async fn apply_once(&self, jobs: &mut [Job], which: &[usize]) -> Result<(), StoreError> {
+    async fn apply_once(
+        &self,
+        jobs: &mut [Job],
+        which: &[usize],
+        outbox: &mut LaneOutbox,
+    ) -> Result<(), StoreError> {
         let items: Vec<BatchItem<'_>> = which
             .iter()
             .filter_map(|&i| {
@@ -215,7 +232,13 @@ impl Handler {
             })
             .collect();
         let attempt = Instant::now();
-        let results = self.store.apply_batch(&items, now()).await?;
+        let clock = now();
+        let publishing = outbox.before_write(&self.store, clock).await;
+        let applied = self
+            .store
+            .apply_batch_publishing(&items, clock, &publishing);
+        let (results, written) = applied.await?;
+        outbox.committed(&self.store, written).await;
         tracing::debug!(
             messages = items.len(),
             elapsed_ms = attempt.elapsed().as_millis() as u64,

@@ -5,13 +5,15 @@
 //! recording its effects has committed, or after it has been parked with a broker confirm.
 //!
 //! Reading order: `worker` (the `run` command: supervisor, consumer, lanes, watchdog, relay and
-//! sweep tasks), `handler` (one batch of deliveries), `parking`, `relay`; then the operator
+//! sweep tasks), `handler` (one batch of deliveries), `parking`, `direct` (a lane's outcomes
+//! published after its commit), `relay`; then the operator
 //! commands (`ops`, `parked`, `resync`, `audit` (`verify`), `simulate`, and `progress`,
 //! which they share) and the HTTP endpoint (`http`). `retry` and `connect`
 //! are shared by all of them.
 
 pub mod audit;
 pub mod connect;
+pub mod direct;
 pub mod handler;
 pub mod http;
 pub mod ops;

@@ -68,9 +68,7 @@ pub async fn relay_once(
         }
     }
     let kept = batch.complete(&published).await?;
-    crate::telemetry::metrics::metrics()
-        .published
-        .inc_by(kept as u64);
+    crate::telemetry::metrics::metrics().published_by("relay", kept as u64);
     match failure {
         Some(error) => Err(error.into()),
         None => Ok(kept),

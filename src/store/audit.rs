@@ -10,7 +10,7 @@ use sqlx::Row;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::effects::Effects;
+use super::effects::{Effects, Publishing};
 use super::error::StoreError;
 use super::outbox::OutboxRow;
 use super::{Store, locks, records, teachers};
@@ -144,7 +144,7 @@ impl Store {
             let mut effects = Effects::default();
             effects.outcome(&outcome, "reconciled", &message, None)?;
             effects.teacher(&outcome, &message, last.map_or(0, |l| l.version))?;
-            effects.write(&mut tx, now).await?;
+            effects.write(&mut tx, now, &Publishing::default()).await?;
             tx.commit().await?;
             Ok(Some(outcome.status()))
         })

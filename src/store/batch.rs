@@ -10,11 +10,11 @@ use sqlx::{PgConnection, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::effects::Effects;
+use super::effects::{Effects, Publishing, Written};
 use super::error::StoreError;
 use super::locks::lock_batch;
 use super::{Handled, Store};
-use super::{records, teachers};
+use super::{outbox, records, teachers};
 use crate::domain::{Admission, Ledger, Receipt, RecordKey, Trn, receipt};
 use crate::messages::{Input, OutcomeMessage};
 
@@ -40,11 +40,26 @@ impl Store {
         items: &[BatchItem<'_>],
         now: OffsetDateTime,
     ) -> Result<Vec<Handled>, StoreError> {
+        let (results, _) = self
+            .apply_batch_publishing(items, now, &Publishing::default())
+            .await?;
+        Ok(results)
+    }
+
+    /// [`Store::apply_batch`] for a lane that publishes its own outcomes: the same transaction
+    /// marks the rows of `publishing.confirmed` published and leases the new outcomes the lane
+    /// may publish once it returns (see [`Publishing`]).
+    pub async fn apply_batch_publishing(
+        &self,
+        items: &[BatchItem<'_>],
+        now: OffsetDateTime,
+        publishing: &Publishing<'_>,
+    ) -> Result<(Vec<Handled>, Written), StoreError> {
         self.bounded("a batch", async {
             let mut tx = self.pool().begin().await?;
-            let results = apply_in(&mut tx, items, now).await?;
+            let applied = apply_in(&mut tx, items, now, publishing).await?;
             tx.commit().await?;
-            Ok(results)
+            Ok(applied)
         })
         .await
     }
@@ -54,21 +69,29 @@ async fn apply_in(
     conn: &mut PgConnection,
     items: &[BatchItem<'_>],
     now: OffsetDateTime,
-) -> Result<Vec<Handled>, StoreError> {
+    publishing: &Publishing<'_>,
+) -> Result<(Vec<Handled>, Written), StoreError> {
     let mut results = check_inbox(conn, items, now).await?;
     let to_apply: Vec<usize> = (0..items.len()).filter(|&i| results[i].is_none()).collect();
-    if !to_apply.is_empty() {
+    let written = if to_apply.is_empty() {
+        // Nothing to write (every message a duplicate): the marks still go with this commit.
+        Written {
+            marked: outbox::mark_published(conn, publishing.confirmed, now).await?,
+            leased: Vec::new(),
+        }
+    } else {
         let teachers = lock(conn, items, &to_apply).await?;
         let mut ledger = Ledgered::load(conn, &teachers).await?;
         for &i in &to_apply {
             results[i] = Some(ledger.apply(&items[i], now)?);
         }
-        ledger.finish()?.write(conn, now).await?;
-    }
-    Ok(results
+        ledger.finish()?.write(conn, now, publishing).await?
+    };
+    let results = results
         .into_iter()
         .map(|r| r.expect("every item decided"))
-        .collect())
+        .collect();
+    Ok((results, written))
 }
 
 /// Step 1: inserts the batch's new message ids into the inbox (one round trip) and judges the

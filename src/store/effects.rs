@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::OUTBOX_CHANNEL;
 use super::error::StoreError;
+use super::outbox::OutboxRow;
 use super::records::split_instant;
 use crate::domain::{
     InductionResult, Outcome, Programme, Record, RecordKey, Snapshot, SourceId, Trn,
@@ -23,7 +24,8 @@ type Statement<'q> = Query<'q, Postgres, PgArguments>;
 /// `Effects::write` binds them (registrations `$2..$13`, claims `$14..$25`, teachers
 /// `$26..$32`, outbox `$33..$38`, history `$39..$48`, stale `$49`); `$50` the relay's channel;
 /// `$51` and `$52` the origins of the registrations and of the claims (added with the origin
-/// columns, after the rest, so that no placeholder moved).
+/// columns, after the rest, so that no placeholder moved); `$53` the outbox rows to mark
+/// published and `$54` the lease of the new ones ([`Publishing`]).
 const WRITE: &str = "with
  reg as (
    insert into registrations (registration_id, trn, school_urn, started_on, finished_on, appropriate_body_id,
@@ -59,13 +61,20 @@ const WRITE: &str = "with
      last_outcome = excluded.last_outcome, updated_at = excluded.updated_at
    where teachers.version = (select y.prev from unnest($26::text[], $32::int8[]) as y(t, prev) where y.t = teachers.trn)
    returning 1),
+ mrk as (
+   update outbox set published_at = $1
+   where id = any($53::int8[]) and published_at is null
+   returning trn),
  obx as (
-   insert into outbox (outcome_id, trn, version, routing_key, body, traceparent, created_at)
-   select x.i, x.t, x.v, x.k, x.b, x.p, $1
+   insert into outbox (outcome_id, trn, version, routing_key, body, traceparent, created_at, lease_until)
+   select x.i, x.t, x.v, x.k, x.b, x.p, $1,
+     case when $54::timestamptz is not null and not exists (
+       select 1 from outbox e where e.trn = x.t and e.published_at is null and e.id <> all($53::int8[])
+     ) then $54::timestamptz end
    from unnest($33::uuid[], $34::text[], $35::int8[], $36::text[], $37::bytea[], $38::text[])
        with ordinality as x(i, t, v, k, b, p, n)
    order by x.n
-   returning 1),
+   returning id, outcome_id, lease_until is not null as leased),
  his as (
    insert into history (trn, at, event, message_id, message_type, record_kind, record_id, outcome_id, version, status,
        published_by)
@@ -78,7 +87,12 @@ const WRITE: &str = "with
  select (select count(*) from tch) as teachers,
         (select count(*) from obx) as outcomes,
         (select count(*) from reg) + (select count(*) from ip) + (select count(*) from his) + (select count(*) from stl) as other,
-        case when (select count(*) from obx) > 0 then pg_notify($50, '') end as notified";
+        (select count(*) from mrk) as marked,
+        (select coalesce(array_agg(id order by id), '{}') from obx where leased) as leased_ids,
+        (select coalesce(array_agg(outcome_id order by id), '{}') from obx where leased) as leased_outcomes,
+        case when exists (select 1 from obx where not leased)
+               or exists (select 1 from mrk join outbox o on o.trn = mrk.trn and o.published_at is null and o.lease_until is null)
+             then pg_notify($50, '') end as notified";
 
 /// Everything one transaction writes.
 #[derive(Default)]
@@ -130,14 +144,22 @@ impl Effects {
     }
 
     /// Writes everything in one statement. Fails (and so rolls the transaction back) if a
-    /// teacher's stored version was not the one the caller read under its lock.
+    /// teacher's stored version was not the one the caller read under its lock. With
+    /// `publishing`, it also marks what the caller's lane published before, and leases the new
+    /// outcomes the lane may publish itself; it returns those.
     pub(super) async fn write(
         mut self,
         conn: &mut PgConnection,
         now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
+        publishing: &Publishing<'_>,
+    ) -> Result<Written, StoreError> {
         let expected_teachers = self.teachers.trn.len() as i64;
         let origins = self.records.take_origins();
+        // What a lane may publish itself, kept for it before the columns are bound.
+        let candidates = match publishing.lease_until {
+            Some(_) => self.outbox.rows(now),
+            None => Vec::new(),
+        };
         let statement = sqlx::query(WRITE).bind(now);
         let statement = self.records.bind(statement);
         let statement = self.teachers.bind(statement);
@@ -148,6 +170,8 @@ impl Effects {
             .bind(OUTBOX_CHANNEL)
             .bind(origins.0)
             .bind(origins.1)
+            .bind(publishing.confirmed)
+            .bind(publishing.lease_until)
             .fetch_one(&mut *conn)
             .await?;
         let written: i64 = row.try_get("teachers")?;
@@ -156,8 +180,55 @@ impl Effects {
                 "a teacher's version did not follow on from the one read under its lock",
             ));
         }
-        Ok(())
+        let ids: Vec<i64> = row.try_get("leased_ids")?;
+        let outcome_ids: Vec<Uuid> = row.try_get("leased_outcomes")?;
+        let mut by_outcome: std::collections::HashMap<Uuid, i64> =
+            outcome_ids.into_iter().zip(ids).collect();
+        // In the order written, which is each teacher's versions in order.
+        let leased = candidates
+            .into_iter()
+            .filter_map(|mut leased| {
+                leased.row.id = by_outcome.remove(&leased.row.outcome_id)?;
+                Some(leased)
+            })
+            .collect();
+        Ok(Written {
+            marked: row.try_get::<i64, _>("marked")? as u64,
+            leased,
+        })
     }
+}
+
+/// What a lane that publishes its own outcomes asks of a write (see the `outbox.lease_until`
+/// migration). The default asks nothing: the outcomes are the relay's.
+#[derive(Debug, Clone, Default)]
+pub struct Publishing<'a> {
+    /// Outbox rows the lane published before and the broker confirmed: marked published by the
+    /// same statement (which wakes the relay if one of their teachers has later versions waiting
+    /// for it: another lane's, after a record moved between teachers).
+    pub confirmed: &'a [i64],
+    /// Lease the new outcomes until then, for the lane to publish after the commit, except a
+    /// teacher's whose earlier outcomes are not all published (or among `confirmed`): those go
+    /// to the relay, which keeps each teacher's versions in order.
+    pub lease_until: Option<OffsetDateTime>,
+}
+
+/// What a write did for a lane that publishes its own outcomes.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// Rows of `Publishing::confirmed` marked published now (others were already).
+    pub marked: u64,
+    /// The new outcomes leased to the lane, each teacher's versions in order.
+    pub leased: Vec<LeasedOutcome>,
+}
+
+/// An outcome leased to the lane that wrote it.
+#[derive(Debug, Clone)]
+pub struct LeasedOutcome {
+    /// The row, as the relay would publish it.
+    pub row: OutboxRow,
+    /// Its teacher.
+    pub trn: String,
 }
 
 /// The latest snapshots of registrations and claims, as columns.
@@ -352,6 +423,24 @@ impl OutboxColumns {
             .push(serde_json::to_vec(message).map_err(|e| StoreError::corrupt(e.to_string()))?);
         self.traceparent.push(traceparent);
         Ok(())
+    }
+
+    /// The rows as the relay would read them back (their ids are not known yet), created at
+    /// `now`.
+    fn rows(&self, now: OffsetDateTime) -> Vec<LeasedOutcome> {
+        (0..self.id.len())
+            .map(|i| LeasedOutcome {
+                row: OutboxRow {
+                    id: 0,
+                    outcome_id: self.id[i],
+                    routing_key: self.key[i].clone(),
+                    body: self.body[i].clone(),
+                    traceparent: self.traceparent[i].clone(),
+                    created_at: now,
+                },
+                trn: self.trn[i].clone(),
+            })
+            .collect()
     }
 
     /// Binds `$33..$38`.

@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 pub use audit::{AuditRecord, Published, ResyncFilter, TeacherState};
 pub use batch::BatchItem;
+pub use effects::{LeasedOutcome, Publishing, Written};
 pub use error::StoreError;
 pub use outbox::{OutboxBatch, OutboxRow, OutboxStatus};
 pub use teachers::{Explanation, HistoryEntry};
@@ -227,7 +228,7 @@ impl Store {
         let mut effects = Effects::default();
         effects.outcome(&outcome, "swept", &message, None)?;
         effects.teacher(&outcome, &message, last.version)?;
-        effects.write(&mut tx, now).await?;
+        effects.write(&mut tx, now, &Publishing::default()).await?;
         tx.commit().await?;
         Ok(true)
     }

@@ -113,7 +113,8 @@ impl super::Store {
     /// order even with several relays), with each such teacher's later unpublished versions, so
     /// that a teacher whose batch emitted several goes out in one round. No other relay can
     /// claim those later versions: they are not the lowest while the lowest is unpublished in
-    /// its snapshot.
+    /// its snapshot. Rows a lane holds leased are left to it until the lease runs out at `now`
+    /// (and a teacher's later versions with them: they are not the lowest either).
     pub async fn claim_outbox(
         &self,
         limit: i64,
@@ -126,6 +127,7 @@ impl super::Store {
                    select o.id, o.trn
                    from outbox o
                    where o.published_at is null
+                     and (o.lease_until is null or o.lease_until <= $2)
                      and not exists (select 1 from outbox e where e.trn = o.trn and e.published_at is null and e.version < o.version)
                    order by o.id
                    limit $1
@@ -134,11 +136,12 @@ impl super::Store {
                    select o.id
                    from outbox o
                    where o.published_at is null
+                     and (o.lease_until is null or o.lease_until <= $2)
                      and o.trn in (select trn from lowest)
                      and o.id not in (select id from lowest)
                    for update
                  ), claimed as (
-                   update outbox set published_at = $2
+                   update outbox set published_at = $2, lease_until = null
                    where id in (select id from lowest union all select id from later)
                    returning id, outcome_id, trn, version, routing_key, body, traceparent, created_at
                  )
@@ -164,6 +167,41 @@ impl super::Store {
         .await
     }
 
+    /// Marks published the rows a lane published itself and the broker confirmed, in a
+    /// transaction of their own (a lane with nothing more to write). Returns how many were
+    /// still unpublished.
+    pub async fn mark_published(
+        &self,
+        ids: &[i64],
+        now: OffsetDateTime,
+    ) -> Result<u64, StoreError> {
+        self.bounded("the outbox marks", async {
+            let mut conn = self.pool().acquire().await?;
+            mark_published(&mut conn, ids, now).await
+        })
+        .await
+    }
+
+    /// Hands rows a lane leased but could not publish to the relay: clears their lease and
+    /// wakes the relay.
+    pub async fn release_leases(&self, ids: &[i64]) -> Result<(), StoreError> {
+        self.bounded("the outbox leases", async {
+            sqlx::query(
+                "with released as (
+                   update outbox set lease_until = null
+                   where id = any($1) and published_at is null
+                   returning 1)
+                 select case when exists (select 1 from released) then pg_notify($2, '') end",
+            )
+            .bind(ids)
+            .bind(super::OUTBOX_CHANNEL)
+            .execute(self.pool())
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
     /// The outbox at a glance.
     pub async fn outbox_status(&self) -> Result<OutboxStatus, StoreError> {
         let query = sqlx::query(
@@ -184,4 +222,33 @@ impl super::Store {
             published: row.try_get("published")?,
         })
     }
+}
+
+/// Marks rows a lane published published on `conn` (their lease stays, as the sign that their
+/// lane published them), waking the relay if one of their teachers has later versions waiting
+/// for it. Returns how many were still unpublished; none are touched when `ids` is empty.
+pub(super) async fn mark_published(
+    conn: &mut sqlx::PgConnection,
+    ids: &[i64],
+    now: OffsetDateTime,
+) -> Result<u64, StoreError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let row = sqlx::query(
+        "with mrk as (
+           update outbox set published_at = $2 where id = any($1) and published_at is null
+           returning trn)
+         select (select count(*) from mrk) as marked,
+                case when exists (
+                  select 1 from mrk join outbox o on o.trn = mrk.trn and o.published_at is null and o.lease_until is null
+                ) then pg_notify($3, '') end as notified",
+    )
+    .bind(ids)
+    .bind(now)
+    .bind(super::OUTBOX_CHANNEL)
+    .fetch_one(&mut *conn)
+    .await?;
+    let marked: i64 = row.try_get("marked")?;
+    Ok(marked as u64)
 }

@@ -34,6 +34,13 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// Who published an outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByLabel {
+    /// `lane` or `relay`.
+    pub by: String,
+}
+
 /// A single label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ComponentLabel {
@@ -48,8 +55,9 @@ pub struct Metrics {
     pub consumed: Family<ConsumedLabels, Counter>,
     /// Outcomes written to the outbox, by status.
     pub emitted: Family<StatusLabel, Counter>,
-    /// Outcomes published with a confirm.
-    pub published: Counter,
+    /// Outcomes published with a confirm, by who published them: `lane` (right after the
+    /// commit) or `relay`.
+    pub published: Family<ByLabel, Counter>,
     /// Messages parked, by reason.
     pub parked: Family<ReasonLabel, Counter>,
     /// Seconds from delivery to acknowledgement.
@@ -88,6 +96,10 @@ impl Metrics {
                 component: component.into(),
             });
         }
+        let published = Family::<ByLabel, Counter>::default();
+        for by in ["lane", "relay"] {
+            let _ = published.get_or_create(&ByLabel { by: by.into() });
+        }
         let not_ready = Family::<ReasonLabel, Gauge>::default();
         for reason in [
             "database_unreachable",
@@ -115,8 +127,8 @@ impl Metrics {
             published: register(
                 &mut r,
                 "outcomes_published",
-                "Outcomes published and confirmed by the broker",
-                Counter::default(),
+                "Outcomes published and confirmed by the broker, by who published them (lane or relay)",
+                published,
             ),
             parked: register(
                 &mut r,
@@ -192,6 +204,13 @@ impl Metrics {
             ),
             registry: r,
         }
+    }
+
+    /// Counts outcomes published by `by` (`lane` or `relay`).
+    pub fn published_by(&self, by: &str, outcomes: u64) {
+        self.published
+            .get_or_create(&ByLabel { by: by.into() })
+            .inc_by(outcomes);
     }
 
     /// The metrics in the Prometheus text format.

@@ -8,6 +8,7 @@
 //! consumer on it; when the connection does not come back in that time, the worker gives it up
 //! (see [`Broker::retire`]) and opens a new one.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::StreamExt;
@@ -19,6 +20,7 @@ use super::lanes::Lanes;
 use super::watchdog::Watchdog;
 use super::{Shutdown, keep_or_replace};
 use crate::app::connect;
+use crate::app::direct::DirectPublisher;
 use crate::app::handler::Handler;
 use crate::app::http::Health;
 use crate::app::retry::Backoff;
@@ -34,6 +36,7 @@ struct Shared<'a> {
     stop: &'a CancellationToken,
     abandon: &'a CancellationToken,
     health: &'a Health,
+    direct: &'a Arc<DirectPublisher>,
 }
 
 /// Consumes until `plan.stop`; then waits for in-flight deliveries (until `plan.abandon`).
@@ -42,6 +45,7 @@ pub(super) async fn consume(
     store: &Store,
     plan: &Shutdown,
     health: &Health,
+    direct: &Arc<DirectPublisher>,
 ) -> anyhow::Result<()> {
     let shared = Shared {
         settings,
@@ -49,6 +53,7 @@ pub(super) async fn consume(
         stop: &plan.stop,
         abandon: &plan.abandon,
         health,
+        direct,
     };
     // Lanes of every consumer this worker started; those of a failed one finish (their
     // acknowledgements fail and the broker redelivers) while the next one runs.
@@ -130,6 +135,7 @@ async fn consume_on(
         settings: settings.clone(),
         abandon: shared.abandon.clone(),
         publishers: std::sync::Arc::new(crate::app::handler::publishers(settings)),
+        direct: shared.direct.clone(),
     };
     let progress = shared.health.progress();
     let lanes = Lanes::start(&handler, settings, progress.clone(), in_flight);

@@ -8,6 +8,7 @@ use lapin::message::Delivery;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::app::direct::{LaneOutbox, MARK_IDLE};
 use crate::app::handler::Handler;
 use crate::app::http::Progress;
 use crate::config::Settings;
@@ -59,6 +60,8 @@ fn lane_of(body: &[u8], lanes: usize) -> usize {
 
 /// A lane: takes what is waiting (up to the batch size, after lingering if configured) and
 /// applies it as one batch, one batch at a time, until its sender is dropped and it is empty.
+/// The outcomes a batch committed and published are marked by the next batch's write, or after
+/// [`MARK_IDLE`] with no next batch, and before the lane ends.
 async fn lane(
     handler: Handler,
     mut deliveries: mpsc::Receiver<Delivery>,
@@ -66,12 +69,23 @@ async fn lane(
     linger: Duration,
     progress: Arc<Progress>,
 ) {
-    while let Some(first) = deliveries.recv().await {
+    let mut outbox = LaneOutbox::new(handler.direct.clone());
+    loop {
+        let unmarked = !outbox.is_idle();
+        let first = tokio::select! {
+            first = deliveries.recv() => first,
+            () = tokio::time::sleep(MARK_IDLE), if unmarked => {
+                outbox.flush(&handler.store).await;
+                continue;
+            }
+        };
+        let Some(first) = first else { break };
         let batch = take_batch(first, &mut deliveries, batch_size, linger).await;
         let taken = batch.len();
-        handler.handle_batch(batch).await;
+        handler.handle_batch(batch, &mut outbox).await;
         progress.finished(taken);
     }
+    outbox.flush(&handler.store).await;
 }
 
 /// `first` and whatever else is waiting, up to `batch_size`, waiting at most `linger` for more.

@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::connect;
+use super::direct::DirectPublisher;
 use super::http::{self, Health};
 use crate::broker::Broker;
 use crate::config::Settings;
@@ -103,11 +104,14 @@ async fn run_until_drained(settings: &Settings, plan: &Shutdown) -> anyhow::Resu
     let drained = CancellationToken::new();
     let mut background = JoinSet::new();
     let health = Health::new(store.clone(), settings);
+    // The relay offers its publisher to the lanes, which publish their own outcomes on it.
+    let direct = DirectPublisher::new(settings);
     if settings.relay.enabled {
         background.spawn(relaying::relay_task(
             settings.clone(),
             store.clone(),
             health.clone(),
+            direct.clone(),
             drained.clone(),
             plan.abandon.clone(),
         ));
@@ -123,7 +127,7 @@ async fn run_until_drained(settings: &Settings, plan: &Shutdown) -> anyhow::Resu
         serve_http(settings, &health, &plan.stop, &mut background);
     }
 
-    let consumed = consumer::consume(settings, &store, plan, &health).await;
+    let consumed = consumer::consume(settings, &store, plan, &health, &direct).await;
     if consumed.is_err() {
         // The consumer has failed for good: end everything else too, so that the process
         // exits with the error (for the orchestrator to restart) instead of serving health

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::flow::Flow;
 use super::keep_or_replace;
 use crate::app::connect;
+use crate::app::direct::DirectPublisher;
 use crate::app::http::Health;
 use crate::app::relay;
 use crate::app::retry::Backoff;
@@ -24,6 +25,7 @@ pub(super) async fn relay_task(
     settings: Settings,
     store: Store,
     health: Arc<Health>,
+    direct: Arc<DirectPublisher>,
     drained: CancellationToken,
     abandon: CancellationToken,
 ) {
@@ -44,11 +46,13 @@ pub(super) async fn relay_task(
                 }
             }
         };
-        let relaying = relay_on(&settings, &store, &broker, &drained, &abandon);
+        let relaying = relay_on(&settings, &store, &broker, &direct, &drained, &abandon);
         let ended = tokio::select! {
             ended = relaying => ended,
             never = flow.follow(&broker) => match never {},
         };
+        // Until the relay has a publisher again, lanes leave their outcomes to it.
+        direct.offer(None);
         let (error, timed_out) = match ended {
             Ok(publisher) => {
                 last = Some((broker, publisher));
@@ -90,6 +94,7 @@ async fn relay_on(
     settings: &Settings,
     store: &Store,
     broker: &Broker,
+    direct: &DirectPublisher,
     drained: &CancellationToken,
     abandon: &CancellationToken,
 ) -> Result<Publisher, Interrupted> {
@@ -97,6 +102,7 @@ async fn relay_on(
         .publisher()
         .await
         .map_err(|error| (None, error.to_string(), error.is_timeout()))?;
+    direct.offer(Some(publisher.clone()));
     relay::relay_until(
         store,
         &publisher,
