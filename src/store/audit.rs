@@ -91,8 +91,7 @@ impl Store {
             .bind(limit)
             .fetch_all(&mut *tx)
             .await?;
-            let snapshots = records::for_teachers(&mut tx, &trns).await?;
-            let last = teachers::last_outcomes(&mut tx, &trns).await?;
+            let (snapshots, last) = records::held_by_teachers(&mut tx, &trns).await?;
             tx.commit().await?;
 
             let mut states = std::collections::BTreeMap::new();

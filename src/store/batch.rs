@@ -14,7 +14,7 @@ use super::effects::{Effects, Publishing, Written};
 use super::error::StoreError;
 use super::locks::lock_batch;
 use super::{Handled, Store};
-use super::{outbox, records, teachers};
+use super::{outbox, records};
 use crate::domain::{Admission, Ledger, Receipt, RecordKey, Trn, receipt};
 use crate::messages::{Input, OutcomeMessage};
 
@@ -223,8 +223,7 @@ struct Ledgered {
 impl Ledgered {
     async fn load(conn: &mut PgConnection, teachers: &BTreeSet<Trn>) -> Result<Self, StoreError> {
         let trns: Vec<String> = teachers.iter().map(|t| t.as_str().to_owned()).collect();
-        let snapshots = records::for_teachers(conn, &trns).await?;
-        let last = teachers::last_outcomes(conn, &trns).await?;
+        let (snapshots, last) = records::held_by_teachers(conn, &trns).await?;
         let previous_versions = last.iter().map(|o| (o.trn.clone(), o.version)).collect();
         Ok(Self {
             ledger: Ledger::seeded(snapshots, last),

@@ -38,23 +38,11 @@ pub async fn last_outcome(
         .transpose()
 }
 
-/// The last outcomes emitted for any of the teachers, read back into the domain.
-pub async fn last_outcomes(
-    conn: &mut PgConnection,
-    trns: &[String],
-) -> Result<Vec<Outcome>, StoreError> {
-    let stored: Vec<Json<OutcomeMessage>> =
-        sqlx::query_scalar("select last_outcome from teachers where trn = any($1)")
-            .bind(trns)
-            .fetch_all(&mut *conn)
-            .await?;
+/// A stored last outcome, read back into the domain.
+pub(super) fn outcome_from_json(Json(stored): Json<OutcomeMessage>) -> Result<Outcome, StoreError> {
     stored
-        .into_iter()
-        .map(|Json(m)| {
-            m.to_domain()
-                .map_err(|e| StoreError::corrupt(e.to_string()))
-        })
-        .collect()
+        .to_domain()
+        .map_err(|e| StoreError::corrupt(e.to_string()))
 }
 
 /// One line of a teacher's history.
