@@ -12,10 +12,10 @@ use uuid::Uuid;
 
 use super::effects::{Effects, Publishing, Written};
 use super::error::StoreError;
-use super::locks::lock_batch;
+use super::locks::lock_and_load;
+use super::outbox;
 use super::{Handled, Store};
-use super::{outbox, records};
-use crate::domain::{Admission, Ledger, Receipt, RecordKey, Trn, receipt};
+use crate::domain::{Admission, Ledger, Outcome, Receipt, RecordKey, Snapshot, Trn, receipt};
 use crate::messages::{Input, OutcomeMessage};
 
 /// One message of a batch.
@@ -80,8 +80,8 @@ async fn apply_in(
             leased: Vec::new(),
         }
     } else {
-        let teachers = lock(conn, items, &to_apply).await?;
-        let mut ledger = Ledgered::load(conn, &teachers).await?;
+        let (snapshots, last) = lock(conn, items, &to_apply).await?;
+        let mut ledger = Ledgered::seeded(snapshots, last);
         for &i in &to_apply {
             results[i] = Some(ledger.apply(&items[i], now)?);
         }
@@ -191,13 +191,14 @@ fn digest_of(stored: &[u8]) -> Result<[u8; 32], StoreError> {
 }
 
 /// Step 2: locks the records of the messages to apply, then every teacher they can touch (each
-/// snapshot's TRN and the TRN its record counts for now), in one round trip. Every writer of a
-/// record holds the record's lock, so once it is held the record cannot move or appear under us.
+/// snapshot's TRN and the TRN its record counts for now), and reads what those teachers hold
+/// (their records' snapshots and last outcomes), in one round trip. Every writer of a record
+/// holds the record's lock, so once it is held the record cannot move or appear under us.
 async fn lock(
     conn: &mut PgConnection,
     items: &[BatchItem<'_>],
     to_apply: &[usize],
-) -> Result<BTreeSet<Trn>, StoreError> {
+) -> Result<(Vec<Snapshot>, Vec<Outcome>), StoreError> {
     let keys: Vec<RecordKey> = to_apply
         .iter()
         .map(|&i| items[i].input.snapshot.record.key())
@@ -206,7 +207,7 @@ async fn lock(
         .iter()
         .map(|&i| items[i].input.snapshot.record.trn().clone())
         .collect();
-    lock_batch(conn, &keys, &snapshot_trns).await
+    lock_and_load(conn, &keys, &snapshot_trns).await
 }
 
 /// Step 3: a ledger seeded with what the locked teachers hold, the messages applied to it in
@@ -221,17 +222,15 @@ struct Ledgered {
 }
 
 impl Ledgered {
-    async fn load(conn: &mut PgConnection, teachers: &BTreeSet<Trn>) -> Result<Self, StoreError> {
-        let trns: Vec<String> = teachers.iter().map(|t| t.as_str().to_owned()).collect();
-        let (snapshots, last) = records::held_by_teachers(conn, &trns).await?;
+    fn seeded(snapshots: Vec<Snapshot>, last: Vec<Outcome>) -> Self {
         let previous_versions = last.iter().map(|o| (o.trn.clone(), o.version)).collect();
-        Ok(Self {
+        Self {
             ledger: Ledger::seeded(snapshots, last),
             previous_versions,
             changed: BTreeSet::new(),
             last: BTreeMap::new(),
             effects: Effects::default(),
-        })
+        }
     }
 
     fn apply(&mut self, item: &BatchItem<'_>, now: OffsetDateTime) -> Result<Handled, StoreError> {

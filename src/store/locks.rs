@@ -1,26 +1,30 @@
 //! The two kinds of transaction-scoped advisory lock (ARCHITECTURE.md, "Concurrency"), always
 //! taken in this order: every record a batch carries a snapshot of, then every teacher it
 //! touches, each kind in ascending key order, so that transactions cannot deadlock. A batch
-//! takes both kinds in one round trip (`lock_batch`, a SQL function); a single teacher's
-//! operations (`verify --emit`, the sweep) take only the teacher's.
+//! takes both kinds, and reads what its teachers hold, in one round trip (`lock_and_load`, a
+//! SQL function); a single teacher's operations (`verify --emit`, the sweep) take only the
+//! teacher's.
 
 use std::collections::BTreeSet;
 
 use sqlx::PgConnection;
 
 use super::error::StoreError;
-use crate::domain::{RecordKey, Trn};
+use super::records;
+use crate::domain::{Outcome, RecordKey, Snapshot, Trn};
 
-/// Locks a batch in one round trip (the SQL function `lock_batch`): the records' advisory locks
-/// (class 1, keyed by a hash of kind and id; a hash collision only makes two records share a
-/// lock), then every teacher the batch touches: the TRN of each snapshot (`snapshot_trns`) and
-/// the TRN each record counts for now, read under the records' locks so that it cannot change
-/// before the teachers are locked. Returns those teachers.
-pub(super) async fn lock_batch(
+/// Locks a batch and reads what its teachers hold, in one round trip (the SQL function
+/// `lock_and_load`, which calls `lock_batch`): the records' advisory locks (class 1, keyed by a
+/// hash of kind and id; a hash collision only makes two records share a lock), then every
+/// teacher the batch touches: the TRN of each snapshot (`snapshot_trns`) and the TRN each record
+/// counts for now, read under the records' locks so that it cannot change before the teachers
+/// are locked. Returns, read under those locks, the held snapshots of every record that counts
+/// for one of those teachers and their last outcomes.
+pub(super) async fn lock_and_load(
     conn: &mut PgConnection,
     keys: &[RecordKey],
     snapshot_trns: &BTreeSet<Trn>,
-) -> Result<BTreeSet<Trn>, StoreError> {
+) -> Result<(Vec<Snapshot>, Vec<Outcome>), StoreError> {
     let names: Vec<String> = keys
         .iter()
         .map(|k| format!("{}:{}", k.kind(), k.id()))
@@ -31,20 +35,14 @@ pub(super) async fn lock_batch(
             .map(|k| k.id().as_str())
             .collect()
     };
-    let locked: Vec<i32> = sqlx::query_scalar("select lock_batch($1, $2, $3, $4)")
+    let rows = sqlx::query("select * from lock_and_load($1, $2, $3, $4)")
         .bind(names)
         .bind(ids(true))
         .bind(ids(false))
         .bind(snapshot_trns.iter().map(trn_key).collect::<Vec<i32>>())
-        .fetch_one(&mut *conn)
+        .fetch_all(&mut *conn)
         .await?;
-    locked
-        .into_iter()
-        .map(|key| {
-            Trn::parse(&format!("{key:07}"))
-                .ok_or_else(|| StoreError::corrupt("a stored TRN is invalid"))
-        })
-        .collect()
+    records::held_from_rows(&rows)
 }
 
 /// A teacher's lock key: its TRN as a number (seven digits fit an `int4`).

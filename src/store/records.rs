@@ -100,9 +100,17 @@ pub async fn held_by_teachers(
     .bind(trns)
     .fetch_all(&mut *conn)
     .await?;
+    held_from_rows(&rows)
+}
+
+/// The rows of [`held_by_teachers`] (and of the SQL function `lock_and_load`, which has the
+/// same shape), read back.
+pub(super) fn held_from_rows(
+    rows: &[PgRow],
+) -> Result<(Vec<Snapshot>, Vec<crate::domain::Outcome>), StoreError> {
     let mut snapshots = Vec::new();
     let mut last = Vec::new();
-    for row in &rows {
+    for row in rows {
         match row.try_get::<&str, _>("kind")? {
             "registration" => snapshots.push(registration_from_row(row)?),
             "claim" => snapshots.push(claim_from_row(row)?),
