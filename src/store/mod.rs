@@ -106,8 +106,14 @@ impl Store {
         let port = options.get_port();
         let bound = limits.operation_timeout.as_millis().max(1).to_string();
         // Server-side: end a session idle in a transaction (its client gone) and notice a dead
-        // client socket, so that locks held by a vanished worker are released.
+        // client socket, so that locks held by a vanished worker are released. Every statement
+        // is planned for its own arguments and the tables as they are now: a generic plan made
+        // while a table was small (a new database, before autovacuum's first ANALYZE) kept
+        // sequential scans of the inbox and the record tables as they grew, which more than
+        // halved throughput and tripled latency after a backlog (issue 15, ARCHITECTURE
+        // decision 25).
         let options = options.application_name("induction-reconciler").options([
+            ("plan_cache_mode", "force_custom_plan"),
             ("idle_in_transaction_session_timeout", bound.as_str()),
             ("tcp_keepalives_idle", "10"),
             ("tcp_keepalives_interval", "5"),
