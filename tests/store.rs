@@ -71,16 +71,21 @@ fn input(message: &Value) -> (Input, [u8; 32]) {
     (decoded, Sha256::digest(&body).into())
 }
 
-async fn apply(store: &Store, messages: &[Value]) -> Vec<Handled> {
-    let inputs: Vec<(Input, [u8; 32])> = messages.iter().map(input).collect();
-    let items: Vec<BatchItem<'_>> = inputs
+/// The decoded messages as the items of a batch.
+fn items(inputs: &[(Input, [u8; 32])]) -> Vec<BatchItem<'_>> {
+    inputs
         .iter()
         .map(|(input, digest)| BatchItem {
             input,
             digest: *digest,
             traceparent: None,
         })
-        .collect();
+        .collect()
+}
+
+async fn apply(store: &Store, messages: &[Value]) -> Vec<Handled> {
+    let inputs: Vec<(Input, [u8; 32])> = messages.iter().map(input).collect();
+    let items = items(&inputs);
     store
         .apply_batch(&items, NOW)
         .await
@@ -95,14 +100,7 @@ async fn apply_publishing(
     lease: bool,
 ) -> Written {
     let inputs: Vec<(Input, [u8; 32])> = messages.iter().map(input).collect();
-    let items: Vec<BatchItem<'_>> = inputs
-        .iter()
-        .map(|(input, digest)| BatchItem {
-            input,
-            digest: *digest,
-            traceparent: None,
-        })
-        .collect();
+    let items = items(&inputs);
     let publishing = Publishing {
         confirmed,
         lease_until: lease.then(|| NOW + Duration::from_secs(30)),
