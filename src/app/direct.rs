@@ -151,18 +151,15 @@ impl LaneOutbox {
         }
     }
 
-    /// With nothing more to write: waits for the confirms and marks what was confirmed, in a
-    /// transaction of its own. What cannot be marked stays leased, and goes to the relay when
+    /// With nothing more to write: waits for the confirms and marks what was confirmed (at
+    /// `now`), in a transaction of its own. What cannot be marked stays leased, and goes to the relay when
     /// its lease runs out (it may then be published twice).
-    pub async fn flush(&mut self, store: &Store) {
+    pub async fn flush(&mut self, store: &Store, now: OffsetDateTime) {
         self.settle(store).await;
         if self.confirmed.is_empty() {
             return;
         }
-        match store
-            .mark_published(&self.confirmed, crate::app::handler::now())
-            .await
-        {
+        match store.mark_published(&self.confirmed, now).await {
             Ok(marked) => {
                 crate::telemetry::metrics::metrics().published_by("lane", marked);
                 self.confirmed.clear();

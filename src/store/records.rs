@@ -1,6 +1,7 @@
 //! Reading and writing the latest snapshot of each source record.
 
 use sqlx::postgres::PgRow;
+use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -114,12 +115,19 @@ pub(super) fn held_from_rows(
         match row.try_get::<&str, _>("kind")? {
             "registration" => snapshots.push(registration_from_row(row)?),
             "claim" => snapshots.push(claim_from_row(row)?),
-            _ => last.push(super::teachers::outcome_from_json(
-                row.try_get("last_outcome")?,
-            )?),
+            _ => last.push(outcome_from_json(row.try_get("last_outcome")?)?),
         }
     }
     Ok((snapshots, last))
+}
+
+/// A stored last outcome, read back into the domain.
+fn outcome_from_json(
+    Json(stored): Json<crate::messages::OutcomeMessage>,
+) -> Result<crate::domain::Outcome, StoreError> {
+    stored
+        .to_domain()
+        .map_err(|e| StoreError::corrupt(e.to_string()))
 }
 
 fn corrupt(what: &str) -> StoreError {

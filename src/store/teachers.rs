@@ -38,13 +38,6 @@ pub async fn last_outcome(
         .transpose()
 }
 
-/// A stored last outcome, read back into the domain.
-pub(super) fn outcome_from_json(Json(stored): Json<OutcomeMessage>) -> Result<Outcome, StoreError> {
-    stored
-        .to_domain()
-        .map_err(|e| StoreError::corrupt(e.to_string()))
-}
-
 /// One line of a teacher's history.
 #[derive(Debug, Clone)]
 pub struct HistoryEntry {

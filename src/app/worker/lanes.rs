@@ -75,7 +75,7 @@ async fn lane(
         let first = tokio::select! {
             first = deliveries.recv() => first,
             () = tokio::time::sleep(MARK_IDLE), if unmarked => {
-                outbox.flush(&handler.store).await;
+                outbox.flush(&handler.store, crate::app::handler::now()).await;
                 continue;
             }
         };
@@ -85,7 +85,9 @@ async fn lane(
         handler.handle_batch(batch, &mut outbox).await;
         progress.finished(taken);
     }
-    outbox.flush(&handler.store).await;
+    outbox
+        .flush(&handler.store, crate::app::handler::now())
+        .await;
 }
 
 /// `first` and whatever else is waiting, up to `batch_size`, waiting at most `linger` for more.
