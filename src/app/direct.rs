@@ -52,17 +52,19 @@ impl DirectPublisher {
 
     /// The relay's publisher (its own channel on its connection), or `None` once it failed.
     pub fn offer(&self, publisher: Option<Publisher>) {
-        *self.current.lock().expect("not poisoned") = publisher;
+        // Nothing of lapin's runs under the lock, not even the drop of the old publisher: lapin
+        // takes locks of its own there, which its I/O thread may hold while it waits for a task
+        // of this runtime, and a runtime thread blocked on this lock could not run that task.
+        let old = std::mem::replace(&mut *self.current.lock().expect("not poisoned"), publisher);
+        drop(old);
     }
 
     /// The publisher, if lanes may publish on it now: offered, open, not blocked.
     fn usable(&self) -> Option<Publisher> {
         self.lease?;
-        let current = self.current.lock().expect("not poisoned");
-        current
-            .as_ref()
-            .filter(|p| p.is_open() && !p.is_blocked())
-            .cloned()
+        // Cloned under the lock, judged after it (see `offer`).
+        let current = self.current.lock().expect("not poisoned").clone();
+        current.filter(|p| p.is_open() && !p.is_blocked())
     }
 }
 
