@@ -253,7 +253,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry)?;
     crate::telemetry::install_crypto_provider();
+    // At least four runtime threads, whatever the cores. lapin's I/O thread reads its socket
+    // through this runtime's I/O driver, and tasks here read lapin's statuses under locks that
+    // thread also takes; with one runtime thread per core on a two-core host, two such tasks
+    // blocked at once may leave nothing to drive it. A hang of that shape (every task silent,
+    // lapin's heartbeat lost 20 s later) was seen once in the reliability suite; this makes
+    // it need four (docs/RELIABILITY.md).
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get().max(4));
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
