@@ -253,13 +253,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry)?;
     crate::telemetry::install_crypto_provider();
-    // At least four runtime threads, whatever the cores. lapin's I/O thread reads its socket
+    // At least three runtime threads, whatever the cores. lapin's I/O thread reads its socket
     // through this runtime's I/O driver, and tasks here read lapin's statuses under locks that
     // thread also takes; with one runtime thread per core on a two-core host, two such tasks
     // blocked at once may leave nothing to drive it. A hang of that shape (every task silent,
-    // lapin's heartbeat lost 20 s later) was seen once in the reliability suite; this makes
-    // it need four (docs/RELIABILITY.md).
-    let threads = std::thread::available_parallelism().map_or(4, |n| n.get().max(4));
+    // lapin's heartbeat lost 20 s later) was seen once in the reliability suite. Four threads
+    // cost 5 ms of median latency at 1,000 msg/s on two cores; three cost none measurable
+    // (docs/RELIABILITY.md, docs/PERFORMANCE.md).
+    let threads = std::thread::available_parallelism().map_or(3, |n| n.get().max(3));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
