@@ -29,7 +29,7 @@ use crate::store::{LeasedOutcome, Publishing, Store, Written};
 pub const MARK_IDLE: Duration = Duration::from_millis(50);
 
 /// How long a lane waits for the broker to confirm what it sent, before handing it back to the
-/// relay. Shorter than any lease (the settings require a lease of at least twice this).
+/// relay. Shorter than any lease (the settings require a lease of at least three times this).
 pub const CONFIRM_BOUND: Duration = Duration::from_secs(10);
 
 /// The relay's current publisher, offered to the lanes.
@@ -53,8 +53,9 @@ impl DirectPublisher {
     /// The relay's publisher (its own channel on its connection), or `None` once it failed.
     pub fn offer(&self, publisher: Option<Publisher>) {
         // Nothing of lapin's runs under the lock, not even the drop of the old publisher: lapin
-        // takes locks of its own there, which its I/O thread may hold while it waits for a task
-        // of this runtime, and a runtime thread blocked on this lock could not run that task.
+        // takes locks of its own there that its I/O thread also takes, and every lane waiting
+        // on this lock behind one stuck there would hold a runtime thread (docs/RELIABILITY.md,
+        // the consumer_timeout hang).
         let old = std::mem::replace(&mut *self.current.lock().expect("not poisoned"), publisher);
         drop(old);
     }
