@@ -163,15 +163,12 @@ impl LaneOutbox {
             return;
         }
         match store.mark_published(&self.confirmed, now).await {
-            Ok(marked) => {
-                crate::telemetry::metrics::metrics().published_by("lane", marked);
-                self.confirmed.clear();
-            }
+            Ok(marked) => crate::telemetry::metrics::metrics().published_by("lane", marked),
             Err(error) => {
                 tracing::warn!(error = %error, outcomes = self.confirmed.len(), "could not mark published outcomes; the relay will publish them again once their lease runs out");
-                self.confirmed.clear();
             }
         }
+        self.confirmed.clear();
     }
 
     /// Waits for every confirm (within [`CONFIRM_BOUND`] for them all) and sorts the rows into

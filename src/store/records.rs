@@ -76,36 +76,20 @@ pub async fn for_teachers(
 }
 
 /// What the teachers hold, in one round trip: the held snapshots of every record that counts
-/// for any of them (as [`for_teachers`]) and their last outcomes (`teachers.last_outcome`), as
-/// rows of one shape told apart by `kind`.
+/// for any of them (as [`for_teachers`]) and their last outcomes (`teachers.last_outcome`): the
+/// SQL function `held_by`, whose rows of one shape are told apart by `kind`.
 pub async fn held_by_teachers(
     conn: &mut PgConnection,
     trns: &[String],
 ) -> Result<(Vec<Snapshot>, Vec<crate::domain::Outcome>), StoreError> {
-    let rows = sqlx::query(
-        "select 'registration' as kind, registration_id, null::text as induction_period_id, trn,
-                school_urn, started_on, finished_on, appropriate_body_id, training_programme,
-                lead_provider_id, null::int2 as number_of_terms_tenths, null::text as outcome,
-                deleted, occurred_at, occurred_at_ns, message_id, origin, null::jsonb as last_outcome
-         from registrations where trn = any($1)
-         union all
-         select 'claim', null, induction_period_id, trn, null, started_on, finished_on,
-                appropriate_body_id, training_programme, null, number_of_terms_tenths, outcome,
-                deleted, occurred_at, occurred_at_ns, message_id, origin, null
-         from induction_periods where trn = any($1)
-         union all
-         select 'teacher', null, null, trn, null, null, null, null, null, null, null, null, null,
-                null, null, null, null, last_outcome
-         from teachers where trn = any($1)",
-    )
-    .bind(trns)
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows = sqlx::query("select * from held_by($1)")
+        .bind(trns)
+        .fetch_all(&mut *conn)
+        .await?;
     held_from_rows(&rows)
 }
 
-/// The rows of [`held_by_teachers`] (and of the SQL function `lock_and_load`, which has the
-/// same shape), read back.
+/// Rows of the SQL type `held_row` (from `held_by` and `lock_and_load`), read back.
 pub(super) fn held_from_rows(
     rows: &[PgRow],
 ) -> Result<(Vec<Snapshot>, Vec<crate::domain::Outcome>), StoreError> {
