@@ -20,7 +20,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use super::relay::outcome_properties;
-use crate::broker::{PendingConfirm, Publisher};
+use crate::broker::{Outgoing, PendingConfirm, Publisher};
 use crate::config::Settings;
 use crate::store::{LeasedOutcome, Publishing, Store, Written};
 
@@ -129,23 +129,20 @@ impl LaneOutbox {
             release(store, &ids).await;
             return;
         };
-        let mut failed = false;
-        for LeasedOutcome { row, trn } in written.leased {
-            // After a failed send the channel is broken: the rest are not tried.
-            let confirm = if failed {
-                Err(())
-            } else {
-                let sending = publisher.send(
-                    &self.direct.exchange,
-                    &row.routing_key,
-                    &row.body,
-                    outcome_properties(&row),
-                );
-                sending.await.map_err(|error| {
-                    tracing::debug!(error = %error, "could not publish an outcome after its commit; the relay will");
-                    failed = true;
-                })
-            };
+        let messages = written
+            .leased
+            .iter()
+            .map(|LeasedOutcome { row, .. }| Outgoing {
+                exchange: &self.direct.exchange,
+                routing_key: &row.routing_key,
+                body: &row.body,
+                properties: outcome_properties(row),
+            });
+        let sent = publisher.send_all(messages).await;
+        for (LeasedOutcome { row, trn }, confirm) in written.leased.into_iter().zip(sent) {
+            let confirm = confirm.map_err(|error| {
+                tracing::debug!(error = %error, "could not publish an outcome after its commit; the relay will");
+            });
             self.sent.push(Sent {
                 id: row.id,
                 trn,
