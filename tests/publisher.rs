@@ -1,0 +1,131 @@
+//! Publishing a batch at once (`Publisher::send_all`, `Publisher::publish_all`) on the machine's
+//! RabbitMQ: every message arrives, in the order given (a teacher's versions must), each with a
+//! result of its own; on a closed channel each fails, and none is left waiting.
+
+mod common;
+
+use std::time::Duration;
+
+use common::app::amqp_url;
+use induction_reconciler::broker::{Broker, Outgoing, json_properties};
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use secrecy::SecretString;
+
+/// More than futures' `join_all` polls in order without its `FuturesOrdered` (30).
+const MESSAGES: usize = 500;
+
+async fn broker() -> Broker {
+    Broker::connect(&SecretString::from(amqp_url()), "publisher test")
+        .await
+        .expect("the machine's RabbitMQ")
+}
+
+/// A fresh queue of its own, deleted at the end.
+async fn queue(broker: &Broker) -> String {
+    let name = format!("ir-publisher-test-{}", uuid::Uuid::new_v4().simple());
+    let channel = broker.channel().await.unwrap();
+    channel
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    name
+}
+
+async fn drain(broker: &Broker, queue: &str) -> Vec<Vec<u8>> {
+    let channel = broker.channel().await.unwrap();
+    let mut bodies = Vec::new();
+    while let Some(m) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        bodies.push(m.delivery.data);
+    }
+    channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    bodies
+}
+
+fn bodies() -> Vec<Vec<u8>> {
+    (0..MESSAGES)
+        .map(|i| format!("{{\"n\":{i}}}").into_bytes())
+        .collect()
+}
+
+fn outgoing<'a>(queue: &'a str, bodies: &'a [Vec<u8>]) -> impl Iterator<Item = Outgoing<'a>> {
+    bodies.iter().map(move |body| Outgoing {
+        exchange: "",
+        routing_key: queue,
+        body,
+        properties: json_properties("", FieldTable::default()),
+    })
+}
+
+#[tokio::test]
+async fn a_batch_published_at_once_arrives_whole_and_in_order_each_confirmed() {
+    let broker = broker().await;
+    let queue = queue(&broker).await;
+    let publisher = broker.publisher().await.unwrap();
+    let sent = bodies();
+
+    let results = tokio::time::timeout(
+        Duration::from_secs(60),
+        publisher.publish_all(outgoing(&queue, &sent)),
+    )
+    .await
+    .expect("confirmed within 60 s");
+    assert_eq!(results.len(), MESSAGES);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    // Unroutable is an error of its own message only.
+    let mut mixed = bodies();
+    mixed.truncate(3);
+    let mut messages: Vec<Outgoing<'_>> = outgoing(&queue, &mixed).collect();
+    messages[1].routing_key = "ir-publisher-test-no-such-queue";
+    let results = publisher.publish_all(messages).await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    let unroutable = results[1]
+        .as_ref()
+        .expect_err("an unroutable message is refused");
+    assert!(
+        unroutable.to_string().contains("no queue is bound"),
+        "{unroutable}"
+    );
+
+    let received = drain(&broker, &queue).await;
+    let mut expected = sent.clone();
+    expected.push(mixed[0].clone());
+    expected.push(mixed[2].clone());
+    assert_eq!(received.len(), expected.len());
+    assert!(received == expected, "the messages arrived out of order");
+    broker.close().await;
+}
+
+#[tokio::test]
+async fn on_a_closed_channel_every_message_of_a_batch_fails_at_once() {
+    let broker = broker().await;
+    let queue = queue(&broker).await;
+    let publisher = broker.publisher().await.unwrap();
+    publisher
+        .channel()
+        .close(200, "closed by the test".into())
+        .await
+        .unwrap();
+    let sent = bodies();
+    let results = tokio::time::timeout(
+        Duration::from_secs(5),
+        publisher.send_all(outgoing(&queue, &sent)),
+    )
+    .await
+    .expect("no send waits on a closed channel");
+    assert_eq!(results.len(), MESSAGES);
+    assert!(results.iter().all(Result::is_err));
+    assert!(drain(&broker, &queue).await.is_empty());
+    broker.close().await;
+}
