@@ -1,15 +1,20 @@
 //! Publishing a batch at once (`Publisher::send_all`, `Publisher::publish_all`) on the machine's
 //! RabbitMQ: every message arrives, in the order given (a teacher's versions must), each with a
-//! result of its own; on a closed channel each fails, and none is left waiting.
+//! result of its own, also while tasks on other threads publish on the same channel; on a closed
+//! channel each fails, and none is left waiting.
 
 mod common;
 
 use std::time::Duration;
 
 use common::app::amqp_url;
+use futures_lite::StreamExt;
 use induction_reconciler::broker::{Broker, Outgoing, json_properties};
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use secrecy::SecretString;
 
 /// More than futures' `join_all` polls in order without its `FuturesOrdered` (30).
@@ -127,5 +132,111 @@ async fn on_a_closed_channel_every_message_of_a_batch_fails_at_once() {
     assert_eq!(results.len(), MESSAGES);
     assert!(results.iter().all(Result::is_err));
     assert!(drain(&broker, &queue).await.is_empty());
+    broker.close().await;
+}
+
+/// The lanes and the relay publish on one channel from different threads. Into a queue that
+/// holds at most a few messages and refuses more (`reject-publish`: a nack) while a consumer
+/// empties it, so that acks and nacks alternate: every message confirmed must be in it, and none
+/// refused. If two sends took their delivery tags in one order and reached the broker in the
+/// other, each would get the other's confirm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_sent_from_many_threads_on_one_channel_each_get_their_own_confirm() {
+    const TASKS: usize = 8;
+    const EACH: usize = 300;
+    let broker = broker().await;
+    let name = format!("ir-publisher-test-{}", uuid::Uuid::new_v4().simple());
+    let mut arguments = FieldTable::default();
+    arguments.insert(ShortString::from("x-max-length"), AMQPValue::LongInt(20));
+    arguments.insert(
+        ShortString::from("x-overflow"),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    let channel = broker.channel().await.unwrap();
+    channel
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions::default(),
+            arguments,
+        )
+        .await
+        .unwrap();
+    // A slow consumer (about 1,000 a second), so that the queue fills and empties again.
+    channel
+        .basic_qos(5, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            name.as_str().into(),
+            "publisher-test".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let received = tokio::spawn(async move {
+        let mut bodies = std::collections::HashSet::new();
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_secs(3), consumer.next()).await
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+            bodies.insert(delivery.data);
+        }
+        bodies
+    });
+    let publisher = broker.publisher().await.unwrap();
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let publisher = publisher.clone();
+        let queue = name.clone();
+        tasks.push(tokio::spawn(async move {
+            let bodies: Vec<Vec<u8>> = (0..EACH)
+                .map(|i| format!("{{\"task\":{task},\"n\":{i}}}").into_bytes())
+                .collect();
+            let mut results = Vec::new();
+            for chunk in bodies.chunks(10) {
+                let sent = publisher.publish_all(outgoing(&queue, chunk)).await;
+                results.extend(
+                    chunk
+                        .iter()
+                        .cloned()
+                        .zip(sent.into_iter().map(|r| r.is_ok())),
+                );
+            }
+            results
+        }));
+    }
+    let mut confirmed = std::collections::HashSet::new();
+    let mut refused = 0;
+    for task in tasks {
+        for (body, ok) in task.await.unwrap() {
+            if ok {
+                confirmed.insert(body);
+            } else {
+                refused += 1;
+            }
+        }
+    }
+    let received = received.await.unwrap();
+    assert!(
+        refused > 0 && !confirmed.is_empty(),
+        "the test needs both confirms and refusals: {} confirmed, {refused} refused",
+        confirmed.len()
+    );
+    let lost: Vec<_> = confirmed.difference(&received).collect();
+    let unconfirmed: Vec<_> = received.difference(&confirmed).collect();
+    assert!(
+        lost.is_empty() && unconfirmed.is_empty(),
+        "{} confirmed but not in the queue, {} in the queue but refused ({} confirmed, {refused} refused)",
+        lost.len(),
+        unconfirmed.len(),
+        confirmed.len()
+    );
+    channel
+        .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
     broker.close().await;
 }

@@ -137,6 +137,7 @@ impl Broker {
             channel,
             user: self.user.clone(),
             flow: self.connection.status().clone(),
+            queueing: std::sync::Arc::default(),
         })
     }
 

@@ -21,6 +21,9 @@ pub struct Publisher {
     pub(super) user: std::sync::Arc<str>,
     /// The connection's status, which says whether the broker blocks it (flow control).
     pub(super) flow: lapin::ConnectionStatus,
+    /// Held while a message takes its delivery tag and queues its frames (see
+    /// [`Publisher::send`]); shared by every clone, as the channel is.
+    pub(super) queueing: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 /// One message to publish.
@@ -156,7 +159,7 @@ impl Publisher {
         if self.is_blocked() {
             return Err(BrokerError::blocked("a message to be sent"));
         }
-        let confirm = bounded(
+        let mut publishing = std::pin::pin!(bounded(
             "a message to be sent",
             self.channel.basic_publish(
                 exchange.into(),
@@ -170,8 +173,24 @@ impl Publisher {
                     .with_delivery_mode(2)
                     .with_user_id(self.user.as_ref().into()),
             ),
-        )
-        .await?;
+        ));
+        // lapin takes the delivery tag its confirm will carry, and then queues the frames, under
+        // two locks of its own, both on this first poll. Tasks on other threads share this
+        // channel (the lanes and the relay): without one lock around both steps, two messages
+        // could reach the broker in the other order than their tags, and each would get the
+        // other's confirm, a nack or a return included. Nothing in there waits.
+        let first = std::future::poll_fn(|cx| {
+            let _queueing = self
+                .queueing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::task::Poll::Ready(publishing.as_mut().poll(cx))
+        })
+        .await;
+        let confirm = match first {
+            std::task::Poll::Ready(sent) => sent?,
+            std::task::Poll::Pending => publishing.await?,
+        };
         Ok(PendingConfirm {
             confirm,
             channel: self.channel.clone(),
