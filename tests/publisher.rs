@@ -26,16 +26,17 @@ async fn broker() -> Broker {
         .expect("the machine's RabbitMQ")
 }
 
-/// A fresh queue of its own, deleted at the end.
-async fn queue(broker: &Broker) -> String {
+/// A fresh queue of the test's own: exclusive to its connection, so that the broker deletes it
+/// when the test ends, however it ends.
+async fn queue(broker: &Broker, arguments: FieldTable) -> String {
     let name = format!("ir-publisher-test-{}", uuid::Uuid::new_v4().simple());
     let channel = broker.channel().await.unwrap();
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        ..QueueDeclareOptions::default()
+    };
     channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
+        .queue_declare(name.as_str().into(), options, arguments)
         .await
         .unwrap();
     name
@@ -76,7 +77,7 @@ fn outgoing<'a>(queue: &'a str, bodies: &'a [Vec<u8>]) -> impl Iterator<Item = O
 #[tokio::test]
 async fn a_batch_published_at_once_arrives_whole_and_in_order_each_confirmed() {
     let broker = broker().await;
-    let queue = queue(&broker).await;
+    let queue = queue(&broker, FieldTable::default()).await;
     let publisher = broker.publisher().await.unwrap();
     let sent = bodies();
 
@@ -115,7 +116,7 @@ async fn a_batch_published_at_once_arrives_whole_and_in_order_each_confirmed() {
 #[tokio::test]
 async fn on_a_closed_channel_every_message_of_a_batch_fails_at_once() {
     let broker = broker().await;
-    let queue = queue(&broker).await;
+    let queue = queue(&broker, FieldTable::default()).await;
     let publisher = broker.publisher().await.unwrap();
     publisher
         .channel()
@@ -145,22 +146,14 @@ async fn messages_sent_from_many_threads_on_one_channel_each_get_their_own_confi
     const TASKS: usize = 8;
     const EACH: usize = 300;
     let broker = broker().await;
-    let name = format!("ir-publisher-test-{}", uuid::Uuid::new_v4().simple());
     let mut arguments = FieldTable::default();
     arguments.insert(ShortString::from("x-max-length"), AMQPValue::LongInt(20));
     arguments.insert(
         ShortString::from("x-overflow"),
         AMQPValue::LongString("reject-publish".into()),
     );
+    let name = queue(&broker, arguments).await;
     let channel = broker.channel().await.unwrap();
-    channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions::default(),
-            arguments,
-        )
-        .await
-        .unwrap();
     // A slow consumer (about 1,000 a second), so that the queue fills and empties again.
     channel
         .basic_qos(5, BasicQosOptions::default())

@@ -625,7 +625,7 @@ impl Harness {
             let received = self.outcomes.lock().await.len() as i64;
             let mut input = None;
             if inbox >= expected && pending == 0 && received >= outbox {
-                input = self.input_queue_messages().await;
+                input = self.input_queue_messages();
                 if input == Some(0) {
                     let settled = Instant::now();
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -642,31 +642,19 @@ impl Harness {
 
     /// How many messages the input queue holds, ready or unacknowledged, as the client's node
     /// says (`None` when it does not answer).
-    async fn input_queue_messages(&self) -> Option<u64> {
-        let listing = tokio::process::Command::new("timeout")
-            .args([
-                "60",
-                "rabbitmqctl",
-                "-n",
-                self.node(self.client_node).name(),
-            ])
-            .args([
-                "list_queues",
-                "name",
-                "messages",
-                "--no-table-headers",
-                "--quiet",
-            ])
-            .output()
-            .await
-            .ok()?;
+    fn input_queue_messages(&self) -> Option<u64> {
+        let listing = self.node(self.client_node).query(&[
+            "list_queues",
+            "name",
+            "messages",
+            "--no-table-headers",
+            "--quiet",
+        ]);
         let queue = self.topology.inbox_queue.as_str();
-        String::from_utf8_lossy(&listing.stdout)
-            .lines()
-            .find_map(|line| {
-                let mut fields = line.split_whitespace();
-                (fields.next() == Some(queue)).then(|| fields.next()?.parse().ok())?
-            })
+        listing.lines().find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next() == Some(queue)).then(|| fields.next()?.parse().ok())?
+        })
     }
 
     /// Polls worker 0's `/readyz` and `/livez` every 250 ms until the sampling stops: every
