@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use common::workload::{Generated, generate, seed_registrations};
-use figures::{RunFigures, figures, report};
+use figures::{AckFrames, RunFigures, figures, report};
 use futures_lite::StreamExt;
 use induction_reconciler::broker::{
     Broker, Publisher, declare_topology, json_properties, subscribe,
@@ -78,6 +78,11 @@ struct BenchOptions {
     /// Keep the throwaway database and queues.
     #[arg(long)]
     keep: bool,
+    /// The worker binary to measure instead of this build's (say, an earlier commit's, copied
+    /// aside), so that two builds can be alternated in the same hour with one target folder.
+    /// Its migrations must be this build's.
+    #[arg(long, value_name = "PATH")]
+    worker: Option<std::path::PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -115,6 +120,8 @@ struct Rig {
     /// publishes the stream).
     outcome_broker: Broker,
     worker: tokio::process::Child,
+    /// The worker's HTTP port (metrics).
+    worker_port: u16,
 }
 
 async fn bench(mut options: BenchOptions) -> anyhow::Result<()> {
@@ -131,6 +138,7 @@ async fn bench(mut options: BenchOptions) -> anyhow::Result<()> {
     let arrivals = rig.collect_outcomes().await?;
     let full_stream = generate(options.messages, options.teachers, FIRST_TRN, 1);
     let full = rig.timed_run(&full_stream, None, &arrivals).await?;
+    let ack_frames = rig.ack_frames().await;
     let rated = match options.rate {
         0 => None,
         rate => {
@@ -148,7 +156,7 @@ async fn bench(mut options: BenchOptions) -> anyhow::Result<()> {
         ),
     };
     rig.finish(options.keep).await;
-    report(&options, &full, rated.as_ref(), raw, rss_kib);
+    report(&options, &full, rated.as_ref(), raw, rss_kib, ack_frames);
     Ok(())
 }
 
@@ -180,7 +188,11 @@ impl Rig {
         let publisher = broker.publisher().await?;
         let outcome_broker =
             Broker::connect(&amqp_url, "induction-reconciler bench outcomes").await?;
-        let worker = start_worker(&db_name, &topology).await?;
+        let binary = options
+            .worker
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from(WORKER));
+        let (worker, worker_port) = start_worker(&binary, &db_name, &topology).await?;
         Ok(Self {
             id,
             db_name,
@@ -191,6 +203,7 @@ impl Rig {
             publisher,
             outcome_broker,
             worker,
+            worker_port,
         })
     }
 
@@ -268,9 +281,13 @@ impl Rig {
 }
 
 /// The worker, as operators run it, on the rig's database and topology; once it is ready.
-async fn start_worker(db_name: &str, t: &Topology) -> anyhow::Result<tokio::process::Child> {
+async fn start_worker(
+    binary: &std::path::Path,
+    db_name: &str,
+    t: &Topology,
+) -> anyhow::Result<(tokio::process::Child, u16)> {
     let port = common::free_port();
-    let worker = tokio::process::Command::new(WORKER)
+    let worker = tokio::process::Command::new(binary)
         .args(["run", "--no-declare"])
         .env("DATABASE_URL", common::database_url(db_name))
         .env("AMQP_URL", common::app::amqp_url())
@@ -289,7 +306,7 @@ async fn start_worker(db_name: &str, t: &Topology) -> anyhow::Result<tokio::proc
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .context("cannot start the worker")?;
+        .with_context(|| format!("cannot start the worker {}", binary.display()))?;
     let ready_by = Instant::now() + Duration::from_secs(60);
     while common::http_get(port, "/readyz")
         .await
@@ -299,10 +316,27 @@ async fn start_worker(db_name: &str, t: &Topology) -> anyhow::Result<tokio::proc
         anyhow::ensure!(Instant::now() < ready_by, "the worker did not become ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(worker)
+    Ok((worker, port))
 }
 
 impl Rig {
+    /// The acknowledgement frames the worker has sent so far, from its metrics: ranges and
+    /// single ones (none from a worker older than the metric).
+    async fn ack_frames(&self) -> Option<AckFrames> {
+        let (_, text) = common::http_get(self.worker_port, "/metrics").await?;
+        let count = |kind: &str| {
+            let name =
+                format!("induction_reconciler_acknowledgements_sent_total{{kind=\"{kind}\"}} ");
+            text.lines()
+                .find_map(|line| line.strip_prefix(name.as_str()))
+                .and_then(|value| value.trim().parse::<f64>().ok())
+        };
+        Some(AckFrames {
+            ranges: count("range")?,
+            single: count("single")?,
+        })
+    }
+
     /// Publishes a stream (at `rate` per second, or as fast as confirms allow) and waits until
     /// every valid message is in the inbox, every outcome is published, and the consumer has them
     /// all.

@@ -114,6 +114,9 @@ pub struct AmqpSettings {
     pub batch_size: usize,
     /// How long a batch waits for more deliveries after its first, in milliseconds.
     pub batch_linger_millis: u64,
+    /// How long a settled delivery may wait for the ones before it (held by other lanes) to be
+    /// acknowledged with them in one range, in milliseconds; then it is acknowledged alone.
+    pub ack_hold_millis: u64,
     /// Declare topology at start.
     pub declare_topology: bool,
     /// How long to wait for lapin's automatic recovery of a lost connection (or of a channel
@@ -126,6 +129,11 @@ pub struct AmqpSettings {
 pub const FAILOVER_AFTER: Duration = Duration::from_secs(10);
 
 impl AmqpSettings {
+    /// `ack_hold_millis`.
+    pub fn ack_hold(&self) -> Duration {
+        Duration::from_millis(self.ack_hold_millis)
+    }
+
     /// How long to wait for lapin to recover a lost connection before giving it up: the
     /// `recovery_timeout_seconds`, or [`FAILOVER_AFTER`] if shorter and there are other nodes to
     /// go to.

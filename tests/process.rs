@@ -258,3 +258,123 @@ async fn a_consumer_that_fails_for_good_ends_the_process() {
     assert!(stderr.contains("cannot consume"), "{stderr}");
     app.teardown().await;
 }
+
+/// A worker process that is killed when the test ends, however it ends: a stray worker on the
+/// shared broker would consume the next run's messages.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Ready and unacknowledged messages of a queue on the local broker, from `rabbitmqctl`.
+fn queue_counts(queue: &str) -> (u64, u64) {
+    let output = std::process::Command::new("timeout")
+        .args([
+            "60",
+            "rabbitmqctl",
+            "-q",
+            "list_queues",
+            "name",
+            "messages_ready",
+        ])
+        .arg("messages_unacknowledged")
+        .output()
+        .expect("rabbitmqctl");
+    assert!(output.status.success(), "rabbitmqctl list_queues failed");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields[..] {
+                [name, ready, unacked] if name == queue => {
+                    Some((ready.parse().ok()?, unacked.parse().ok()?))
+                }
+                _ => None,
+            }
+        })
+        .unwrap_or_else(|| panic!("rabbitmqctl does not list {queue}"))
+}
+
+/// A backlog taken by three lanes at once is acknowledged in ranges (one `basic.ack` with
+/// `multiple` for a run of settled deliveries, ARCHITECTURE decision 29) while the worker runs,
+/// not only when it stops; nothing is left unacknowledged, and nothing comes back after a stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_acknowledged_in_ranges_while_the_worker_runs() {
+    let app = TestApp::prepare(|_| {}).await;
+    let total = 900_u64;
+    for n in 0..total {
+        let trn = format!("{}", 3_100_000 + n % 300);
+        app.publish(&registration(n, &format!("r{n}"), &trn)).await;
+    }
+    let port = common::free_port();
+    let mut worker = Running(
+        command(&app.settings, &["run"])
+            .env("INDUCTION__AMQP__CONCURRENCY", "3")
+            .env("INDUCTION__HTTP__ENABLED", "true")
+            .env("INDUCTION__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    app.wait_for_inbox(total as i64).await;
+
+    let queue = app.settings.topology.inbox_queue.as_str().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ready, unacked) = queue_counts(&queue);
+        if ready == 0 && unacked == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ready} ready and {unacked} unacknowledged 10 s after every message was processed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, metrics) = common::http_get(port, "/metrics")
+        .await
+        .expect("the worker serves /metrics");
+    let frames = |kind: &str| {
+        common::sample(
+            &metrics,
+            &format!("induction_reconciler_acknowledgements_sent_total{{kind=\"{kind}\"}}"),
+        )
+    };
+    let (ranges, single) = (frames("range"), frames("single"));
+    assert!(ranges >= 1.0, "no range acknowledgement");
+    // One frame a delivery would be 900; three lanes with batches of hundreds need a few dozen.
+    assert!(
+        ranges + single <= (total / 10) as f64,
+        "{ranges} range and {single} single acknowledgement frames for {total} deliveries"
+    );
+    // A tag acknowledged twice, or one the broker no longer holds, closes the channel, and the
+    // broker redelivers what it held: the worker would see those again as duplicates.
+    let redelivered: f64 = metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("induction_reconciler_messages_consumed_total{")
+                && line.contains("result=\"duplicate\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(redelivered, 0.0, "deliveries seen twice");
+
+    // A graceful stop sends nothing back: every delivery was acknowledged once, none twice
+    // (a second acknowledgement of a tag would have closed the channel and redelivered).
+    assert_eq!(unsafe { libc_kill(worker.0.id() as i32, 15) }, 0);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = wait_with_timeout(&mut worker.0, PATIENCE);
+        (status, worker)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(queue_counts(&queue), (0, 0));
+    app.teardown().await;
+}

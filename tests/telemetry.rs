@@ -7,8 +7,8 @@ use common::http_get as get;
 use std::time::Duration;
 
 use common::app::{PATIENCE, TestApp, header};
-use common::free_port;
 use common::{bytes, registration, set};
+use common::{free_port, sample};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use opentelemetry::trace::TracerProvider as _;
@@ -29,16 +29,6 @@ async fn wait_for_status(port: u16, path: &str, status: u16) -> String {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// The value of a sample line such as `name{labels} 3`.
-fn sample(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{metrics}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,16 @@ use serde_json::json;
 
 use super::BenchOptions;
 
+/// Acknowledgement frames the worker sent for the full-speed run's deliveries (its metric
+/// `induction_reconciler_acknowledgements_sent_total`).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct AckFrames {
+    /// `basic.ack` frames with `multiple`, each for a run of deliveries.
+    pub ranges: f64,
+    /// Frames for one delivery each.
+    pub single: f64,
+}
+
 /// Figures of one timed run.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RunFigures {
@@ -108,6 +118,7 @@ pub fn report(
     rated: Option<&RunFigures>,
     raw: Option<f64>,
     rss_kib: Option<usize>,
+    ack_frames: Option<AckFrames>,
 ) {
     let ratio = raw.map(|r| full.messages_per_second / r);
     println!(
@@ -146,6 +157,14 @@ pub fn report(
             ratio.unwrap_or_default()
         );
     }
+    if let Some(frames) = ack_frames {
+        println!(
+            "  acknowledgements after the full-speed run: {:.0} range and {:.0} single frames ({:.1} deliveries a frame)",
+            frames.ranges,
+            frames.single,
+            options.messages as f64 / (frames.ranges + frames.single).max(1.0)
+        );
+    }
     if let Some(kib) = rss_kib {
         println!(
             "  worker peak resident memory: {:.1} MiB",
@@ -159,6 +178,7 @@ pub fn report(
             "full_speed": full, "fixed_rate": rated.map(|r| json!({"offered_per_second": options.rate, "figures": r})),
             "raw_relay_messages_per_second": raw, "ratio_to_raw": ratio,
             "worker_peak_rss_mib": rss_kib.map(|k| k as f64 / 1024.0),
+            "ack_frames": ack_frames,
         })
     );
 }

@@ -1,6 +1,7 @@
 //! Handling deliveries in batches: decode each, apply the batch in one transaction, park what
-//! cannot be processed (`app::parking`), and acknowledge each delivery only after its effects
-//! are committed or it is parked with a broker confirm.
+//! cannot be processed (`app::parking`), and settle each delivery only after its effects are
+//! committed or it is parked with a broker confirm: the channel's acknowledgement window
+//! (`broker::Acks`) then acknowledges it, in a range with its neighbours when it can.
 
 use std::time::Instant;
 
@@ -12,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::direct::{DirectPublisher, LaneOutbox};
 use super::retry::Backoff;
 use crate::broker::parking::{ORIGINAL_USER_ID, header_text};
-use crate::broker::{Publisher, ack};
+use crate::broker::{Acks, Publisher, Settled};
 use crate::config::Settings;
 use crate::domain::{Admission, Status};
 use crate::messages::{Input, Provenance, Publishers, ReasonCode, Rejection, decode_delivery};
@@ -69,6 +70,9 @@ pub struct Handler {
     pub(crate) publishers: std::sync::Arc<Publishers>,
     /// The relay's publisher, on which lanes publish their own outcomes after each commit.
     pub(crate) direct: std::sync::Arc<DirectPublisher>,
+    /// The acknowledgement window of the consumer's channel. Its task ends when the last
+    /// handler holding it is dropped.
+    pub(crate) acks: Acks,
 }
 
 /// The publisher rules of the settings.
@@ -105,8 +109,8 @@ impl Job {
 }
 
 impl Handler {
-    /// Handles a batch of deliveries to the end and acknowledges each (or leaves it for
-    /// redelivery); the outcomes it commits are published through `outbox` right after the
+    /// Handles a batch of deliveries to the end and settles each: to be acknowledged, or left
+    /// for redelivery; the outcomes it commits are published through `outbox` right after the
     /// commit when they can be (`app::direct`). Returns how each ended, in order.
     pub async fn handle_batch(
         &self,
@@ -132,7 +136,7 @@ impl Handler {
         }
         let decided = started.elapsed();
         let count = jobs.len();
-        let results = settle(jobs, started).await;
+        let results = settle(jobs, started, &self.acks);
         tracing::debug!(
             messages = count,
             decided_ms = decided.as_millis() as u64,
@@ -320,37 +324,27 @@ fn prepare(delivery: Delivery, clock: OffsetDateTime, publishers: &Publishers) -
     }
 }
 
-/// Acknowledges every decided job (an abandoned one stays unacknowledged) and reports it.
+/// Settles every decided job (an abandoned one is left unacknowledged) and reports it.
 ///
-/// The acknowledgements go out together: lapin hands each to its I/O loop and resolves it once
-/// written, so awaiting them one by one cost a batch of 200 messages 200 trips between threads
-/// while the lane waited (issue 15).
-async fn settle(jobs: Vec<Job>, started: Instant) -> Vec<Disposition> {
-    let acks = jobs.iter().map(|job| async move {
-        let abandoned = matches!(job.disposition, None | Some(Disposition::Abandoned));
-        !abandoned && ack(&job.delivery.acker).await
-    });
-    let acked = futures_util::future::join_all(acks).await;
+/// The acknowledgements go to the channel's window, which sends them without the lane waiting:
+/// one frame with `multiple` for the run of settled deliveries it can cover, the others alone
+/// (`broker::Acks`; ARCHITECTURE decision 29).
+fn settle(jobs: Vec<Job>, started: Instant, acks: &Acks) -> Vec<Disposition> {
     let mut results = Vec::with_capacity(jobs.len());
-    let mut unacknowledged = 0_usize;
-    for (job, acked) in jobs.into_iter().zip(acked) {
+    let mut settled = Vec::with_capacity(jobs.len());
+    for job in jobs {
         let disposition = job.disposition.unwrap_or(Disposition::Abandoned);
-        let abandoned = disposition == Disposition::Abandoned;
         let _entered = job.span.enter();
         job.span.record("message.result", disposition.as_str());
-        if !acked && !abandoned {
-            unacknowledged += 1;
-            tracing::debug!("could not acknowledge (channel closed)");
-        }
         report(job.kind, &disposition, started);
+        settled.push(Settled {
+            tag: job.delivery.delivery_tag,
+            acker: job.delivery.acker.clone(),
+            ack: disposition != Disposition::Abandoned,
+        });
         results.push(disposition);
     }
-    if unacknowledged > 0 {
-        tracing::warn!(
-            messages = unacknowledged,
-            "could not acknowledge messages (channel closed); the broker will redeliver them and the inbox will de-duplicate"
-        );
-    }
+    acks.settle(settled);
     results
 }
 

@@ -18,7 +18,7 @@ use super::{Broker, BrokerError, bounded};
 const CLOSING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long one acknowledgement may take before the caller treats the channel as lost.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A consumer of one queue on a channel of its own.
 pub struct Consumer {

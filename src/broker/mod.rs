@@ -5,6 +5,7 @@
 //! Invariants: never imports `store`, `messages` or `app`; every publish is persistent, mandatory
 //! and confirmed; every operation on the broker is bounded in time.
 
+mod acks;
 mod consumer;
 mod error;
 pub mod parking;
@@ -19,6 +20,7 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
+pub use acks::{Acks, Settled};
 pub use consumer::{Consumer, QueueReader, ack, ready, requeue};
 pub use error::BrokerError;
 pub use publisher::{CONFIRM_TIMEOUT, Outgoing, PendingConfirm, Publisher, json_properties};

@@ -43,6 +43,13 @@ pub struct ByLabel {
 
 /// A single label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// `range` (one frame for a run of deliveries) or `single`.
+    pub kind: String,
+}
+
+/// A single label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ComponentLabel {
     /// `consumer` or `relay`.
     pub component: String,
@@ -60,6 +67,9 @@ pub struct Metrics {
     pub published: Family<ByLabel, Counter>,
     /// Messages parked, by reason.
     pub parked: Family<ReasonLabel, Counter>,
+    /// Acknowledgement frames sent for input deliveries, by kind: `range` (`multiple`, for a
+    /// run of deliveries) or `single`.
+    pub acknowledgements: Family<KindLabel, Counter>,
     /// Seconds from delivery to acknowledgement.
     pub processing_seconds: Histogram,
     /// Outcomes not yet published.
@@ -100,6 +110,10 @@ impl Metrics {
         for by in ["lane", "relay"] {
             let _ = published.get_or_create(&ByLabel { by: by.into() });
         }
+        let acknowledgements = Family::<KindLabel, Counter>::default();
+        for kind in ["range", "single"] {
+            let _ = acknowledgements.get_or_create(&KindLabel { kind: kind.into() });
+        }
         let not_ready = Family::<ReasonLabel, Gauge>::default();
         for reason in [
             "database_unreachable",
@@ -135,6 +149,12 @@ impl Metrics {
                 "messages_parked",
                 "Input messages parked, by reason code",
                 Family::default(),
+            ),
+            acknowledgements: register(
+                &mut r,
+                "acknowledgements_sent",
+                "Acknowledgement frames sent for input deliveries: range (one for a run of deliveries) or single",
+                acknowledgements,
             ),
             processing_seconds: register(
                 &mut r,
@@ -211,6 +231,13 @@ impl Metrics {
         self.published
             .get_or_create(&ByLabel { by: by.into() })
             .inc_by(outcomes);
+    }
+
+    /// Counts acknowledgement frames of `kind` (`range` or `single`).
+    pub fn acknowledgements_sent(&self, kind: &str, frames: u64) {
+        self.acknowledgements
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc_by(frames);
     }
 
     /// The metrics in the Prometheus text format.

@@ -175,6 +175,16 @@ pub fn rss_kib(pid: u32, field: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// The value of a sample line such as `name{labels} 3` in the Prometheus text `metrics`.
+pub fn sample(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{metrics}"))
+}
+
 /// A plain HTTP/1.0 GET on loopback; returns the status code and the body.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -24,7 +24,7 @@ use crate::app::direct::DirectPublisher;
 use crate::app::handler::Handler;
 use crate::app::http::Health;
 use crate::app::retry::Backoff;
-use crate::broker::{Broker, BrokerError, Consumer};
+use crate::broker::{Acks, Broker, BrokerError, Consumer};
 use crate::config::Settings;
 use crate::store::Store;
 use crate::telemetry::events::{BrokerInterrupted, Component};
@@ -129,6 +129,11 @@ async fn consume_on(
         .await?;
     tracing::info!(queue = %settings.topology.inbox_queue, prefetch = settings.amqp.prefetch, "consuming");
     shared.health.set_broker_connected(true);
+    // One acknowledgement window per channel: tags are the channel's. Its task is one of
+    // `in_flight`, so that a graceful stop waits for the last acknowledgements too; it ends once
+    // the lanes, which hold the handler's clones, have ended (the one here is dropped below).
+    let (acks, acknowledging) = Acks::start(settings.amqp.ack_hold());
+    in_flight.spawn(acknowledging);
     let handler = Handler {
         store: shared.store.clone(),
         parking,
@@ -136,9 +141,11 @@ async fn consume_on(
         abandon: shared.abandon.clone(),
         publishers: std::sync::Arc::new(crate::app::handler::publishers(settings)),
         direct: shared.direct.clone(),
+        acks,
     };
     let progress = shared.health.progress();
     let lanes = Lanes::start(&handler, settings, progress.clone(), in_flight);
+    drop(handler);
     let mut session = Session {
         shared,
         broker,
