@@ -510,3 +510,84 @@ async fn two_sweepers_re_emit_an_overdue_provisional_once() {
     assert_eq!(overdue, vec![true, true]);
     db.finish().await;
 }
+
+/// Sequential and index scans of the record and teacher tables, as PostgreSQL counts them.
+async fn scans(store: &Store) -> BTreeMap<String, (i64, i64)> {
+    // A backend reports its counts when it goes idle, at most once a second unless told to.
+    sqlx::query("select pg_stat_force_next_flush()")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sqlx::query(
+        "select relname::text, seq_scan, coalesce(idx_scan, 0) from pg_stat_user_tables
+         where relname in ('registrations', 'induction_periods', 'teachers', 'inbox')",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|row| (row.get(0), (row.get(1), row.get(2))))
+    .collect()
+}
+
+/// Before a table's first `ANALYZE` (a new database, a backlog drained before autovacuum
+/// wakes) the planner has no statistics and takes `trn = any(...)` over many TRNs for most of a
+/// table; a batch still finds its rows through their indexes instead of reading whole tables
+/// (ARCHITECTURE decision 30).
+#[tokio::test]
+async fn a_batch_on_tables_never_analysed_finds_its_rows_through_their_indexes() {
+    let db = Db::new().await;
+    // One connection, so that every statement's counts are flushed by `scans`.
+    let url = secrecy::SecretString::from(common::database_url(&db.name));
+    let store = Store::connect(&url, Limits::new(1, Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let teacher = |n: u64| format!("{}", 4_000_000 + n);
+    for chunk in 0..6_u64 {
+        let messages: Vec<Value> = (chunk * 500..(chunk + 1) * 500)
+            .flat_map(|n| {
+                [
+                    registration(2 * n, &format!("r{n}"), &teacher(n)),
+                    claim(2 * n + 1, &format!("ip{n}"), &teacher(n)),
+                ]
+            })
+            .collect();
+        apply(&store, &messages).await;
+    }
+    let analysed: i64 = sqlx::query_scalar(
+        "select count(*) from pg_stat_user_tables
+         where relname in ('registrations', 'induction_periods') and last_autoanalyze is not null",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        analysed, 0,
+        "autovacuum analysed the tables: the test proves nothing"
+    );
+
+    let before = scans(&store).await;
+    // A second school registers 150 of the 3,000 teachers.
+    let messages: Vec<Value> = (0..150_u64)
+        .map(|n| registration(10_000 + n, &format!("s{n}"), &teacher(n * 20)))
+        .collect();
+    let handled = apply(&store, &messages).await;
+    assert_eq!(handled.len(), 150);
+    let after = scans(&store).await;
+    for table in ["registrations", "induction_periods", "teachers", "inbox"] {
+        let (seq_before, idx_before) = before[table];
+        let (seq_after, idx_after) = after[table];
+        assert_eq!(
+            seq_after - seq_before,
+            0,
+            "{table} was read by a sequential scan"
+        );
+        assert!(
+            idx_after > idx_before,
+            "{table} was not read through an index"
+        );
+    }
+    store.pool().close().await;
+    db.finish().await;
+}
