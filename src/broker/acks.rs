@@ -32,7 +32,6 @@ use lapin::options::BasicAckOptions;
 use tokio::sync::mpsc;
 
 use super::consumer::SETTLE_TIMEOUT;
-use crate::telemetry::metrics::metrics;
 
 /// Settled markers a window keeps above a frontier that does not move; past this, it gives the
 /// frontier up and acknowledges each delivery alone (bounded memory if a tag never settles).
@@ -235,6 +234,10 @@ pub struct Settled {
     pub ack: bool,
 }
 
+/// Counts acknowledgement frames as they are sent: `range` (one with `multiple`) or `single`, and
+/// how many (the caller's metrics; `broker` does not name them).
+pub type CountFrames = fn(&'static str, u64);
+
 /// The handle on one consumer channel's acknowledgement task. Cloned by the lanes; the task
 /// acknowledges what is still due and ends once every handle is dropped.
 #[derive(Clone)]
@@ -244,10 +247,17 @@ pub struct Acks {
 
 impl Acks {
     /// The handle and the task (to be spawned) of a new consumer channel's window; a delivery
-    /// settled behind an unsettled one is acknowledged alone after `hold`.
-    pub fn start(hold: Duration) -> (Self, impl Future<Output = ()> + Send + 'static) {
+    /// settled behind an unsettled one is acknowledged alone after `hold`. Every frame sent is
+    /// counted with `count`.
+    pub fn start(
+        hold: Duration,
+        count: CountFrames,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (settled, receiver) = mpsc::unbounded_channel();
-        (Self { settled }, acknowledge(receiver, Window::new(hold)))
+        (
+            Self { settled },
+            acknowledge(receiver, Window::new(hold), count),
+        )
     }
 
     /// Hands settled deliveries to the window; it sends their acknowledgements without the
@@ -267,6 +277,7 @@ impl Acks {
 async fn acknowledge(
     mut receiver: mpsc::UnboundedReceiver<Vec<Settled>>,
     mut window: Window<Acker>,
+    count: CountFrames,
 ) {
     let record = |window: &mut Window<Acker>, settled: Vec<Settled>| {
         let now = Instant::now();
@@ -295,9 +306,9 @@ async fn acknowledge(
         while let Ok(settled) = receiver.try_recv() {
             record(&mut window, settled);
         }
-        send(window.due(Instant::now())).await;
+        send(window.due(Instant::now()), count).await;
     }
-    send(window.drain()).await;
+    send(window.drain(), count).await;
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -308,14 +319,13 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// Sends a round's acknowledgements, each bounded; counts them and warns about those that could
 /// not go out.
-async fn send(due: Due<Acker>) {
+async fn send(due: Due<Acker>, count: CountFrames) {
     if due.is_empty() {
         return;
     }
-    let counter = |kind: &str, n: u64| metrics().acknowledgements_sent(kind, n);
     let range = async {
         let Some(acker) = &due.range else { return 0 };
-        counter("range", 1);
+        count("range", 1);
         let multiple = BasicAckOptions { multiple: true };
         match tokio::time::timeout(SETTLE_TIMEOUT, acker.ack(multiple)).await {
             Ok(Ok(true)) => 0,
@@ -323,7 +333,7 @@ async fn send(due: Due<Acker>) {
         }
     };
     let alone = due.alone.iter().map(|acker| async move {
-        counter("single", 1);
+        count("single", 1);
         let sent = tokio::time::timeout(SETTLE_TIMEOUT, acker.ack(BasicAckOptions::default()));
         usize::from(!matches!(sent.await, Ok(Ok(true))))
     });

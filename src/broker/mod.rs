@@ -20,7 +20,7 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
-pub use acks::{Acks, Settled};
+pub use acks::{Acks, CountFrames, Settled};
 pub use consumer::{Consumer, QueueReader, ack, ready, requeue};
 pub use error::BrokerError;
 pub use publisher::{CONFIRM_TIMEOUT, Outgoing, PendingConfirm, Publisher, json_properties};
