@@ -70,7 +70,8 @@ pub struct Metrics {
     /// Acknowledgement frames sent for input deliveries, by kind: `range` (`multiple`, for a
     /// run of deliveries) or `single`.
     pub acknowledgements: Family<KindLabel, Counter>,
-    /// Seconds from delivery to acknowledgement.
+    /// Seconds from a batch's start to each delivery's settlement (its acknowledgement follows
+    /// from the channel's window, at once or in a range).
     pub processing_seconds: Histogram,
     /// Outcomes not yet published.
     pub outbox_backlog: Gauge,
@@ -159,7 +160,7 @@ impl Metrics {
             processing_seconds: register(
                 &mut r,
                 "message_processing_seconds",
-                "Seconds from delivery to acknowledgement",
+                "Seconds from a batch's start to each delivery's settlement (committed or parked, handed to the acknowledgement window)",
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             ),
             outbox_backlog: register(
