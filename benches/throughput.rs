@@ -325,11 +325,10 @@ impl Rig {
     async fn ack_frames(&self) -> Option<AckFrames> {
         let (_, text) = common::http_get(self.worker_port, "/metrics").await?;
         let count = |kind: &str| {
-            let name =
-                format!("induction_reconciler_acknowledgements_sent_total{{kind=\"{kind}\"}} ");
-            text.lines()
-                .find_map(|line| line.strip_prefix(name.as_str()))
-                .and_then(|value| value.trim().parse::<f64>().ok())
+            common::find_sample(
+                &text,
+                &format!("induction_reconciler_acknowledgements_sent_total{{kind=\"{kind}\"}} "),
+            )
         };
         Some(AckFrames {
             ranges: count("range")?,

@@ -182,15 +182,9 @@ impl<A: Generation> Window<A> {
     /// Everything still to acknowledge, at once (the channel's deliveries are all settled, or
     /// the worker is stopping).
     pub fn drain(&mut self) -> Due<A> {
-        let mut due = Due::none();
-        due.alone = std::mem::take(&mut self.now_alone);
-        self.advance(&mut due);
-        for (_, entry) in std::mem::take(&mut self.held) {
-            if let Entry::Waiting { acker, .. } = entry {
-                due.alone.push(acker);
-            }
-        }
-        due
+        // The range as far as it goes, and every other waiting delivery alone, whatever its age.
+        self.alone_only = true;
+        self.due(Instant::now())
     }
 
     /// When [`Window::due`] next has something to acknowledge alone, if nothing else settles.

@@ -177,12 +177,16 @@ pub fn rss_kib(pid: u32, field: &str) -> usize {
 
 /// The value of a sample line such as `name{labels} 3` in the Prometheus text `metrics`.
 pub fn sample(metrics: &str, prefix: &str) -> f64 {
+    find_sample(metrics, prefix).unwrap_or_else(|| panic!("no sample {prefix} in:\n{metrics}"))
+}
+
+/// [`sample`], or `None` when `metrics` has no such line.
+pub fn find_sample(metrics: &str, prefix: &str) -> Option<f64> {
     metrics
         .lines()
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{metrics}"))
 }
 
 /// A plain HTTP/1.0 GET on loopback; returns the status code and the body.
