@@ -614,3 +614,101 @@ async fn a_batch_on_tables_never_analysed_finds_its_rows_through_their_indexes_w
     store.pool().close().await;
     db.finish().await;
 }
+
+/// Index entries read from the outbox's two partial indexes so far, on `store`'s one connection.
+async fn pending_entries_read(store: &Store) -> i64 {
+    sqlx::query("select pg_stat_force_next_flush()")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sqlx::query_scalar(
+        "select sum(idx_tup_read)::int8 from pg_stat_user_indexes
+         where indexrelname in ('outbox_pending', 'outbox_pending_by_id')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
+/// Marking a row published leaves its entry in the partial indexes of pending rows until the
+/// table is vacuumed, and autovacuum waits for a fifth of a large table to change. A lane's
+/// write and the relay's claim still read only the pending rows they need, not every entry of
+/// what was published since the last vacuum (ARCHITECTURE decision 31): on tables never
+/// analysed, a claim read them all by a bitmap scan, and a write read them all once for every
+/// outcome it wrote.
+#[tokio::test]
+async fn writes_and_claims_read_the_pending_rows_not_everything_published_since_the_last_vacuum() {
+    let db = Db::new().await;
+    // One connection, so that every statement's counts are flushed by `pending_entries_read`.
+    let url = secrecy::SecretString::from(common::database_url(&db.name));
+    let store = Store::connect(&url, Limits::new(1, Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let teacher = |n: u64| format!("{}", 5_000_000 + n);
+    // Lanes' writes of 40 outcomes each, leased, each marking the previous one's published.
+    let write = |round: u64, confirmed: Vec<i64>| {
+        let messages: Vec<Value> = (0..40_u64)
+            .map(|n| {
+                let teacher_n = round * 40 + n;
+                registration(teacher_n + 1, &format!("r{teacher_n}"), &teacher(teacher_n))
+            })
+            .collect();
+        let store = &store;
+        async move { apply_publishing(store, &messages, &confirmed, true).await }
+    };
+    // 1,960 outcomes published, 40 pending.
+    let mut confirmed: Vec<i64> = Vec::new();
+    for round in 0..50 {
+        let written = write(round, confirmed).await;
+        assert_eq!(
+            written.leased.len(),
+            40,
+            "no earlier version waits: all leased"
+        );
+        confirmed = written.leased.iter().map(|l| l.row.id).collect();
+    }
+    let vacuumed: i64 = sqlx::query_scalar(
+        "select count(*) from pg_stat_user_tables
+         where relname = 'outbox' and (last_autovacuum is not null or last_autoanalyze is not null)",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(vacuumed, 0, "autovacuum ran: the test proves nothing");
+
+    let before = pending_entries_read(&store).await;
+    let written = write(50, confirmed).await;
+    assert_eq!((written.marked, written.leased.len()), (40, 40));
+    let after_write = pending_entries_read(&store).await;
+    // The first claim after them passes the entries of the published rows once, and marks them
+    // dead for every later scan.
+    store
+        .claim_outbox(500, NOW)
+        .await
+        .unwrap()
+        .complete(&[])
+        .await
+        .unwrap();
+    let before_claims = pending_entries_read(&store).await;
+    for _ in 0..3 {
+        let batch = store.claim_outbox(500, NOW).await.unwrap();
+        assert!(batch.is_empty(), "every pending row is leased");
+        batch.complete(&[]).await.unwrap();
+    }
+    let after_claims = pending_entries_read(&store).await;
+    // Marking reads each marked row's entry and a claim passes the 40 leased rows; neither
+    // reads the 2,000 published ones again.
+    assert!(
+        after_write - before <= 200,
+        "a write of 40 outcomes read {} entries of the pending indexes",
+        after_write - before
+    );
+    assert!(
+        after_claims - before_claims <= 3 * 100,
+        "three claims read {} entries of the pending indexes",
+        after_claims - before_claims
+    );
+    store.pool().close().await;
+    db.finish().await;
+}

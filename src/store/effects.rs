@@ -69,7 +69,7 @@ const WRITE: &str = "with
    insert into outbox (outcome_id, trn, version, routing_key, body, traceparent, created_at, lease_until)
    select x.i, x.t, x.v, x.k, x.b, x.p, $1,
      case when $54::timestamptz is not null and not exists (
-       select 1 from outbox e where e.trn = x.t and e.published_at is null and e.id <> all($53::int8[])
+       select 1 from outbox e where e.trn = x.t and e.published_at is null and e.version < x.v and e.id <> all($53::int8[])
      ) then $54::timestamptz end
    from unnest($33::uuid[], $34::text[], $35::int8[], $36::text[], $37::bytea[], $38::text[])
        with ordinality as x(i, t, v, k, b, p, n)
