@@ -712,3 +712,120 @@ async fn writes_and_claims_read_the_pending_rows_not_everything_published_since_
     store.pool().close().await;
     db.finish().await;
 }
+
+/// The database's own checks of identifiers admit what the contract's pattern
+/// `^[A-Za-z0-9._:-]{1,64}$` admits and refuse the rest, naming the constraint (migration
+/// `20261206000001` wrote them without a counted repetition).
+#[tokio::test]
+async fn the_identifier_checks_admit_the_contracts_identifiers_and_refuse_the_rest() {
+    let db = Db::new().await;
+    let insert = |n: u32, column: &'static str, value: Option<String>| {
+        let pool = db.store.pool().clone();
+        async move {
+            let mut id = Some(format!("REG-{n}"));
+            let mut ab = Some("AB-1".to_owned());
+            let mut provider = Some("LP-1".to_owned());
+            match column {
+                "registration_id" => id = value,
+                "appropriate_body_id" => ab = value,
+                _ => provider = value,
+            }
+            let programme = if provider.is_some() {
+                "provider_led"
+            } else {
+                "school_led"
+            };
+            sqlx::query(
+                "insert into registrations (registration_id, trn, school_urn, started_on,
+                   appropriate_body_id, training_programme, lead_provider_id, deleted, occurred_at,
+                   occurred_at_ns, message_id)
+                 values ($1, '1234567', 100001, date '2025-09-01', $2, $3, $4, false, now(), 0,
+                   gen_random_uuid())",
+            )
+            .bind(id)
+            .bind(ab)
+            .bind(programme)
+            .bind(provider)
+            .execute(&pool)
+            .await
+        }
+    };
+    let longest = "a".repeat(64);
+    let admitted = [
+        "A.b_c:d-9",
+        "x",
+        longest.as_str(),
+        "0f8b2c1e-4d5a-4b6c-9d7e-8f9a0b1c2d3e",
+    ];
+    let refused = ["", "a/b", "a b", "é", "a\n", "AB-1;"];
+    let mut n = 0;
+    for column in ["registration_id", "appropriate_body_id", "lead_provider_id"] {
+        for value in admitted {
+            n += 1;
+            let result = insert(n, column, Some(value.to_owned())).await;
+            assert!(result.is_ok(), "{column} {value:?} refused: {result:?}");
+        }
+        for value in refused
+            .iter()
+            .map(|v| v.to_string())
+            .chain(["a".repeat(65)])
+        {
+            n += 1;
+            let error = insert(n, column, Some(value.clone())).await.unwrap_err();
+            let constraint = error
+                .as_database_error()
+                .and_then(|e| e.constraint())
+                .map(str::to_owned);
+            assert_eq!(
+                constraint.as_deref(),
+                Some(format!("registrations_{column}_check").as_str()),
+                "{column} {value:?}: {error}"
+            );
+        }
+    }
+    n += 1;
+    insert(n, "lead_provider_id", None)
+        .await
+        .expect("no lead provider for a school-led programme");
+    // A claim's two identifiers, at the length bound.
+    for (period, ab, refused_by) in [
+        (longest.clone(), "AB-1".to_owned(), None),
+        (
+            "a".repeat(65),
+            "AB-1".to_owned(),
+            Some("induction_periods_induction_period_id_check"),
+        ),
+        (
+            "IP-2".to_owned(),
+            "a".repeat(65),
+            Some("induction_periods_appropriate_body_id_check"),
+        ),
+        (
+            "IP-3".to_owned(),
+            "a/b".to_owned(),
+            Some("induction_periods_appropriate_body_id_check"),
+        ),
+    ] {
+        let result = sqlx::query(
+            "insert into induction_periods (induction_period_id, trn, appropriate_body_id,
+               started_on, deleted, occurred_at, occurred_at_ns, message_id)
+             values ($1, '1234567', $2, date '2025-09-01', false, now(), 0, gen_random_uuid())",
+        )
+        .bind(&period)
+        .bind(&ab)
+        .execute(db.store.pool())
+        .await;
+        let constraint = result.as_ref().err().map(|error| {
+            error
+                .as_database_error()
+                .and_then(|e| e.constraint())
+                .map(str::to_owned)
+        });
+        assert_eq!(
+            constraint,
+            refused_by.map(|c| Some(c.to_owned())),
+            "{period} {ab}"
+        );
+    }
+    db.finish().await;
+}
