@@ -645,6 +645,11 @@ async fn writes_and_claims_read_the_pending_rows_not_everything_published_since_
     let store = Store::connect(&url, Limits::new(1, Duration::from_secs(10)))
         .await
         .unwrap();
+    // Before the table's first vacuum, whenever autovacuum would come.
+    sqlx::query("alter table outbox set (autovacuum_enabled = false)")
+        .execute(store.pool())
+        .await
+        .unwrap();
     let teacher = |n: u64| format!("{}", 5_000_000 + n);
     // Lanes' writes of 40 outcomes each, leased, each marking the previous one's published.
     let write = |round: u64, confirmed: Vec<i64>| {
@@ -668,14 +673,6 @@ async fn writes_and_claims_read_the_pending_rows_not_everything_published_since_
         );
         confirmed = written.leased.iter().map(|l| l.row.id).collect();
     }
-    let vacuumed: i64 = sqlx::query_scalar(
-        "select count(*) from pg_stat_user_tables
-         where relname = 'outbox' and (last_autovacuum is not null or last_autoanalyze is not null)",
-    )
-    .fetch_one(store.pool())
-    .await
-    .unwrap();
-    assert_eq!(vacuumed, 0, "autovacuum ran: the test proves nothing");
 
     let before = pending_entries_read(&store).await;
     let written = write(50, confirmed).await;
