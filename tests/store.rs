@@ -511,14 +511,19 @@ async fn two_sweepers_re_emit_an_overdue_provisional_once() {
     db.finish().await;
 }
 
-/// Sequential and index scans of the record and teacher tables, as PostgreSQL counts them.
-async fn scans(store: &Store) -> BTreeMap<String, (i64, i64)> {
-    // A backend reports its counts when it goes idle, at most once a second unless told to.
+/// Makes the counts of `store`'s one connection visible in PostgreSQL's statistics views: a
+/// backend reports them when it goes idle, at most once a second unless told to.
+async fn flush_statistics(store: &Store) {
     sqlx::query("select pg_stat_force_next_flush()")
         .execute(store.pool())
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+/// Sequential and index scans of the record and teacher tables, as PostgreSQL counts them.
+async fn scans(store: &Store) -> BTreeMap<String, (i64, i64)> {
+    flush_statistics(store).await;
     sqlx::query(
         "select relname::text, seq_scan, coalesce(idx_scan, 0) from pg_stat_user_tables
          where relname in ('registrations', 'induction_periods', 'teachers', 'inbox')",
@@ -617,11 +622,7 @@ async fn a_batch_on_tables_never_analysed_finds_its_rows_through_their_indexes_w
 
 /// Index entries read from the outbox's two partial indexes so far, on `store`'s one connection.
 async fn pending_entries_read(store: &Store) -> i64 {
-    sqlx::query("select pg_stat_force_next_flush()")
-        .execute(store.pool())
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    flush_statistics(store).await;
     sqlx::query_scalar(
         "select sum(idx_tup_read)::int8 from pg_stat_user_indexes
          where indexrelname in ('outbox_pending', 'outbox_pending_by_id')",
