@@ -36,6 +36,15 @@ impl Db {
         Self { name, store }
     }
 
+    /// A second store on the same database with one connection, so that `flush_statistics`
+    /// flushes the counts of every statement it ran.
+    async fn one_connection(&self) -> Store {
+        let url = secrecy::SecretString::from(common::database_url(&self.name));
+        Store::connect(&url, Limits::new(1, Duration::from_secs(10)))
+            .await
+            .expect("connect to the test database")
+    }
+
     async fn finish(self) {
         self.store.pool().close().await;
         common::drop_database(&self.name).await;
@@ -544,11 +553,7 @@ async fn scans(store: &Store) -> BTreeMap<String, (i64, i64)> {
 async fn a_batch_on_tables_never_analysed_finds_its_rows_through_their_indexes_with_plans_made_once()
  {
     let db = Db::new().await;
-    // One connection, so that every statement's counts are flushed by `scans`.
-    let url = secrecy::SecretString::from(common::database_url(&db.name));
-    let store = Store::connect(&url, Limits::new(1, Duration::from_secs(10)))
-        .await
-        .unwrap();
+    let store = db.one_connection().await;
     let teacher = |n: u64| format!("{}", 4_000_000 + n);
     for chunk in 0..6_u64 {
         let messages: Vec<Value> = (chunk * 500..(chunk + 1) * 500)
@@ -641,11 +646,7 @@ async fn pending_entries_read(store: &Store) -> i64 {
 #[tokio::test]
 async fn writes_and_claims_read_the_pending_rows_not_everything_published_since_the_last_vacuum() {
     let db = Db::new().await;
-    // One connection, so that every statement's counts are flushed by `pending_entries_read`.
-    let url = secrecy::SecretString::from(common::database_url(&db.name));
-    let store = Store::connect(&url, Limits::new(1, Duration::from_secs(10)))
-        .await
-        .unwrap();
+    let store = db.one_connection().await;
     // Before the table's first vacuum, whenever autovacuum would come.
     sqlx::query("alter table outbox set (autovacuum_enabled = false)")
         .execute(store.pool())
