@@ -70,12 +70,8 @@ fn simulate<'a>(bodies: impl IntoIterator<Item = &'a [u8]>) -> (Ledger, usize) {
 
 /// Every teacher's stored last outcome.
 async fn stored(app: &TestApp) -> HashMap<String, OutcomeMessage> {
-    let rows: Vec<(String, sqlx::types::Json<OutcomeMessage>)> =
-        sqlx::query_as("select trn, last_outcome from teachers")
-            .fetch_all(app.store.pool())
-            .await
-            .unwrap();
-    rows.into_iter().map(|(t, j)| (t, j.0)).collect()
+    let mut conn = app.store.pool().acquire().await.unwrap();
+    common::stored_last_outcomes(&mut conn).await
 }
 
 /// A consumer's state after applying `outcomes` as CONTRACT.md tells it to: de-duplicate on
@@ -425,8 +421,10 @@ async fn verify_finds_a_record_changed_behind_the_workers_back_and_emit_corrects
     // A registration changed behind the worker's back: a confirmed teacher's school now names
     // another AB, so the rules give a conflict.
     let (trn, registration_id, version): (String, String, i64) = sqlx::query_as(
-        "select trn, last_outcome->'school_registration'->>'registration_id', version
-         from teachers where last_outcome->>'reason' = 'claim_matches_registration' order by trn limit 1",
+        "select t.trn, b->'school_registration'->>'registration_id', t.version
+         from teachers t join outbox o on o.trn = t.trn and o.version = t.version,
+              convert_from(o.body, 'UTF8')::jsonb as b
+         where b->>'reason' = 'claim_matches_registration' order by t.trn limit 1",
     )
     .fetch_one(app.store.pool())
     .await

@@ -30,7 +30,7 @@ use futures_lite::StreamExt;
 use induction_reconciler::broker::{Broker, declare_topology, json_properties};
 use induction_reconciler::config::{Settings, Topology};
 use induction_reconciler::domain::Ledger;
-use induction_reconciler::messages::{OutcomeMessage, decode};
+use induction_reconciler::messages::decode;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions,
 };
@@ -856,13 +856,7 @@ impl Harness {
                 ledger.apply(input.snapshot, input.cause, now);
             }
         }
-        let stored: Vec<(String, sqlx::types::Json<OutcomeMessage>)> =
-            sqlx::query_as("select trn, last_outcome from teachers")
-                .fetch_all(&mut db)
-                .await
-                .unwrap();
-        let stored: HashMap<String, OutcomeMessage> =
-            stored.into_iter().map(|(t, j)| (t, j.0)).collect();
+        let stored = common::stored_last_outcomes(&mut db).await;
         let compared = common::assert_matches(&ledger, &stored, scenario);
 
         // 4. Versions gap-free and in order as received; repeats counted.

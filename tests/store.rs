@@ -520,6 +520,99 @@ async fn two_sweepers_re_emit_an_overdue_provisional_once() {
     db.finish().await;
 }
 
+/// A teacher's outbox row of a version, as published.
+async fn published_body(store: &Store, trn: &str, version: i64) -> Value {
+    let body: Vec<u8> =
+        sqlx::query_scalar("select body from outbox where trn = $1 and version = $2")
+            .bind(trn)
+            .bind(version)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// ARCHITECTURE decision 33: the teacher's row keeps no copy of its last outcome; the next
+/// batch, `explain` and a worker of the release before (during a rolling update, through
+/// `held_by`) read the outbox row of its version; a teacher whose `last_outcome` a release
+/// before stored is read from it where that row is missing, and the next write clears it.
+#[tokio::test]
+async fn a_teachers_last_outcome_is_the_outbox_row_of_its_version_for_this_release_and_the_one_before()
+ {
+    let db = Db::new().await;
+    let trn = Trn::parse("1000001").unwrap();
+    apply(&db.store, &[registration(1, "R-1", "1000001")]).await;
+    // The claim's batch reads version 1 back to decide version 2.
+    apply(&db.store, &[claim(2, "IP-1", "1000001")]).await;
+    assert_eq!(
+        db.teachers().await["1000001"],
+        (vec![1, 2], 2, "confirmed".to_owned())
+    );
+    let stored_twice: i64 =
+        sqlx::query_scalar("select count(*) from teachers where last_outcome is not null")
+            .fetch_one(db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        stored_twice, 0,
+        "the last outcome is kept once, in the outbox"
+    );
+    let published = published_body(&db.store, "1000001", 2).await;
+    let explained = db.store.explain(&trn).await.unwrap().last_outcome;
+    assert_eq!(
+        serde_json::to_value(explained).unwrap(),
+        published,
+        "explain shows version 2 as published"
+    );
+    let before: sqlx::types::Json<Value> = sqlx::query_scalar(
+        "select last_outcome from held_by(array['1000001']) where kind = 'teacher'",
+    )
+    .fetch_one(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        before.0, published,
+        "the release before reads the same through held_by"
+    );
+
+    // Stored by the release before, and its outbox row gone (a database restored without it).
+    for statement in [
+        "update teachers t set last_outcome = convert_from(o.body, 'UTF8')::jsonb
+         from outbox o where o.trn = t.trn and o.version = t.version",
+        "delete from outbox where trn = '1000001' and version = 2",
+    ] {
+        sqlx::query(statement)
+            .execute(db.store.pool())
+            .await
+            .unwrap();
+    }
+    let explained = db.store.explain(&trn).await.unwrap().last_outcome;
+    assert_eq!(serde_json::to_value(explained).unwrap(), published);
+    // The school now names another AB: a conflict, version 3, decided from version 2.
+    let moved = set(
+        registration(3, "R-1", "1000001"),
+        "payload.appropriate_body_id",
+        json!("AB-2"),
+    );
+    apply(&db.store, &[moved]).await;
+    assert_eq!(
+        db.teachers().await["1000001"],
+        (vec![1, 3], 3, "conflict".to_owned())
+    );
+    let kept: Option<sqlx::types::Json<Value>> =
+        sqlx::query_scalar("select last_outcome from teachers where trn = '1000001'")
+            .fetch_one(db.store.pool())
+            .await
+            .unwrap();
+    assert!(kept.is_none(), "the write cleared the copy: {kept:?}");
+    let explained = db.store.explain(&trn).await.unwrap().last_outcome;
+    assert_eq!(
+        serde_json::to_value(explained).unwrap(),
+        published_body(&db.store, "1000001", 3).await
+    );
+    db.finish().await;
+}
+
 /// Makes the counts of `store`'s one connection visible in PostgreSQL's statistics views: a
 /// backend reports them when it goes idle, at most once a second unless told to.
 async fn flush_statistics(store: &Store) {
@@ -535,7 +628,7 @@ async fn scans(store: &Store) -> BTreeMap<String, (i64, i64)> {
     flush_statistics(store).await;
     sqlx::query(
         "select relname::text, seq_scan, coalesce(idx_scan, 0) from pg_stat_user_tables
-         where relname in ('registrations', 'induction_periods', 'teachers', 'inbox')",
+         where relname in ('registrations', 'induction_periods', 'teachers', 'inbox', 'outbox')",
     )
     .fetch_all(store.pool())
     .await
@@ -595,7 +688,7 @@ async fn a_batch_on_tables_never_analysed_finds_its_rows_through_their_indexes_w
             .unwrap();
     for statement in [
         "insert into inbox",
-        "lock_and_load(",
+        "lock_and_load_v2(",
         "insert into registrations",
     ] {
         let generic = plans
@@ -608,7 +701,13 @@ async fn a_batch_on_tables_never_analysed_finds_its_rows_through_their_indexes_w
             "the statement with {statement} was planned anew every time"
         );
     }
-    for table in ["registrations", "induction_periods", "teachers", "inbox"] {
+    for table in [
+        "registrations",
+        "induction_periods",
+        "teachers",
+        "inbox",
+        "outbox",
+    ] {
         let (seq_before, idx_before) = before[table];
         let (seq_after, idx_after) = after[table];
         assert_eq!(

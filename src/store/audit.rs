@@ -142,7 +142,7 @@ impl Store {
             let message = OutcomeMessage::new(Uuid::new_v4(), &outcome);
             let mut effects = Effects::default();
             effects.outcome(&outcome, "reconciled", &message, None)?;
-            effects.teacher(&outcome, &message, last.map_or(0, |l| l.version))?;
+            effects.teacher(&outcome, last.map_or(0, |l| l.version));
             effects.write(&mut tx, now, &Publishing::default()).await?;
             tx.commit().await?;
             Ok(Some(outcome.status()))

@@ -4,7 +4,7 @@
 //! as `simulate` applies them; everything that changed is written with one statement
 //! (`effects`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use sqlx::{PgConnection, Row};
 use time::OffsetDateTime;
@@ -104,7 +104,7 @@ async fn apply_in(
         for &i in &to_apply {
             results[i] = Some(ledger.apply(&items[i], now)?);
         }
-        ledger.finish()?.write(conn, now, publishing).await?
+        ledger.finish().write(conn, now, publishing).await?
     };
     let results = results
         .into_iter()
@@ -235,8 +235,8 @@ struct Ledgered {
     ledger: Ledger,
     previous_versions: HashMap<Trn, u64>,
     changed: BTreeSet<RecordKey>,
-    /// Each teacher's last outcome message of the batch.
-    last: BTreeMap<Trn, OutcomeMessage>,
+    /// The teachers the batch emitted for.
+    emitted_for: BTreeSet<Trn>,
     effects: Effects,
 }
 
@@ -247,7 +247,7 @@ impl Ledgered {
             ledger: Ledger::seeded(snapshots, last),
             previous_versions,
             changed: BTreeSet::new(),
-            last: BTreeMap::new(),
+            emitted_for: BTreeSet::new(),
             effects: Effects::default(),
         }
     }
@@ -278,7 +278,7 @@ impl Ledgered {
             self.effects
                 .outcome(outcome, "emitted", &message, item.traceparent.clone())?;
             emitted.push(outcome.status());
-            self.last.insert(outcome.trn.clone(), message);
+            self.emitted_for.insert(outcome.trn.clone());
         }
         Ok(Handled::Applied {
             admission: applied.admission,
@@ -288,20 +288,20 @@ impl Ledgered {
 
     /// The effects: the latest snapshot of every changed record, and each teacher's last
     /// outcome replacing the version read under its lock.
-    fn finish(mut self) -> Result<Effects, StoreError> {
+    fn finish(mut self) -> Effects {
         for key in &self.changed {
             if let Some(snapshot) = self.ledger.record(key) {
                 self.effects.record(snapshot);
             }
         }
-        for (trn, message) in &self.last {
+        for trn in &self.emitted_for {
             let outcome = self
                 .ledger
                 .last_outcome(trn)
                 .expect("an emitted teacher has a last outcome");
             let previous = self.previous_versions.get(trn).copied().unwrap_or(0);
-            self.effects.teacher(outcome, message, previous)?;
+            self.effects.teacher(outcome, previous);
         }
-        Ok(self.effects)
+        self.effects
     }
 }

@@ -22,14 +22,15 @@ type Statement<'q> = Query<'q, Postgres, PgArguments>;
 
 /// The statement. Placeholders: `$1` the time; then each column group in the order
 /// `Effects::write` binds them (registrations `$2..$13`, claims `$14..$25`, teachers
-/// `$26..$32`, outbox `$33..$38`, history `$39..$48`, stale `$49`); `$50` the relay's channel;
-/// `$51` and `$52` the origins of the registrations and of the claims (added with the origin
-/// columns, after the rest, so that no placeholder moved); `$53` the outbox rows to mark
-/// published and `$54` the lease of the new ones ([`Publishing`]).
+/// `$26..$31`, outbox `$32..$37`, history `$38..$47`, stale `$48`); `$49` the relay's channel;
+/// `$50` and `$51` the origins of the registrations and of the claims; `$52` the outbox rows to
+/// mark published and `$53` the lease of the new ones ([`Publishing`]).
 ///
 /// Teachers: a new one (previous version 0) is inserted, a known one updated where its stored
 /// version is still the one read under its lock, each joined to its row by TRN; a teacher that
-/// is neither is not counted, and the write fails. (An upsert whose conflict guard looked the
+/// is neither is not counted, and the write fails. A teacher's last outcome is its outbox row
+/// of that version (ARCHITECTURE decision 33): `last_outcome` is left null, and cleared where a
+/// release before this one had filled it. (An upsert whose conflict guard looked the
 /// previous version up in the whole array, once for every updated teacher, cost the square of
 /// the batch: 4 of a 31 ms write of 420 messages.)
 const WRITE: &str = "with
@@ -37,7 +38,7 @@ const WRITE: &str = "with
    insert into registrations (registration_id, trn, school_urn, started_on, finished_on, appropriate_body_id,
        training_programme, lead_provider_id, deleted, occurred_at, occurred_at_ns, message_id, origin)
    select * from unnest($2::text[], $3::text[], $4::int4[], $5::date[], $6::date[], $7::text[], $8::text[],
-       $9::text[], $10::bool[], $11::timestamptz[], $12::int2[], $13::uuid[], $51::text[])
+       $9::text[], $10::bool[], $11::timestamptz[], $12::int2[], $13::uuid[], $50::text[])
    on conflict (registration_id) do update set trn = excluded.trn, school_urn = excluded.school_urn,
      started_on = excluded.started_on, finished_on = excluded.finished_on,
      appropriate_body_id = excluded.appropriate_body_id, training_programme = excluded.training_programme,
@@ -49,7 +50,7 @@ const WRITE: &str = "with
    insert into induction_periods (induction_period_id, trn, appropriate_body_id, started_on, finished_on,
        training_programme, number_of_terms_tenths, outcome, deleted, occurred_at, occurred_at_ns, message_id, origin)
    select * from unnest($14::text[], $15::text[], $16::text[], $17::date[], $18::date[], $19::text[], $20::int2[],
-       $21::text[], $22::bool[], $23::timestamptz[], $24::int2[], $25::uuid[], $52::text[])
+       $21::text[], $22::bool[], $23::timestamptz[], $24::int2[], $25::uuid[], $51::text[])
    on conflict (induction_period_id) do update set trn = excluded.trn,
      appropriate_body_id = excluded.appropriate_body_id, started_on = excluded.started_on,
      finished_on = excluded.finished_on, training_programme = excluded.training_programme,
@@ -58,31 +59,31 @@ const WRITE: &str = "with
      occurred_at_ns = excluded.occurred_at_ns, message_id = excluded.message_id, origin = excluded.origin
    returning 1),
  tch_new as (
-   insert into teachers (trn, version, status, provisional_since, overdue, last_outcome, updated_at)
-   select x.t, x.v, x.s, x.p, x.o, x.b::jsonb, $1
-   from unnest($26::text[], $27::int8[], $28::text[], $29::timestamptz[], $30::bool[], $31::text[], $32::int8[])
-       as x(t, v, s, p, o, b, prev)
+   insert into teachers (trn, version, status, provisional_since, overdue, updated_at)
+   select x.t, x.v, x.s, x.p, x.o, $1
+   from unnest($26::text[], $27::int8[], $28::text[], $29::timestamptz[], $30::bool[], $31::int8[])
+       as x(t, v, s, p, o, prev)
    where x.prev = 0
    on conflict (trn) do nothing
    returning 1),
  tch_next as (
    update teachers set version = x.v, status = x.s, provisional_since = x.p, overdue = x.o,
-     last_outcome = x.b::jsonb, updated_at = $1
-   from unnest($26::text[], $27::int8[], $28::text[], $29::timestamptz[], $30::bool[], $31::text[], $32::int8[])
-       as x(t, v, s, p, o, b, prev)
+     last_outcome = null, updated_at = $1
+   from unnest($26::text[], $27::int8[], $28::text[], $29::timestamptz[], $30::bool[], $31::int8[])
+       as x(t, v, s, p, o, prev)
    where x.prev > 0 and teachers.trn = x.t and teachers.version = x.prev
    returning 1),
  mrk as (
    update outbox set published_at = $1
-   where id = any($53::int8[]) and published_at is null
+   where id = any($52::int8[]) and published_at is null
    returning trn),
  obx as (
    insert into outbox (outcome_id, trn, version, routing_key, body, traceparent, created_at, lease_until)
    select x.i, x.t, x.v, x.k, x.b, x.p, $1,
-     case when $54::timestamptz is not null and not exists (
-       select 1 from outbox e where e.trn = x.t and e.published_at is null and e.version < x.v and e.id <> all($53::int8[])
-     ) then $54::timestamptz end
-   from unnest($33::uuid[], $34::text[], $35::int8[], $36::text[], $37::bytea[], $38::text[])
+     case when $53::timestamptz is not null and not exists (
+       select 1 from outbox e where e.trn = x.t and e.published_at is null and e.version < x.v and e.id <> all($52::int8[])
+     ) then $53::timestamptz end
+   from unnest($32::uuid[], $33::text[], $34::int8[], $35::text[], $36::bytea[], $37::text[])
        with ordinality as x(i, t, v, k, b, p, n)
    order by x.n
    returning id, outcome_id, lease_until is not null as leased),
@@ -90,11 +91,11 @@ const WRITE: &str = "with
    insert into history (trn, at, event, message_id, message_type, record_kind, record_id, outcome_id, version, status,
        published_by)
    select x.t, $1, x.e, x.m, x.mt, x.rk, x.ri, x.o, x.v, x.s, x.pb
-   from unnest($39::text[], $40::text[], $41::uuid[], $42::text[], $43::text[], $44::text[], $45::uuid[],
-       $46::int8[], $47::text[], $48::text[]) with ordinality as x(t, e, m, mt, rk, ri, o, v, s, pb, n)
+   from unnest($38::text[], $39::text[], $40::uuid[], $41::text[], $42::text[], $43::text[], $44::uuid[],
+       $45::int8[], $46::text[], $47::text[]) with ordinality as x(t, e, m, mt, rk, ri, o, v, s, pb, n)
    order by x.n
    returning 1),
- stl as (update inbox set admission = 'stale' where message_id = any($49) returning 1)
+ stl as (update inbox set admission = 'stale' where message_id = any($48) returning 1)
  select (select count(*) from tch_new) + (select count(*) from tch_next) as teachers,
         (select count(*) from obx) as outcomes,
         (select count(*) from reg) + (select count(*) from ip) + (select count(*) from his) + (select count(*) from stl) as other,
@@ -103,7 +104,7 @@ const WRITE: &str = "with
         (select coalesce(array_agg(outcome_id order by id), '{}') from obx where leased) as leased_outcomes,
         case when exists (select 1 from obx where not leased)
                or exists (select 1 from mrk join outbox o on o.trn = mrk.trn and o.published_at is null and o.lease_until is null)
-             then pg_notify($50, '') end as notified";
+             then pg_notify($49, '') end as notified";
 
 /// Everything one transaction writes.
 #[derive(Default)]
@@ -134,14 +135,10 @@ impl Effects {
     }
 
     /// A teacher's new last outcome, replacing version `previous` (0 for a new teacher): the
-    /// statement writes it only if the stored version is still `previous`.
-    pub(super) fn teacher(
-        &mut self,
-        outcome: &Outcome,
-        message: &OutcomeMessage,
-        previous: u64,
-    ) -> Result<(), StoreError> {
-        self.teachers.push(outcome, message, previous)
+    /// statement writes it only if the stored version is still `previous`. Its message is the
+    /// outbox row of its version, which [`Effects::outcome`] wrote.
+    pub(super) fn teacher(&mut self, outcome: &Outcome, previous: u64) {
+        self.teachers.push(outcome, previous);
     }
 
     /// A history line for an input message.
@@ -329,7 +326,7 @@ impl RecordColumns {
         }
     }
 
-    /// The origins of the registrations and of the claims, bound last (`$51`, `$52`).
+    /// The origins of the registrations and of the claims, bound after the rest (`$50`, `$51`).
     fn take_origins(&mut self) -> (Vec<&'static str>, Vec<&'static str>) {
         (
             std::mem::take(&mut self.r.origin),
@@ -375,36 +372,26 @@ struct TeacherColumns {
     status: Vec<String>,
     since: Vec<Option<OffsetDateTime>>,
     overdue: Vec<bool>,
-    body: Vec<String>,
     previous: Vec<i64>,
 }
 
 impl TeacherColumns {
-    fn push(
-        &mut self,
-        outcome: &Outcome,
-        message: &OutcomeMessage,
-        previous: u64,
-    ) -> Result<(), StoreError> {
+    fn push(&mut self, outcome: &Outcome, previous: u64) {
         self.trn.push(outcome.trn.as_str().to_owned());
         self.version.push(outcome.version as i64);
         self.status.push(outcome.status().as_str().to_owned());
         self.since.push(outcome.provisional_since);
         self.overdue.push(outcome.overdue);
-        self.body
-            .push(serde_json::to_string(message).map_err(|e| StoreError::corrupt(e.to_string()))?);
         self.previous.push(previous as i64);
-        Ok(())
     }
 
-    /// Binds `$26..$32`.
+    /// Binds `$26..$31`.
     fn bind(self, q: Statement<'_>) -> Statement<'_> {
         q.bind(self.trn)
             .bind(self.version)
             .bind(self.status)
             .bind(self.since)
             .bind(self.overdue)
-            .bind(self.body)
             .bind(self.previous)
     }
 }
@@ -454,7 +441,7 @@ impl OutboxColumns {
             .collect()
     }
 
-    /// Binds `$33..$38`.
+    /// Binds `$32..$37`.
     fn bind(self, q: Statement<'_>) -> Statement<'_> {
         q.bind(self.id)
             .bind(self.trn)
@@ -509,7 +496,7 @@ impl History {
         self.published_by.push(None);
     }
 
-    /// Binds `$39..$48`.
+    /// Binds `$38..$47`.
     fn bind(self, q: Statement<'_>) -> Statement<'_> {
         q.bind(self.trn)
             .bind(self.event)

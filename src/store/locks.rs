@@ -1,7 +1,7 @@
 //! The two kinds of transaction-scoped advisory lock (ARCHITECTURE.md, "Concurrency"), always
 //! taken in this order: every record a batch carries a snapshot of, then every teacher it
 //! touches, each kind in ascending key order, so that transactions cannot deadlock. A batch
-//! takes both kinds, and reads what its teachers hold, in one round trip (`lock_and_load`, a
+//! takes both kinds, and reads what its teachers hold, in one round trip (`lock_and_load_v2`, a
 //! SQL function); a single teacher's operations (`verify --emit`, the sweep) take only the
 //! teacher's.
 
@@ -14,7 +14,7 @@ use super::records;
 use crate::domain::{Outcome, RecordKey, Snapshot, Trn};
 
 /// Locks a batch and reads what its teachers hold, in one round trip (the SQL function
-/// `lock_and_load`, which calls `lock_batch`): the records' advisory locks (class 1, keyed by a
+/// `lock_and_load_v2`, which calls `lock_batch`): the records' advisory locks (class 1, keyed by a
 /// hash of kind and id; a hash collision only makes two records share a lock), then every
 /// teacher the batch touches: the TRN of each snapshot (`snapshot_trns`) and the TRN each record
 /// counts for now, read under the records' locks so that it cannot change before the teachers
@@ -35,7 +35,7 @@ pub(super) async fn lock_and_load(
             .map(|k| k.id().as_str())
             .collect()
     };
-    let rows = sqlx::query("select * from lock_and_load($1, $2, $3, $4)")
+    let rows = sqlx::query("select * from lock_and_load_v2($1, $2, $3, $4)")
         .bind(names)
         .bind(ids(true))
         .bind(ids(false))

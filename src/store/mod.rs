@@ -233,7 +233,7 @@ impl Store {
         let message = OutcomeMessage::new(Uuid::new_v4(), &outcome);
         let mut effects = Effects::default();
         effects.outcome(&outcome, "swept", &message, None)?;
-        effects.teacher(&outcome, &message, last.version)?;
+        effects.teacher(&outcome, last.version);
         effects.write(&mut tx, now, &Publishing::default()).await?;
         tx.commit().await?;
         Ok(true)

@@ -1,7 +1,6 @@
 //! Reading and writing the latest snapshot of each source record.
 
 use sqlx::postgres::PgRow;
-use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -76,20 +75,21 @@ pub async fn for_teachers(
 }
 
 /// What the teachers hold, in one round trip: the held snapshots of every record that counts
-/// for any of them (as [`for_teachers`]) and their last outcomes (`teachers.last_outcome`): the
-/// SQL function `held_by`, whose rows of one shape are told apart by `kind`.
+/// for any of them (as [`for_teachers`]) and their last outcomes (the outbox row of each
+/// teacher's version): the SQL function `held_by_v2`, whose rows of one shape are told apart by
+/// `kind`.
 pub async fn held_by_teachers(
     conn: &mut PgConnection,
     trns: &[String],
 ) -> Result<(Vec<Snapshot>, Vec<crate::domain::Outcome>), StoreError> {
-    let rows = sqlx::query("select * from held_by($1)")
+    let rows = sqlx::query("select * from held_by_v2($1)")
         .bind(trns)
         .fetch_all(&mut *conn)
         .await?;
     held_from_rows(&rows)
 }
 
-/// Rows of the SQL type `held_row` (from `held_by` and `lock_and_load`), read back.
+/// Rows of the SQL type `held_row_v2` (from `held_by_v2` and `lock_and_load_v2`), read back.
 pub(super) fn held_from_rows(
     rows: &[PgRow],
 ) -> Result<(Vec<Snapshot>, Vec<crate::domain::Outcome>), StoreError> {
@@ -99,17 +99,27 @@ pub(super) fn held_from_rows(
         match row.try_get::<&str, _>("kind")? {
             "registration" => snapshots.push(registration_from_row(row)?),
             "claim" => snapshots.push(claim_from_row(row)?),
-            _ => last.push(outcome_from_json(row.try_get("last_outcome")?)?),
+            _ => last.push(outcome_from_body(row.try_get("last_outcome")?)?),
         }
     }
     Ok((snapshots, last))
 }
 
+/// A teacher's last outcome as it was published, parsed. Every teacher has one: a teacher's
+/// row is only ever written with the outbox row of its version.
+pub(super) fn last_outcome_message(
+    body: Option<&[u8]>,
+) -> Result<crate::messages::OutcomeMessage, StoreError> {
+    let body = body.ok_or_else(|| {
+        StoreError::corrupt("a teacher has neither an outbox row of its version nor a last outcome")
+    })?;
+    serde_json::from_slice(body)
+        .map_err(|e| StoreError::corrupt(format!("a stored last outcome is not an outcome: {e}")))
+}
+
 /// A stored last outcome, read back into the domain.
-fn outcome_from_json(
-    Json(stored): Json<crate::messages::OutcomeMessage>,
-) -> Result<crate::domain::Outcome, StoreError> {
-    stored
+fn outcome_from_body(body: Option<&[u8]>) -> Result<crate::domain::Outcome, StoreError> {
+    last_outcome_message(body)?
         .to_domain()
         .map_err(|e| StoreError::corrupt(e.to_string()))
 }

@@ -311,6 +311,28 @@ pub fn cli(
     cmd
 }
 
+/// Every teacher's stored last outcome by TRN, as the worker reads it: the outbox row of the
+/// teacher's version, or `teachers.last_outcome` where a release before ARCHITECTURE decision
+/// 33 stored it and that row is missing.
+pub async fn stored_last_outcomes(
+    conn: &mut sqlx::PgConnection,
+) -> std::collections::HashMap<String, induction_reconciler::messages::OutcomeMessage> {
+    let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "select t.trn, coalesce(o.body, convert_to(t.last_outcome::text, 'UTF8'))
+         from teachers t left join outbox o on o.trn = t.trn and o.version = t.version",
+    )
+    .fetch_all(conn)
+    .await
+    .expect("the teachers' last outcomes");
+    rows.into_iter()
+        .map(|(trn, body)| {
+            let message = serde_json::from_slice(&body)
+                .unwrap_or_else(|e| panic!("teacher {trn}'s last outcome does not parse: {e}"));
+            (trn, message)
+        })
+        .collect()
+}
+
 /// Checks every teacher `ledger` knows against the stored last outcomes (by TRN): equal
 /// reconciliations, or no outcome where the model gives `closed`; `label` names the run in a
 /// failure. Returns how many it compared.
