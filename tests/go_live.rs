@@ -421,10 +421,10 @@ async fn verify_finds_a_record_changed_behind_the_workers_back_and_emit_corrects
     // A registration changed behind the worker's back: a confirmed teacher's school now names
     // another AB, so the rules give a conflict.
     let (trn, registration_id, version): (String, String, i64) = sqlx::query_as(
-        "select t.trn, b->'school_registration'->>'registration_id', t.version
+        "select t.trn, b.b->'school_registration'->>'registration_id', t.version
          from teachers t join outbox o on o.trn = t.trn and o.version = t.version,
-              convert_from(o.body, 'UTF8')::jsonb as b
-         where b->>'reason' = 'claim_matches_registration' order by t.trn limit 1",
+              lateral (select convert_from(o.body, 'UTF8')::jsonb as b) as b
+         where b.b->>'reason' = 'claim_matches_registration' order by t.trn limit 1",
     )
     .fetch_one(app.store.pool())
     .await
