@@ -468,12 +468,18 @@ async fn seed(store: &Store, first_trn: u32, count: u32) -> anyhow::Result<()> {
         store.apply_batch(&items, now).await?;
     }
     // Keep only what a bulk load of historic records leaves: the records and each teacher's last
-    // outcome. Seeded inbox rows in particular change the planner's choices for the inbox
-    // statements (a sequential scan of a mid-sized inbox per batch) and would make the figures
-    // incomparable with runs before 2026-12-01, which seeded only these two tables.
-    sqlx::raw_sql("truncate outbox, history, inbox")
-        .execute(store.pool())
-        .await?;
+    // outcome, published (since ARCHITECTURE decision 33 that is the outbox row of the teacher's
+    // version: before it, the outbox was emptied too). Seeded inbox rows in particular change the
+    // planner's choices for the inbox statements (a sequential scan of a mid-sized inbox per
+    // batch) and would make the figures incomparable with runs before 2026-12-01.
+    for statement in [
+        "truncate history, inbox",
+        "update outbox set published_at = now(), lease_until = null where published_at is null",
+        // The marks' dead rows, which the first claims would otherwise walk.
+        "vacuum outbox",
+    ] {
+        sqlx::raw_sql(statement).execute(store.pool()).await?;
+    }
     sqlx::query("analyze").execute(store.pool()).await?;
     Ok(())
 }

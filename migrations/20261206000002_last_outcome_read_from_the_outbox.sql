@@ -107,3 +107,35 @@ begin
     return query select * from held_by_v2(locked);
 end
 $$;
+
+-- The outbox row of a teacher's version is now the only copy of the teacher's last outcome:
+-- deleting it (a retention job, a hand-made clean-up) would leave the teacher unreadable and park
+-- every later message about it. Refuse that with an error that says why; the row names neither
+-- the teacher nor its TRN (personal data stays out of error messages and logs). Other rows, and
+-- rows of teachers an earlier release stored with their `last_outcome`, may go.
+create function outbox_keeps_last_outcomes() returns trigger
+language plpgsql
+as $$
+begin
+    if tg_op = 'TRUNCATE' then
+        if exists (select 1 from teachers where last_outcome is null) then
+            raise exception 'the outbox holds the teachers'' last outcomes and cannot be truncated'
+                using errcode = 'restrict_violation',
+                      hint = 'delete published rows that are not a teacher''s current version instead';
+        end if;
+        return null;
+    end if;
+    if exists (select 1 from teachers t
+               where t.trn = old.trn and t.version = old.version and t.last_outcome is null) then
+        raise exception 'outbox row % is a teacher''s last outcome and cannot be deleted', old.id
+            using errcode = 'restrict_violation',
+                  hint = 'keep the row of each teacher''s current version (teachers.version)';
+    end if;
+    return old;
+end
+$$;
+
+create trigger outbox_keeps_last_outcomes before delete on outbox
+    for each row execute function outbox_keeps_last_outcomes();
+create trigger outbox_keeps_last_outcomes_on_truncate before truncate on outbox
+    for each statement execute function outbox_keeps_last_outcomes();

@@ -535,7 +535,8 @@ async fn published_body(store: &Store, trn: &str, version: i64) -> Value {
 /// ARCHITECTURE decision 33: the teacher's row keeps no copy of its last outcome; the next
 /// batch, `explain` and a worker of the release before (during a rolling update, through
 /// `held_by`) read the outbox row of its version; a teacher whose `last_outcome` a release
-/// before stored is read from it where that row is missing, and the next write clears it.
+/// before stored is read from it where that row is missing, and the next write clears it. The
+/// outbox refuses to lose the only copy.
 #[tokio::test]
 async fn a_teachers_last_outcome_is_the_outbox_row_of_its_version_for_this_release_and_the_one_before()
  {
@@ -575,6 +576,33 @@ async fn a_teachers_last_outcome_is_the_outbox_row_of_its_version_for_this_relea
         "the release before reads the same through held_by"
     );
 
+    // The only copy cannot be deleted, nor the outbox truncated; an older version can go.
+    for (statement, refusal) in [
+        (
+            "delete from outbox where trn = '1000001' and version = 2",
+            "is a teacher's last outcome and cannot be deleted",
+        ),
+        (
+            "truncate outbox",
+            "the outbox holds the teachers' last outcomes and cannot be truncated",
+        ),
+    ] {
+        let error = sqlx::query(statement)
+            .execute(db.store.pool())
+            .await
+            .expect_err(statement)
+            .to_string();
+        assert!(error.contains(refusal), "{statement}: {error}");
+        assert!(
+            !error.contains("1000001"),
+            "the TRN is not in the error: {error}"
+        );
+    }
+    sqlx::query("delete from outbox where trn = '1000001' and version = 1")
+        .execute(db.store.pool())
+        .await
+        .expect("a version before the last may be deleted");
+
     // Stored by the release before, and its outbox row gone (a database restored without it).
     for statement in [
         "update teachers t set last_outcome = convert_from(o.body, 'UTF8')::jsonb
@@ -597,7 +625,7 @@ async fn a_teachers_last_outcome_is_the_outbox_row_of_its_version_for_this_relea
     apply(&db.store, &[moved]).await;
     assert_eq!(
         db.teachers().await["1000001"],
-        (vec![1, 3], 3, "conflict".to_owned())
+        (vec![3], 3, "conflict".to_owned())
     );
     let kept: Option<sqlx::types::Json<Value>> =
         sqlx::query_scalar("select last_outcome from teachers where trn = '1000001'")
