@@ -839,6 +839,105 @@ async fn writes_and_claims_read_the_pending_rows_not_everything_published_since_
     db.finish().await;
 }
 
+/// Index scans of each outbox index so far, and entries read, on `store`'s one connection.
+async fn outbox_index_reads(store: &Store) -> BTreeMap<String, (i64, i64)> {
+    flush_statistics(store).await;
+    sqlx::query(
+        "select indexrelname::text, idx_scan, idx_tup_read from pg_stat_user_indexes
+         where relname = 'outbox'",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|row| (row.get(0), (row.get(1), row.get(2))))
+    .collect()
+}
+
+/// A large outbox is nearly always analysed with nothing pending, so the partial indexes of
+/// pending rows look empty to the planner; when a backlog builds up, a plan that scans one of
+/// them whole and filters by id or TRN still looks cheapest. The lanes' writes and marks, their
+/// hand-backs and the relay's claim look rows up through the unique indexes instead
+/// (ARCHITECTURE decision 34), so what they read does not grow with the backlog. Without that,
+/// the marks read every pending entry.
+#[tokio::test]
+async fn a_backlog_on_an_outbox_analysed_when_nothing_was_pending_is_read_through_the_unique_indexes()
+ {
+    let db = Db::new().await;
+    let store = db.one_connection().await;
+    sqlx::query("alter table outbox set (autovacuum_enabled = false)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    // 50,000 published outcomes of other teachers, analysed: nothing pending.
+    sqlx::query(
+        "insert into outbox (outcome_id, trn, version, routing_key, body, created_at, published_at)
+         select gen_random_uuid(), (4000000 + g % 10000)::text, g / 10000 + 1, 'outcome.confirmed',
+                '{}'::bytea, now(), now()
+         from generate_series(0, 49999) as g",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    sqlx::query("vacuum analyze outbox")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let teacher = |n: u64| format!("{}", 5_000_000 + n);
+    let messages = |round: u64| -> Vec<Value> {
+        (0..40_u64)
+            .map(|n| {
+                let teacher_n = round * 40 + n;
+                registration(teacher_n + 1, &format!("r{teacher_n}"), &teacher(teacher_n))
+            })
+            .collect()
+    };
+    // A backlog for the relay: 1,200 outcomes written without a lease.
+    for round in 0..30 {
+        apply(&store, &messages(round)).await;
+    }
+    // A lane's write leases 40; its next write marks them and leases 40 more.
+    let leased = apply_publishing(&store, &messages(30), &[], true).await;
+    let confirmed: Vec<i64> = leased.leased.iter().map(|l| l.row.id).collect();
+    let before = outbox_index_reads(&store).await;
+    let written = apply_publishing(&store, &messages(31), &confirmed, true).await;
+    assert_eq!((written.marked, written.leased.len()), (40, 40));
+    // The marks of a lane with nothing more to write, and a hand-back to the relay.
+    let ids: Vec<i64> = written.leased.iter().map(|l| l.row.id).collect();
+    assert_eq!(store.mark_published(&ids[..20], NOW).await.unwrap(), 20);
+    store.release_leases(&ids[20..]).await.unwrap();
+    let after_lane = outbox_index_reads(&store).await;
+    // The relay claims 100 teachers' rows.
+    let batch = store.claim_outbox(100, NOW).await.unwrap();
+    assert_eq!(
+        batch.len(),
+        100,
+        "the oldest 100 teachers, one version each"
+    );
+    batch.complete(&[]).await.unwrap();
+    let after_claim = outbox_index_reads(&store).await;
+
+    let read = |from: &BTreeMap<String, (i64, i64)>,
+                to: &BTreeMap<String, (i64, i64)>,
+                index: &str| { to[index].1 - from[index].1 };
+    for index in ["outbox_pending", "outbox_pending_by_id"] {
+        assert_eq!(
+            read(&before, &after_lane, index),
+            0,
+            "the lane's write, marks and hand-back read {index} (1,280 rows pending)"
+        );
+    }
+    assert!(
+        read(&after_lane, &after_claim, "outbox_pending") == 0
+            && read(&after_lane, &after_claim, "outbox_pending_by_id") <= 150,
+        "a claim of 100 read {} and {} entries of the pending indexes (1,280 rows pending)",
+        read(&after_lane, &after_claim, "outbox_pending"),
+        read(&after_lane, &after_claim, "outbox_pending_by_id")
+    );
+    store.pool().close().await;
+    db.finish().await;
+}
+
 /// The database's own checks of identifiers admit what the contract's pattern
 /// `^[A-Za-z0-9._:-]{1,64}$` admits and refuse the rest, naming the constraint (migration
 /// `20261206000001` wrote them without a counted repetition).

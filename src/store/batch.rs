@@ -74,15 +74,20 @@ impl Store {
 ///   takes `trn = any($1)` over 150 TRNs for most of the table, so it read whole tables instead:
 ///   7 million rows by sequential scans while draining 40,000 messages (`pg_stat_user_tables`).
 ///   A cost penalty, not a ban: a sequential scan still runs where no index fits.
-/// - `plan_cache_mode = auto`: with sequential scans off, a plan made once for a statement finds
-///   its rows through the same indexes as one made for each call (after 100,000 messages into a
-///   new database, about one index entry read per index scan of the record tables), and
-///   planning the write statement anew for every batch was a third of the latency at 1,000
-///   msg/s, where a batch holds three messages. The connection's default
-///   (`force_custom_plan`) stays for everything else the worker runs.
+/// - `plan_cache_mode = force_generic_plan`: with sequential scans off, a plan made once for a
+///   statement finds its rows through the same indexes as one made for each call (after 100,000
+///   messages into a new database, about one index entry read per index scan of the record
+///   tables), and planning the write statement anew for every batch was a third of the latency
+///   at 1,000 msg/s, where a batch holds three messages. It was `auto` (a plan made once where
+///   its estimated cost is no worse than the plans made for each call) until the outbox's
+///   lookups stopped matching its partial indexes (ARCHITECTURE decision 34): the plan made once
+///   then looks up as many outbox ids as a typical batch marks, those made for each call an
+///   empty array, and `auto` planned the write statement anew for every batch. The connection's
+///   default (`force_custom_plan`) stays for everything else the worker runs.
 ///
 /// Both are for the transaction only.
-const BEGIN_BATCH: &str = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL plan_cache_mode = auto";
+const BEGIN_BATCH: &str =
+    "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL plan_cache_mode = force_generic_plan";
 
 async fn apply_in(
     conn: &mut PgConnection,

@@ -30,7 +30,9 @@ type Statement<'q> = Query<'q, Postgres, PgArguments>;
 /// version is still the one read under its lock, each joined to its row by TRN; a teacher that
 /// is neither is not counted, and the write fails. A teacher's last outcome is its outbox row
 /// of that version (ARCHITECTURE decision 33): `last_outcome` is left null, and cleared where a
-/// release before this one had filled it. (An upsert whose conflict guard looked the
+/// release before this one had filled it. Outbox rows are looked up by id and TRN through the
+/// unique indexes ("not yet published" is written so that the partial indexes cannot serve it:
+/// see `store::outbox`). (An upsert whose conflict guard looked the
 /// previous version up in the whole array, once for every updated teacher, cost the square of
 /// the batch: 4 of a 31 ms write of 420 messages.)
 const WRITE: &str = "with
@@ -75,13 +77,13 @@ const WRITE: &str = "with
    returning 1),
  mrk as (
    update outbox set published_at = $1
-   where id = any($52::int8[]) and published_at is null
+   where id = any($52::int8[]) and coalesce(published_at, 'infinity') = 'infinity'
    returning trn),
  obx as (
    insert into outbox (outcome_id, trn, version, routing_key, body, traceparent, created_at, lease_until)
    select x.i, x.t, x.v, x.k, x.b, x.p, $1,
      case when $53::timestamptz is not null and not exists (
-       select 1 from outbox e where e.trn = x.t and e.published_at is null and e.version < x.v and e.id <> all($52::int8[])
+       select 1 from outbox e where e.trn = x.t and coalesce(e.published_at, 'infinity') = 'infinity' and e.version < x.v and e.id <> all($52::int8[])
      ) then $53::timestamptz end
    from unnest($32::uuid[], $33::text[], $34::int8[], $35::text[], $36::bytea[], $37::text[])
        with ordinality as x(i, t, v, k, b, p, n)
@@ -103,7 +105,7 @@ const WRITE: &str = "with
         (select coalesce(array_agg(id order by id), '{}') from obx where leased) as leased_ids,
         (select coalesce(array_agg(outcome_id order by id), '{}') from obx where leased) as leased_outcomes,
         case when exists (select 1 from obx where not leased)
-               or exists (select 1 from mrk join outbox o on o.trn = mrk.trn and o.published_at is null and o.lease_until is null)
+               or exists (select 1 from mrk join outbox o on o.trn = mrk.trn and coalesce(o.published_at, 'infinity') = 'infinity' and o.lease_until is null)
              then pg_notify($49, '') end as notified";
 
 /// Everything one transaction writes.

@@ -1,5 +1,14 @@
 //! The transactional outbox: outcomes are written in the same transaction as the state that
 //! caused them, and published by the relay afterwards.
+//!
+//! Only the claim's scan in id order reads the partial indexes of pending rows. Every lookup of
+//! rows by id or by TRN writes "not yet published" as `coalesce(published_at, 'infinity') =
+//! 'infinity'`, which PostgreSQL cannot match to those indexes' predicate (`published_at is
+//! null`), so that it goes through `outbox_pkey` or `outbox_trn_version_key` (ARCHITECTURE
+//! decision 34). The partial indexes' statistics say "empty" whenever the table was last
+//! analysed with nothing pending, which on a large outbox is nearly always; during a backlog the
+//! planner then took a whole scan of a partial index, filtered by id or TRN, for the cheapest
+//! plan, once for every statement (or every row) of every batch.
 
 use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
@@ -144,14 +153,14 @@ impl super::Store {
                    from outbox o
                    where o.published_at is null
                      and (o.lease_until is null or o.lease_until <= $2)
-                     and o.version = (select e.version from outbox e where e.trn = o.trn and e.published_at is null order by e.version limit 1)
+                     and o.version = (select e.version from outbox e where e.trn = o.trn and coalesce(e.published_at, 'infinity') = 'infinity' order by e.version limit 1)
                    order by o.id
                    limit $1
                    for update skip locked
                  ), later as (
                    select o.id
                    from outbox o
-                   where o.published_at is null
+                   where coalesce(o.published_at, 'infinity') = 'infinity'
                      and (o.lease_until is null or o.lease_until <= $2)
                      and o.trn in (select trn from lowest)
                      and o.id not in (select id from lowest)
@@ -205,7 +214,7 @@ impl super::Store {
             sqlx::query(
                 "with released as (
                    update outbox set lease_until = null
-                   where id = any($1) and published_at is null
+                   where id = any($1) and coalesce(published_at, 'infinity') = 'infinity'
                    returning 1)
                  select case when exists (select 1 from released) then pg_notify($2, '') end",
             )
@@ -253,11 +262,11 @@ pub(super) async fn mark_published(
     }
     let row = sqlx::query(
         "with mrk as (
-           update outbox set published_at = $2 where id = any($1) and published_at is null
+           update outbox set published_at = $2 where id = any($1) and coalesce(published_at, 'infinity') = 'infinity'
            returning trn)
          select (select count(*) from mrk) as marked,
                 case when exists (
-                  select 1 from mrk join outbox o on o.trn = mrk.trn and o.published_at is null and o.lease_until is null
+                  select 1 from mrk join outbox o on o.trn = mrk.trn and coalesce(o.published_at, 'infinity') = 'infinity' and o.lease_until is null
                 ) then pg_notify($3, '') end as notified",
     )
     .bind(ids)
