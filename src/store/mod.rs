@@ -111,9 +111,14 @@ impl Store {
         // while a table was small (a new database, before autovacuum's first ANALYZE) kept
         // sequential scans of the inbox and the record tables as they grew, which more than
         // halved throughput and tripled latency after a backlog (issue 15, ARCHITECTURE
-        // decision 25).
+        // decision 25). No JIT compilation: every statement the worker runs reads and writes
+        // rows by key, and PostgreSQL compiles a plan whose estimated cost passes
+        // `jit_above_cost`, which before a table's first ANALYZE a keyed claim of the outbox
+        // did: 10 to 90 ms of LLVM on every claim, PostgreSQL's CPU doubled over a backlog
+        // (ARCHITECTURE decision 34).
         let options = options.application_name("induction-reconciler").options([
             ("plan_cache_mode", "force_custom_plan"),
+            ("jit", "off"),
             ("idle_in_transaction_session_timeout", bound.as_str()),
             ("tcp_keepalives_idle", "10"),
             ("tcp_keepalives_interval", "5"),
