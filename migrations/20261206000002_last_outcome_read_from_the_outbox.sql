@@ -2,7 +2,8 @@
 -- decision 33).
 --
 -- Every version of a teacher's outcome is an outbox row, written by the same statement as the
--- teacher's row and never deleted, and its body is the exact JSON that was published. The
+-- teacher's row and kept (the worker deletes none, and the triggers below refuse to delete the
+-- current one), and its body is the exact JSON that was published. The
 -- teacher's `last_outcome` held the same JSON again, as `jsonb`: every outcome parsed about a
 -- kilobyte into `jsonb`, wrote it into a row that then could rarely be updated in place, and
 -- logged it to the WAL, and every batch printed it back out as text for the worker to parse.
@@ -14,33 +15,9 @@
 -- The column and `held_by` stay for the release before, which runs beside this one during a
 -- rolling update (deploy/kubernetes: migrations first, then one pod at a time): `held_by` now
 -- gives it the outbox's body where `last_outcome` is null, so its batches read what this
--- release wrote. A later release drops the column, `held_by`, `lock_and_load` and `held_row`.
+-- release wrote. A later release can drop the column, `held_by`, `lock_and_load` and `held_row`.
 
 alter table teachers alter column last_outcome drop not null;
-
-create or replace function held_by(trns text[]) returns setof held_row
-language sql
-stable
-as $$
-    select 'registration'::text, r.registration_id, null::text, r.trn, r.school_urn, r.started_on,
-           r.finished_on, r.appropriate_body_id, r.training_programme, r.lead_provider_id,
-           null::smallint, null::text, r.deleted, r.occurred_at, r.occurred_at_ns, r.message_id,
-           r.origin, null::jsonb
-    from registrations r where r.trn = any(trns)
-    union all
-    select 'claim'::text, null::text, p.induction_period_id, p.trn, null::integer, p.started_on,
-           p.finished_on, p.appropriate_body_id, p.training_programme, null::text,
-           p.number_of_terms_tenths, p.outcome, p.deleted, p.occurred_at, p.occurred_at_ns,
-           p.message_id, p.origin, null::jsonb
-    from induction_periods p where p.trn = any(trns)
-    union all
-    select 'teacher'::text, null::text, null::text, t.trn, null::integer, null::date, null::date,
-           null::text, null::text, null::text, null::smallint, null::text, null::boolean,
-           null::timestamptz, null::smallint, null::uuid, null::text,
-           coalesce(t.last_outcome, convert_from(o.body, 'UTF8')::jsonb)
-    from teachers t left join outbox o on o.trn = t.trn and o.version = t.version
-    where t.trn = any(trns)
-$$;
 
 -- `held_row` with the last outcome as the bytes that were published.
 create type held_row_v2 as (
@@ -88,6 +65,19 @@ as $$
            coalesce(o.body, convert_to(t.last_outcome::text, 'UTF8'))
     from teachers t left join outbox o on o.trn = t.trn and o.version = t.version
     where t.trn = any(trns)
+$$;
+
+-- `held_by` for the release before: the same rows, each teacher's last outcome parsed back into
+-- `jsonb` (once per teacher and batch, and only while that release runs).
+create or replace function held_by(trns text[]) returns setof held_row
+language sql
+stable
+as $$
+    select kind, registration_id, induction_period_id, trn, school_urn, started_on, finished_on,
+           appropriate_body_id, training_programme, lead_provider_id, number_of_terms_tenths,
+           outcome, deleted, occurred_at, occurred_at_ns, message_id, origin,
+           convert_from(last_outcome, 'UTF8')::jsonb
+    from held_by_v2(trns)
 $$;
 
 -- `lock_and_load` returning `held_row_v2`.

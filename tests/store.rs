@@ -653,17 +653,25 @@ async fn flush_statistics(store: &Store) {
 
 /// Sequential and index scans of the record and teacher tables, as PostgreSQL counts them.
 async fn scans(store: &Store) -> BTreeMap<String, (i64, i64)> {
-    flush_statistics(store).await;
-    sqlx::query(
+    statistics(
+        store,
         "select relname::text, seq_scan, coalesce(idx_scan, 0) from pg_stat_user_tables
          where relname in ('registrations', 'induction_periods', 'teachers', 'inbox', 'outbox')",
     )
-    .fetch_all(store.pool())
     .await
-    .unwrap()
-    .into_iter()
-    .map(|row| (row.get(0), (row.get(1), row.get(2))))
-    .collect()
+}
+
+/// Two counts by name from one of PostgreSQL's statistics views, on `store`'s one connection,
+/// after flushing them.
+async fn statistics(store: &Store, query: &'static str) -> BTreeMap<String, (i64, i64)> {
+    flush_statistics(store).await;
+    sqlx::query(query)
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| (row.get(0), (row.get(1), row.get(2))))
+        .collect()
 }
 
 /// Before a table's first `ANALYZE` (a new database, a backlog drained before autovacuum
@@ -841,17 +849,12 @@ async fn writes_and_claims_read_the_pending_rows_not_everything_published_since_
 
 /// Index scans of each outbox index so far, and entries read, on `store`'s one connection.
 async fn outbox_index_reads(store: &Store) -> BTreeMap<String, (i64, i64)> {
-    flush_statistics(store).await;
-    sqlx::query(
+    statistics(
+        store,
         "select indexrelname::text, idx_scan, idx_tup_read from pg_stat_user_indexes
          where relname = 'outbox'",
     )
-    .fetch_all(store.pool())
     .await
-    .unwrap()
-    .into_iter()
-    .map(|row| (row.get(0), (row.get(1), row.get(2))))
-    .collect()
 }
 
 /// A large outbox is nearly always analysed with nothing pending, so the partial indexes of
