@@ -28,13 +28,14 @@ type Statement<'q> = Query<'q, Postgres, PgArguments>;
 ///
 /// Teachers: a new one (previous version 0) is inserted, a known one updated where its stored
 /// version is still the one read under its lock, each joined to its row by TRN; a teacher that
-/// is neither is not counted, and the write fails. A teacher's last outcome is its outbox row
-/// of that version (ARCHITECTURE decision 33): `last_outcome` is left null, and cleared where a
-/// release before this one had filled it. Outbox rows are looked up by id and TRN through the
-/// unique indexes ("not yet published" is written so that the partial indexes cannot serve it:
-/// see `store::outbox`). (An upsert whose conflict guard looked the
+/// is neither is not counted, and the write fails. (An upsert whose conflict guard looked the
 /// previous version up in the whole array, once for every updated teacher, cost the square of
-/// the batch: 4 of a 31 ms write of 420 messages.)
+/// the batch: 4 of a 31 ms write of 420 messages.) A teacher's last outcome is its outbox row
+/// of that version (ARCHITECTURE decision 33): `last_outcome` is left null, and cleared where a
+/// release before this one had filled it.
+///
+/// Outbox rows are looked up by id and TRN through the unique indexes: "not yet published" is
+/// written so that the partial indexes cannot serve those lookups (see `store::outbox`).
 const WRITE: &str = "with
  reg as (
    insert into registrations (registration_id, trn, school_urn, started_on, finished_on, appropriate_body_id,

@@ -113,8 +113,14 @@ pub(super) fn last_outcome_message(
     let body = body.ok_or_else(|| {
         StoreError::corrupt("a teacher has neither an outbox row of its version nor a last outcome")
     })?;
-    serde_json::from_slice(body)
-        .map_err(|e| StoreError::corrupt(format!("a stored last outcome is not an outcome: {e}")))
+    // Where it fails and how, not serde's message, which may quote a value (the TRN).
+    serde_json::from_slice(body).map_err(|e| {
+        StoreError::corrupt(format!(
+            "a stored last outcome does not read as an outcome ({:?} error at column {})",
+            e.classify(),
+            e.column()
+        ))
+    })
 }
 
 /// A stored last outcome, read back into the domain.
