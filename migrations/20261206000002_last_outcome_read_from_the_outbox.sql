@@ -100,8 +100,8 @@ $$;
 
 -- The outbox row of a teacher's version is now the only copy of the teacher's last outcome:
 -- deleting it (a retention job, a hand-made clean-up) would leave the teacher unreadable and park
--- every later message about it. Refuse that with an error that says why; the row names neither
--- the teacher nor its TRN (personal data stays out of error messages and logs). Other rows, and
+-- every later message about it. Refuse that with an error that says why and names the row's id,
+-- never the teacher's TRN (personal data stays out of error messages and logs). Other rows, and
 -- rows of teachers an earlier release stored with their `last_outcome`, may go.
 create function outbox_keeps_last_outcomes() returns trigger
 language plpgsql
