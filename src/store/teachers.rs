@@ -9,21 +9,17 @@ use super::records;
 use crate::domain::{Outcome, Snapshot, Trn};
 use crate::messages::OutcomeMessage;
 
-/// The last outcome emitted for a teacher, as it was published: the outbox row of the
-/// teacher's version (ARCHITECTURE decision 33), or the `last_outcome` a release before that
-/// decision stored, should that row be missing.
+/// The last outcome emitted for a teacher, as it was published, read as a batch reads it
+/// (`held_by_v2`: the outbox row of the teacher's version, ARCHITECTURE decision 33).
 async fn last_outcome_message(
     conn: &mut PgConnection,
     trn: &Trn,
 ) -> Result<Option<OutcomeMessage>, StoreError> {
-    let stored: Option<Option<Vec<u8>>> = sqlx::query_scalar(
-        "select coalesce(o.body, convert_to(t.last_outcome::text, 'UTF8'))
-         from teachers t left join outbox o on o.trn = t.trn and o.version = t.version
-         where t.trn = $1",
-    )
-    .bind(trn.as_str())
-    .fetch_optional(conn)
-    .await?;
+    let stored: Option<Option<Vec<u8>>> =
+        sqlx::query_scalar("select last_outcome from held_by_v2(array[$1]) where kind = 'teacher'")
+            .bind(trn.as_str())
+            .fetch_optional(conn)
+            .await?;
     stored
         .map(|body| records::last_outcome_message(body.as_deref()))
         .transpose()
