@@ -1,0 +1,12 @@
+-- no-transaction
+-- Drops `outbox_pending`, the index of unpublished outbox rows by (trn, version) (issue 15).
+--
+-- Since ARCHITECTURE decision 34 the worker reads no row through it: a lookup by TRN writes "not
+-- yet published" so that only `outbox_trn_version_key` can serve it, and the relay's claim scans
+-- `outbox_pending_by_id`. It still cost an index entry for every outcome written, and the pages
+-- its entries of published rows leave until a vacuum (ARCHITECTURE decision 35).
+--
+-- Outside a transaction, and concurrently, so that a worker of the release before, writing
+-- while this runs, is not stopped behind an exclusive lock on the outbox. `if exists` makes a
+-- second run, after one interrupted between the drop and sqlx's record of it, a no-op.
+drop index concurrently if exists outbox_pending;
