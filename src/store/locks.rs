@@ -1,48 +1,54 @@
 //! The two kinds of transaction-scoped advisory lock (ARCHITECTURE.md, "Concurrency"), always
 //! taken in this order: every record a batch carries a snapshot of, then every teacher it
 //! touches, each kind in ascending key order, so that transactions cannot deadlock. A batch
-//! takes both kinds, and reads what its teachers hold, in one round trip (`lock_and_load_v2`, a
-//! SQL function); a single teacher's operations (`verify --emit`, the sweep) take only the
-//! teacher's.
+//! takes both kinds, and reads what its teachers hold, in the round trip that fills the inbox
+//! (`lock_and_load_v2`, a SQL function, with [`BatchLocks`]); a single teacher's operations
+//! (`verify --emit`, the sweep) take only the teacher's.
 
 use std::collections::BTreeSet;
 
 use sqlx::PgConnection;
 
 use super::error::StoreError;
-use super::records;
-use crate::domain::{Outcome, RecordKey, Snapshot, Trn};
+use crate::domain::{RecordKey, Trn};
 
-/// Locks a batch and reads what its teachers hold, in one round trip (the SQL function
-/// `lock_and_load_v2`, which calls `lock_batch`): the records' advisory locks (class 1, keyed by a
-/// hash of kind and id; a hash collision only makes two records share a lock), then every
-/// teacher the batch touches: the TRN of each snapshot (`snapshot_trns`) and the TRN each record
-/// counts for now, read under the records' locks so that it cannot change before the teachers
-/// are locked. Returns, read under those locks, the held snapshots of every record that counts
-/// for one of those teachers and their last outcomes.
-pub(super) async fn lock_and_load(
-    conn: &mut PgConnection,
-    keys: &[RecordKey],
-    snapshot_trns: &BTreeSet<Trn>,
-) -> Result<(Vec<Snapshot>, Vec<Outcome>), StoreError> {
-    let names: Vec<String> = keys
-        .iter()
-        .map(|k| format!("{}:{}", k.kind(), k.id()))
-        .collect();
-    let ids = |registration: bool| -> Vec<&str> {
-        keys.iter()
-            .filter(|k| matches!(k, RecordKey::Registration(_)) == registration)
-            .map(|k| k.id().as_str())
-            .collect()
-    };
-    let rows = sqlx::query("select * from lock_and_load_v2($1, $2, $3, $4)")
-        .bind(names)
-        .bind(ids(true))
-        .bind(ids(false))
-        .bind(snapshot_trns.iter().map(trn_key).collect::<Vec<i32>>())
-        .fetch_all(&mut *conn)
-        .await?;
-    records::held_from_rows(&rows)
+/// What a batch locks, as the arguments of the SQL function `lock_and_load_v2` (which calls
+/// `lock_batch`): the records' advisory locks (class 1, keyed by a hash of kind and id; a hash
+/// collision only makes two records share a lock), then every teacher the batch touches: the
+/// TRN of each snapshot and the TRN each record counts for now, read under the records' locks
+/// so that it cannot change before the teachers are locked. Under those locks the function
+/// returns the held snapshots of every record that counts for one of those teachers and their
+/// last outcomes (`records::held_from_rows` reads them). The batch calls it in the statement
+/// that fills the inbox, after it (`store::batch`).
+pub(super) struct BatchLocks {
+    /// `kind:id` of every record, for the records' locks.
+    pub record_names: Vec<String>,
+    /// The ids of the registrations, and of the induction periods, whose TRN to read.
+    pub registration_ids: Vec<String>,
+    pub induction_period_ids: Vec<String>,
+    /// The teachers' lock keys of the snapshots' TRNs.
+    pub snapshot_trns: Vec<i32>,
+}
+
+impl BatchLocks {
+    /// The locks for snapshots of the records `keys`, carrying the TRNs `snapshot_trns`.
+    pub(super) fn new(keys: &[RecordKey], snapshot_trns: &BTreeSet<Trn>) -> Self {
+        let ids = |registration: bool| -> Vec<String> {
+            keys.iter()
+                .filter(|k| matches!(k, RecordKey::Registration(_)) == registration)
+                .map(|k| k.id().as_str().to_owned())
+                .collect()
+        };
+        Self {
+            record_names: keys
+                .iter()
+                .map(|k| format!("{}:{}", k.kind(), k.id()))
+                .collect(),
+            registration_ids: ids(true),
+            induction_period_ids: ids(false),
+            snapshot_trns: snapshot_trns.iter().map(trn_key).collect(),
+        }
+    }
 }
 
 /// A teacher's lock key: its TRN as a number (seven digits fit an `int4`).
