@@ -661,6 +661,14 @@ async fn scans(store: &Store) -> BTreeMap<String, (i64, i64)> {
     .await
 }
 
+/// Keeps autovacuum off the outbox, so that what a test reads of it is what the worker left.
+async fn outbox_without_autovacuum(store: &Store) {
+    sqlx::query("alter table outbox set (autovacuum_enabled = false)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+}
+
 /// Two counts by name from one of PostgreSQL's statistics views, on `store`'s one connection,
 /// after flushing them.
 async fn statistics(store: &Store, query: &'static str) -> BTreeMap<String, (i64, i64)> {
@@ -783,10 +791,7 @@ async fn writes_and_claims_read_the_pending_rows_not_everything_published_since_
     let db = Db::new().await;
     let store = db.one_connection().await;
     // Before the table's first vacuum, whenever autovacuum would come.
-    sqlx::query("alter table outbox set (autovacuum_enabled = false)")
-        .execute(store.pool())
-        .await
-        .unwrap();
+    outbox_without_autovacuum(&store).await;
     let teacher = |n: u64| format!("{}", 5_000_000 + n);
     // Lanes' writes of 40 outcomes each, leased, each marking the previous one's published.
     let write = |round: u64, confirmed: Vec<i64>| {
@@ -868,10 +873,7 @@ async fn a_backlog_on_an_outbox_analysed_when_nothing_was_pending_is_read_throug
  {
     let db = Db::new().await;
     let store = db.one_connection().await;
-    sqlx::query("alter table outbox set (autovacuum_enabled = false)")
-        .execute(store.pool())
-        .await
-        .unwrap();
+    outbox_without_autovacuum(&store).await;
     // 50,000 published outcomes of other teachers, analysed: nothing pending.
     sqlx::query(
         "insert into outbox (outcome_id, trn, version, routing_key, body, created_at, published_at)
