@@ -27,7 +27,6 @@ use induction_reconciler::broker::{
 use induction_reconciler::config::Topology;
 use induction_reconciler::messages::{decode, peek};
 use induction_reconciler::store::{BatchItem, Limits, Store};
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use secrecy::SecretString;
 use sha2::{Digest, Sha256};
@@ -135,6 +134,25 @@ async fn bench(mut options: BenchOptions) -> anyhow::Result<()> {
         return result;
     }
     let rig = Rig::start(&options).await?;
+    // Whether the runs succeed or not, the worker stops and the database and topology go.
+    let measured = measure(&rig, &options).await;
+    rig.finish(options.keep).await;
+    let (full, rated, raw, rss_kib, ack_frames) = measured?;
+    report(&options, &full, rated.as_ref(), raw, rss_kib, ack_frames);
+    Ok(())
+}
+
+/// What one bench measures, in the order `report` prints it.
+type Measured = (
+    RunFigures,
+    Option<RunFigures>,
+    Option<f64>,
+    Option<usize>,
+    Option<AckFrames>,
+);
+
+/// The full-speed run, the fixed-rate run, the worker's peak memory and the raw relay.
+async fn measure(rig: &Rig, options: &BenchOptions) -> anyhow::Result<Measured> {
     let arrivals = rig.collect_outcomes().await?;
     let full_stream = generate(options.messages, options.teachers, FIRST_TRN, 1);
     let full = rig.timed_run(&full_stream, None, &arrivals).await?;
@@ -155,9 +173,7 @@ async fn bench(mut options: BenchOptions) -> anyhow::Result<()> {
                 .context("the raw relay failed")?,
         ),
     };
-    rig.finish(options.keep).await;
-    report(&options, &full, rated.as_ref(), raw, rss_kib, ack_frames);
-    Ok(())
+    Ok((full, rated, raw, rss_kib, ack_frames))
 }
 
 impl Rig {
@@ -260,18 +276,13 @@ impl Rig {
         }
         if !keep {
             let t = &self.topology;
-            for queue in [&t.inbox_queue, &t.parking_queue, &t.unrouted_queue] {
-                let deleting = self
-                    .channel
-                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default());
-                let _ = deleting.await;
-            }
-            for exchange in [&t.input_exchange, &t.outcome_exchange, &t.unrouted_exchange] {
-                let deleting = self
-                    .channel
-                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default());
-                let _ = deleting.await;
-            }
+            let queues = [t.inbox_queue.as_str(), &t.parking_queue, &t.unrouted_queue];
+            let exchanges = [
+                t.input_exchange.as_str(),
+                &t.outcome_exchange,
+                &t.unrouted_exchange,
+            ];
+            common::remove_topology(&queues, &exchanges).await;
             self.store.pool().close().await;
             common::drop_database(&self.db_name).await;
         }

@@ -1,11 +1,17 @@
 //! The generated workload of the benchmark and the reliability suite is what they say it is: the
 //! documented mix of invalid messages and duplicates, judged by the real decoder, and the same
-//! stream for the same seed.
+//! stream for the same seed. And their clean-up leaves nothing behind on the shared broker, where
+//! a stray queue would hold a run's messages and a stray worker would take the next run's.
 
 mod common;
 
+use common::app::amqp_url;
 use common::workload::generate;
+use induction_reconciler::broker::Broker;
 use induction_reconciler::messages::decode;
+use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use secrecy::SecretString;
 use time::OffsetDateTime;
 
 #[test]
@@ -35,4 +41,86 @@ fn the_mix_is_as_documented() {
         stream.iter().zip(&again).all(|(a, b)| a.body == b.body),
         "deterministic"
     );
+}
+
+/// Whether `queue` (or, when `is_queue` is false, the exchange) exists, asked on a fresh channel:
+/// a passive declare of one that does not closes the channel with 404.
+async fn exists(broker: &Broker, name: &str, is_queue: bool) -> bool {
+    let channel = broker.channel().await.expect("a channel");
+    let passive = match is_queue {
+        true => {
+            let options = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let declaring = channel.queue_declare(name.into(), options, FieldTable::default());
+            declaring.await.map(drop)
+        }
+        false => {
+            let options = ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let kind = lapin::ExchangeKind::Topic;
+            let declaring =
+                channel.exchange_declare(name.into(), kind, options, FieldTable::default());
+            declaring.await
+        }
+    };
+    passive.is_ok()
+}
+
+#[tokio::test]
+async fn the_clean_up_removes_the_rest_of_a_topology_when_the_broker_refuses_one_delete() {
+    let url = SecretString::from(amqp_url());
+    let prefix = format!("it-clean-up-{}", uuid::Uuid::new_v4().simple());
+    let (locked, queue, exchange) = (
+        format!("{prefix}.locked"),
+        format!("{prefix}.queue"),
+        format!("{prefix}.events"),
+    );
+    // Another connection holds `locked` exclusively: the broker refuses to delete it
+    // (RESOURCE_LOCKED) and closes the channel that asked. The queue goes with that connection.
+    let holder = Broker::connect(&url, "clean-up test holder").await.unwrap();
+    let holding = holder.channel().await.unwrap();
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    let declaring = holding.queue_declare(locked.as_str().into(), exclusive, FieldTable::default());
+    declaring.await.unwrap();
+    // The others would expire unused within a minute if this test failed before deleting them.
+    let mut expiring = FieldTable::default();
+    expiring.insert("x-expires".into(), AMQPValue::LongInt(60_000));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let declaring = holding.queue_declare(queue.as_str().into(), durable, expiring);
+    declaring.await.unwrap();
+    let kind = lapin::ExchangeKind::Topic;
+    let options = ExchangeDeclareOptions::default();
+    let declaring = holding.exchange_declare(
+        exchange.as_str().into(),
+        kind,
+        options,
+        FieldTable::default(),
+    );
+    declaring.await.unwrap();
+
+    // The refused delete comes first, as a failed delete did in a benchmark that left its queues.
+    let left = common::remove_topology(&[&locked, &queue], &[&exchange]).await;
+
+    let looking = Broker::connect(&url, "clean-up test").await.unwrap();
+    let queue_exists = exists(&looking, &queue, true).await;
+    let exchange_exists = exists(&looking, &exchange, false).await;
+    looking.close().await;
+    holder.close().await;
+    assert_eq!(
+        left,
+        [locked],
+        "the refused delete is reported, and only that one"
+    );
+    assert!(!queue_exists, "the queue after the refused one is deleted");
+    assert!(!exchange_exists, "the exchange is deleted");
 }

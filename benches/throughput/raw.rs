@@ -7,43 +7,41 @@ use futures_lite::StreamExt;
 use induction_reconciler::broker::{Broker, Outgoing, json_properties};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 
+use crate::common::remove_topology;
 use crate::common::workload::Generated;
 
 /// Relays `stream` through two quorum queues; returns messages per second.
 pub async fn relay(broker: &Broker, prefix: &str, stream: &[Generated]) -> anyhow::Result<f64> {
     let input = format!("{prefix}.raw-in");
     let output = format!("{prefix}.raw-out");
-    let channel = broker.channel().await?;
-    declare(&channel, &input, &output).await?;
-    let forwarding = forward(broker, &input, &output, stream.len()).await?;
-    let publisher = broker.publisher().await?;
-    let started = Instant::now();
-    for chunk in stream.chunks(1000) {
-        let messages = chunk.iter().map(|message| Outgoing {
-            exchange: "",
-            routing_key: &input,
-            body: &message.body,
-            properties: json_properties("", FieldTable::default()),
-        });
-        for result in publisher.publish_all(messages).await {
-            result?;
+    let timed = async {
+        let channel = broker.channel().await?;
+        declare(&channel, &input, &output).await?;
+        let forwarding = forward(broker, &input, &output, stream.len()).await?;
+        let publisher = broker.publisher().await?;
+        let started = Instant::now();
+        for chunk in stream.chunks(1000) {
+            let messages = chunk.iter().map(|message| Outgoing {
+                exchange: "",
+                routing_key: &input,
+                body: &message.body,
+                properties: json_properties("", FieldTable::default()),
+            });
+            for result in publisher.publish_all(messages).await {
+                result?;
+            }
         }
-    }
-    let finished = forwarding.await??;
-    let rate = stream.len() as f64 / (finished - started).as_secs_f64();
-    for queue in [&input, &output] {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = channel
-        .exchange_delete(output.as_str().into(), ExchangeDeleteOptions::default())
-        .await;
-    Ok(rate)
+        let finished = forwarding.await??;
+        Ok::<_, anyhow::Error>(stream.len() as f64 / (finished - started).as_secs_f64())
+    };
+    let rate = timed.await;
+    // Whether or not the relay ran to the end, its queues and exchange go.
+    remove_topology(&[&input, &output], &[&output]).await;
+    rate
 }
 
 /// Two durable quorum queues, the second behind a fanout exchange of its name.

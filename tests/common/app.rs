@@ -10,7 +10,7 @@ use induction_reconciler::broker::{
 };
 use induction_reconciler::config::Settings;
 use induction_reconciler::store::Store;
-use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Consumer};
 use secrecy::SecretString;
@@ -347,23 +347,18 @@ impl TestApp {
     pub async fn teardown(mut self) {
         self.stop_workers().await;
         let t = &self.settings.topology;
-        for queue in [
-            &t.inbox_queue,
+        let queues = [
+            t.inbox_queue.as_str(),
             &t.parking_queue,
             &t.unrouted_queue,
             &self.outcome_queue,
-        ] {
-            let _ = self
-                .channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for exchange in [&t.input_exchange, &t.outcome_exchange, &t.unrouted_exchange] {
-            let _ = self
-                .channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        ];
+        let exchanges = [
+            t.input_exchange.as_str(),
+            &t.outcome_exchange,
+            &t.unrouted_exchange,
+        ];
+        super::remove_topology(&queues, &exchanges).await;
         self.broker.close().await;
         self.store.pool().close().await;
         drop_database(&self.db_name).await;

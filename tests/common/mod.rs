@@ -147,6 +147,75 @@ pub async fn drop_database(name: &str) {
     }
 }
 
+/// Deletes `queues`, then `exchanges`, from the broker the tests and the benchmark share; says on
+/// standard error what it could not delete and why, and returns those names.
+///
+/// A delete the broker refuses closes its channel (an AMQP channel exception), and on a shared
+/// channel every later delete would then fail as well, unseen. So each attempt here has a channel
+/// of its own, on a connection of its own (the caller's may be the one that failed), and a refused
+/// or unanswered delete is tried three times: deleting a quorum queue that holds many messages can
+/// time out on a busy broker and succeed a moment later.
+pub async fn remove_topology(queues: &[&str], exchanges: &[&str]) -> Vec<String> {
+    use backon::{ExponentialBuilder, Retryable};
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    use std::time::Duration;
+
+    let retries = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_times(2);
+    let url = secrecy::SecretString::from(app::amqp_url());
+    let connecting = || induction_reconciler::broker::Broker::connect(&url, "test-clean-up");
+    let broker = match connecting.retry(retries).await {
+        Ok(broker) => broker,
+        Err(error) => {
+            eprintln!(
+                "cannot connect to the broker to delete {queues:?} and {exchanges:?}: {error}"
+            );
+            return queues
+                .iter()
+                .chain(exchanges)
+                .map(|&name| name.to_owned())
+                .collect();
+        }
+    };
+    let mut left = Vec::new();
+    let entities = (queues.iter().map(|&name| (true, name)))
+        .chain(exchanges.iter().map(|&name| (false, name)));
+    for (is_queue, name) in entities {
+        let deleting = || async {
+            let channel = broker.channel().await.map_err(|e| e.to_string())?;
+            let deleted = async {
+                match is_queue {
+                    true => channel
+                        .queue_delete(name.into(), QueueDeleteOptions::default())
+                        .await
+                        .map(drop),
+                    false => {
+                        let options = ExchangeDeleteOptions::default();
+                        channel.exchange_delete(name.into(), options).await
+                    }
+                }
+            };
+            let answer = tokio::time::timeout(Duration::from_secs(15), deleted).await;
+            // A refused delete has already closed the channel; closing it again only fails.
+            let closing = channel.close(200, "deleted".into());
+            let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
+            match answer {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err("no answer within 15 s".to_owned()),
+            }
+        };
+        if let Err(why) = deleting.retry(retries).await {
+            let kind = if is_queue { "queue" } else { "exchange" };
+            eprintln!("could not delete the {kind} {name} from the broker: {why}");
+            left.push(name.to_owned());
+        }
+    }
+    broker.close().await;
+    left
+}
+
 /// The contract's topology with every exchange and queue name under `prefix`, so that runs on a
 /// shared broker do not meet.
 pub fn prefixed_topology(prefix: &str) -> induction_reconciler::config::Topology {
