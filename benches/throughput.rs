@@ -359,6 +359,7 @@ impl Rig {
         let inbox_before = self.count("select count(*) from inbox").await?;
         let outbox_before = self.count("select count(*) from outbox").await?;
         let arrived_before = arrivals.lock().expect("not poisoned").len();
+        let cpu_before = common::cpu::Snapshot::take(self.worker.id());
         let started = Instant::now();
         let published_at = self.publish(stream, rate, started).await?;
         let unique_valid: HashSet<&str> = stream
@@ -371,14 +372,11 @@ impl Rig {
         let outcomes = self
             .wait_for_outcomes(target_inbox, outbox_before, arrivals, arrived_before)
             .await?;
+        let cpu_after = common::cpu::Snapshot::take(self.worker.id());
         let arrived = arrivals.lock().expect("not poisoned")[arrived_before..].to_vec();
-        Ok(figures(
-            stream.len(),
-            outcomes,
-            started,
-            &published_at,
-            &arrived,
-        ))
+        let mut figures = figures(stream.len(), outcomes, started, &published_at, &arrived);
+        figures.cpu = cpu_before.zip(cpu_after).map(|(b, a)| b.until(&a));
+        Ok(figures)
     }
 
     /// Publishes the stream with confirms, each message when due at `rate` or at once; returns

@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::BenchOptions;
+use crate::common::cpu::CpuSplit;
 
 /// Acknowledgement frames the worker sent for the full-speed run's deliveries (its metric
 /// `induction_reconciler_acknowledgements_sent_total`).
@@ -44,6 +45,9 @@ pub struct RunFigures {
     pub to_arrival_p50_ms: f64,
     /// 99th percentile.
     pub to_arrival_p99_ms: f64,
+    /// CPU by process from the first publish until the bench saw the end (up to 250 ms after
+    /// the last outcome), from `/proc`; none where that cannot be read.
+    pub cpu: Option<CpuSplit>,
 }
 
 /// The figures of a run: the end is the last outcome's arrival; a message's latency runs from
@@ -100,6 +104,7 @@ pub fn figures(
         to_decision_p99_ms: percentile(&to_decision, 99.0),
         to_arrival_p50_ms: percentile(&to_arrival, 50.0),
         to_arrival_p99_ms: percentile(&to_arrival, 99.0),
+        cpu: None,
     }
 }
 
@@ -135,6 +140,17 @@ pub fn report(
         full.latency_p99_ms,
         full.latency_max_ms
     );
+    if let Some(cpu) = &full.cpu {
+        let per_message = |seconds: f64| seconds * 1e6 / full.published.max(1) as f64;
+        println!(
+            "               CPU a message: PostgreSQL {:.0} µs, RabbitMQ {:.0} µs, worker {:.0} µs, bench {:.0} µs; machine idle {:.0}%",
+            per_message(cpu.postgres_seconds),
+            per_message(cpu.rabbitmq_seconds),
+            per_message(cpu.worker_seconds),
+            per_message(cpu.bench_seconds),
+            cpu.machine_idle_share * 100.0
+        );
+    }
     if let Some(r) = rated {
         println!(
             "  at {:>5}/s : latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} published, achieved {:.0} msg/s)",

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod cluster;
+pub mod cpu;
 pub mod ecf1;
 pub mod proxy;
 pub mod rabbit;
