@@ -16,7 +16,7 @@ use induction_reconciler::config::Settings;
 use induction_reconciler::domain::{Ledger, Trn};
 use induction_reconciler::messages::{OutcomeMessage, ReasonCode, decode};
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
 
 /// Runs the binary to completion (killed if it outlives `limit`, or if the test fails first).
@@ -220,15 +220,12 @@ async fn a_migrated_backlog_loaded_with_live_traffic_ends_as_simulate_says() {
 /// A classic queue of the test's, bound to every outcome: a consumer that joins late.
 async fn late_consumer(broker: &Broker, settings: &Settings, name: &str) -> lapin::Channel {
     let channel = broker.channel().await.unwrap();
+    // Read with `basic.get`, it never has a consumer to auto-delete it: the test deletes it, and
+    // should the test fail first, the broker does after ten unused minutes.
+    let mut expiring = FieldTable::default();
+    expiring.insert("x-expires".into(), AMQPValue::LongInt(600_000));
     channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+        .queue_declare(name.into(), QueueDeclareOptions::default(), expiring)
         .await
         .unwrap();
     channel
@@ -368,6 +365,7 @@ async fn a_consumer_that_binds_then_resyncs_ends_like_one_that_listened_from_the
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("7 digits"));
     broker.close().await;
+    common::remove_topology(&[&queue, &picked], &[]).await;
     app.teardown().await;
 }
 
