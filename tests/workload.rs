@@ -48,27 +48,18 @@ fn the_mix_is_as_documented() {
 /// a passive declare of one that does not closes the channel with 404.
 async fn exists(broker: &Broker, name: &str, is_queue: bool) -> bool {
     let channel = broker.channel().await.expect("a channel");
-    let passive = match is_queue {
-        true => {
-            let options = QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            let declaring = channel.queue_declare(name.into(), options, FieldTable::default());
-            declaring.await.map(drop)
-        }
-        false => {
-            let options = ExchangeDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            let kind = lapin::ExchangeKind::Topic;
-            let declaring =
-                channel.exchange_declare(name.into(), kind, options, FieldTable::default());
-            declaring.await
-        }
+    if is_queue {
+        return induction_reconciler::broker::ready(&channel, name)
+            .await
+            .is_ok();
+    }
+    let options = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
     };
-    passive.is_ok()
+    let kind = lapin::ExchangeKind::Topic;
+    let declaring = channel.exchange_declare(name.into(), kind, options, FieldTable::default());
+    declaring.await.is_ok()
 }
 
 #[tokio::test]
