@@ -371,6 +371,40 @@ async fn two_relays_claim_disjoint_teachers_and_versions_go_out_in_order() {
     db.finish().await;
 }
 
+/// The relay's claim says when an outcome waits behind an earlier version another lane holds
+/// leased (the relay then looks again soon, since that lane's mark may not wake it), and only
+/// then.
+#[tokio::test]
+async fn a_claim_says_when_an_outcome_waits_behind_another_lanes_lease() {
+    let db = Db::new().await;
+    let first = apply_publishing(&db.store, &[registration(1, "R-0", "1000000")], &[], true).await;
+    assert_eq!(first.leased.len(), 1);
+    let batch = db.store.claim_outbox(10, NOW).await.unwrap();
+    assert!(
+        batch.is_empty() && !batch.waiting_on_lease,
+        "nothing waits behind the lease"
+    );
+    batch.complete(&[]).await.unwrap();
+
+    // Another lane's write for the same teacher: the first version is not among its confirmed.
+    let second = apply_publishing(&db.store, &[claim(2, "IP-0", "1000000")], &[], true).await;
+    assert!(second.leased.is_empty(), "it waits for the first version");
+    let batch = db.store.claim_outbox(10, NOW).await.unwrap();
+    assert!(batch.is_empty(), "the first version is still the lane's");
+    assert!(batch.waiting_on_lease, "and the second waits behind it");
+    batch.complete(&[]).await.unwrap();
+
+    // The first lane marks its version: the second goes, and nothing waits any more.
+    let ids: Vec<i64> = first.leased.iter().map(|l| l.row.id).collect();
+    assert_eq!(db.store.mark_published(&ids, NOW).await.unwrap(), 1);
+    let batch = db.store.claim_outbox(10, NOW).await.unwrap();
+    assert_eq!(batch.len(), 1);
+    assert!(!batch.waiting_on_lease);
+    let relayed: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+    assert_eq!(batch.complete(&relayed).await.unwrap(), 1);
+    db.finish().await;
+}
+
 /// A lane's outcomes: leased to it by its write, left alone by the relay until the lane marks
 /// them (with its next write), hands them back, or lets the lease run out; and never leased
 /// while an earlier version of the teacher waits for the relay, so that versions stay in order.

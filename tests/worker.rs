@@ -12,9 +12,11 @@ use common::{NOW, bytes, claim, poison_trigger_sql, registration, set};
 use induction_reconciler::broker::json_properties;
 use induction_reconciler::domain::{Ledger, Trn};
 use induction_reconciler::messages::decode;
+use induction_reconciler::store::{BatchItem, Publishing};
 use lapin::BasicProperties;
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 fn summary(o: &Value) -> (String, u64, String, String) {
     (
@@ -444,6 +446,68 @@ async fn a_lane_publishes_its_outcomes_after_the_commit_and_the_relay_when_lanes
     .await
     .unwrap();
     assert_eq!(by_relay, 1, "published by the relay");
+    app.teardown().await;
+}
+
+/// Two lanes (or two workers) write outcomes for one teacher when a record moves between
+/// teachers: the later write finds the earlier version leased to the other lane and leaves its
+/// own to the relay. That outcome goes out once the lane marks its version published, even when
+/// the mark cannot wake the relay (its statement ran before the later write committed, so it saw
+/// nothing waiting), and not at the relay's poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_behind_another_lanes_lease_goes_out_once_that_lane_marks_without_waiting_for_the_poll()
+ {
+    let mut app = TestApp::prepare(|s| s.relay.poll_interval_millis = 600_000).await;
+    let now = induction_reconciler::app::handler::now();
+    let lease = Publishing {
+        confirmed: &[],
+        lease_until: Some(now + Duration::from_secs(60)),
+    };
+    // Lane A: the teacher's first version, leased to it (published by it, not yet marked).
+    // Lane B: the teacher's second version, which must wait for the first: the relay's.
+    for (message, leased) in [
+        (registration(1, "r1", "1000001"), 1),
+        (claim(2, "ip1", "1000001"), 0),
+    ] {
+        let body = bytes(&message);
+        let input = decode(&body, now).expect("a valid message");
+        let item = BatchItem {
+            input: &input,
+            digest: Sha256::digest(&body).into(),
+            traceparent: None,
+        };
+        let (_, written) = app
+            .store
+            .apply_batch_publishing(&[item], now, &lease)
+            .await
+            .unwrap();
+        assert_eq!(written.leased.len(), leased);
+    }
+    app.start_worker().await;
+    // Once an outcome of another teacher is out, the worker's relay is running: its rounds
+    // leave teacher 1000001 alone, behind lane A's lease.
+    app.publish(&registration(3, "r2", "1000002")).await;
+    assert_eq!(app.next_outcome().await["trn"], "1000002");
+    assert!(
+        app.outcomes_until_quiet(Duration::from_millis(500))
+            .await
+            .is_empty(),
+        "nothing goes out while the first version is leased"
+    );
+    // Lane A's mark, as it lands when it ran before lane B's write committed: no notification.
+    sqlx::query("update outbox set published_at = now() where trn = '1000001' and version = 1")
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), app.next_outcome())
+        .await
+        .expect("the waiting version goes out within seconds, not at the 10-minute poll");
+    assert_eq!(
+        (second["trn"].as_str(), second["version"].as_u64()),
+        (Some("1000001"), Some(2))
+    );
+    app.wait_until("select count(*) = 0 from outbox where published_at is null")
+        .await;
     app.teardown().await;
 }
 

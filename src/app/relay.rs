@@ -34,19 +34,38 @@ impl RelayError {
     }
 }
 
-/// Publishes one batch. Returns how many outcomes were published.
+/// What one relay round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    /// Outcomes published.
+    pub published: usize,
+    /// An outcome is left waiting behind an earlier version of its teacher that a lane holds
+    /// leased: the relay looks again after [`LEASE_RECHECK`], since the lane's mark may not wake
+    /// it (`store::Store::claim_outbox`).
+    pub waiting_on_lease: bool,
+}
+
+/// How soon the relay looks again while an outcome waits behind a lane's lease: about when a
+/// lane with nothing more to write marks what it published ([`crate::app::direct::MARK_IDLE`]).
+pub const LEASE_RECHECK: Duration = Duration::from_millis(50);
+
+/// Publishes one batch.
 pub async fn relay_once(
     store: &Store,
     publisher: &Publisher,
     exchange: &str,
     batch_size: i64,
-) -> Result<usize, RelayError> {
+) -> Result<Round, RelayError> {
     let batch = store
         .claim_outbox(batch_size, OffsetDateTime::now_utc())
         .await?;
+    let waiting_on_lease = batch.waiting_on_lease;
     if batch.is_empty() {
         batch.complete(&[]).await?;
-        return Ok(0);
+        return Ok(Round {
+            published: 0,
+            waiting_on_lease,
+        });
     }
     // Send the whole batch, then wait for the confirms: one round trip per batch, not per row.
     let messages: Vec<Outgoing<'_>> = batch
@@ -71,7 +90,10 @@ pub async fn relay_once(
     crate::telemetry::metrics::metrics().published_by("relay", kept as u64);
     match failure {
         Some(error) => Err(error.into()),
-        None => Ok(kept),
+        None => Ok(Round {
+            published: kept,
+            waiting_on_lease,
+        }),
     }
 }
 
@@ -108,6 +130,11 @@ pub async fn relay_until(
     // replaced (by returning, so that the caller starts again).
     let mut unheard = 0;
     let mut woken_by_poll = false;
+    // While an outcome waits behind a lane's lease, the relay looks again after this; after
+    // each look of its own that finds it still waiting, twice as long, up to `poll` (a lease a
+    // dead worker left runs for 30 s or more).
+    let mut recheck: Option<Duration> = None;
+    let mut woken_to_recheck = false;
     loop {
         // Drain: a full batch means there may be more (including later versions of the same
         // teachers, which become publishable once the earlier ones are marked).
@@ -127,13 +154,20 @@ pub async fn relay_until(
             // A round abandoned at the shutdown deadline (the broker is down) rolls its claim
             // back: the rows stay pending for the next worker. A round the broker blocked
             // released its claim, keeping what was confirmed; the rest is sent after the unblock.
-            let published = tokio::select! {
+            let round = tokio::select! {
                 round = relay_once(store, publisher, exchange, batch_size) => match round {
                     Err(error) if error.broker_blocked() => continue,
                     round => round?,
                 },
                 () = abandon.cancelled() => return Ok(()),
             };
+            recheck = match (round.waiting_on_lease, recheck) {
+                (false, _) => None,
+                (true, Some(after)) if woken_to_recheck => Some((after * 2).min(poll)),
+                (true, _) => Some(LEASE_RECHECK.min(poll)),
+            };
+            woken_to_recheck = false;
+            let published = round.published;
             if published == 0 {
                 break;
             }
@@ -153,7 +187,11 @@ pub async fn relay_until(
                 notification.map_err(StoreError::from)?;
                 unheard = 0;
             }
-            () = tokio::time::sleep(poll) => woken_by_poll = true,
+            // A look again behind a lease says nothing about the listener.
+            () = tokio::time::sleep(recheck.unwrap_or(poll)) => {
+                woken_to_recheck = recheck.is_some();
+                woken_by_poll = !woken_to_recheck;
+            }
             () = stop.cancelled() => return Ok(()),
         }
     }
@@ -185,7 +223,7 @@ pub async fn flush(
         let round =
             tokio::time::timeout_at(deadline, relay_once(store, publisher, exchange, batch_size));
         match round.await {
-            Ok(Ok(0)) | Err(_) => return Ok(()),
+            Ok(Ok(Round { published: 0, .. })) | Err(_) => return Ok(()),
             Ok(Ok(_)) => {}
             Ok(Err(error)) => return Err(error),
         }

@@ -73,6 +73,10 @@ pub struct OutboxBatch {
     pub rows: Vec<OutboxRow>,
     /// Each row's teacher, in the order of `rows`.
     trns: Vec<String>,
+    /// True when the claim took fewer rows than its limit and left an unpublished row behind
+    /// because an earlier version of its teacher is leased to a lane that has not yet marked it
+    /// (see [`super::Store::claim_outbox`]).
+    pub waiting_on_lease: bool,
 }
 
 impl OutboxBatch {
@@ -131,6 +135,27 @@ impl OutboxBatch {
 const BEGIN_CLAIM: &str =
     "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off";
 
+/// Whether an unpublished row that no lane holds waits behind an earlier version of its
+/// teacher that a lane holds leased (read in the claim's transaction, after the claim, with a
+/// snapshot of its own).
+///
+/// That happens when two lanes, or two workers, write outcomes for one teacher (a record moved
+/// between teachers): the later write finds the earlier version leased and unpublished, so it
+/// leaves its own to the relay and wakes it, but the relay must leave that teacher until the
+/// lane marks the earlier version. The mark wakes the relay only if it sees the later row, and
+/// a mark whose statement ran before the later write committed does not: the row then waited
+/// for the relay's poll (`relay.poll_interval_millis`, 2 s by default; found by the bench in
+/// 2026-12-06's ninth round). The relay asks this after a round, and while it holds looks again
+/// soon (`app::relay`).
+const WAITING_ON_LEASE: &str = "select exists (
+   select 1 from outbox o
+   where o.published_at is null
+     and (o.lease_until is null or o.lease_until <= $1)
+     and exists (
+       select 1 from outbox e
+       where e.trn = o.trn and e.version < o.version
+         and coalesce(e.published_at, 'infinity') = 'infinity' and e.lease_until > $1))";
+
 impl super::Store {
     /// Claims publishable outcomes in one statement, marking them published at `now` in a
     /// transaction that [`OutboxBatch::complete`] commits: the lowest unpublished version of up
@@ -182,11 +207,18 @@ impl super::Store {
                 rows.push(OutboxRow::from_row(row)?);
                 trns.push(row.try_get("trn")?);
             }
+            // A full claim is followed by another round; only the last one asks.
+            let waiting_on_lease = found.len() < usize::try_from(limit).unwrap_or(usize::MAX)
+                && sqlx::query_scalar(WAITING_ON_LEASE)
+                    .bind(now)
+                    .fetch_one(&mut *tx)
+                    .await?;
             Ok(OutboxBatch {
                 tx,
                 operation_timeout: self.operation_timeout(),
                 rows,
                 trns,
+                waiting_on_lease,
             })
         })
         .await
