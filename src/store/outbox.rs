@@ -73,9 +73,9 @@ pub struct OutboxBatch {
     pub rows: Vec<OutboxRow>,
     /// Each row's teacher, in the order of `rows`.
     trns: Vec<String>,
-    /// True when the claim took fewer rows than its limit and left an unpublished row behind
-    /// because an earlier version of its teacher is leased to a lane that has not yet marked it
-    /// (see [`super::Store::claim_outbox`]).
+    /// True when the claim took fewer rows than its limit and, in its snapshot, an unpublished
+    /// row that no lane holds waited behind an earlier version of its teacher that a lane holds
+    /// leased (see [`super::Store::claim_outbox`]).
     pub waiting_on_lease: bool,
 }
 
@@ -135,27 +135,6 @@ impl OutboxBatch {
 const BEGIN_CLAIM: &str =
     "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off";
 
-/// Whether an unpublished row that no lane holds waits behind an earlier version of its
-/// teacher that a lane holds leased (read in the claim's transaction, after the claim, with a
-/// snapshot of its own).
-///
-/// That happens when two lanes, or two workers, write outcomes for one teacher (a record moved
-/// between teachers): the later write finds the earlier version leased and unpublished, so it
-/// leaves its own to the relay and wakes it, but the relay must leave that teacher until the
-/// lane marks the earlier version. The mark wakes the relay only if it sees the later row, and
-/// a mark whose statement ran before the later write committed does not: the row then waited
-/// for the relay's poll (`relay.poll_interval_millis`, 2 s by default; found by the bench in
-/// 2026-12-06's ninth round). The relay asks this after a round, and while it holds looks again
-/// soon (`app::relay`).
-const WAITING_ON_LEASE: &str = "select exists (
-   select 1 from outbox o
-   where o.published_at is null
-     and (o.lease_until is null or o.lease_until <= $1)
-     and exists (
-       select 1 from outbox e
-       where e.trn = o.trn and e.version < o.version
-         and coalesce(e.published_at, 'infinity') = 'infinity' and e.lease_until > $1))";
-
 impl super::Store {
     /// Claims publishable outcomes in one statement, marking them published at `now` in a
     /// transaction that [`OutboxBatch::complete`] commits: the lowest unpublished version of up
@@ -165,6 +144,19 @@ impl super::Store {
     /// claim those later versions: they are not the lowest while the lowest is unpublished in
     /// its snapshot. Rows a lane holds leased are left to it until the lease runs out at `now`
     /// (and a teacher's later versions with them: they are not the lowest either).
+    ///
+    /// The same statement, so in the same snapshot, says whether such a later version waits
+    /// ([`OutboxBatch::waiting_on_lease`]). That happens when two lanes, or two workers, write
+    /// outcomes for one teacher (a record moved between teachers): the later write finds the
+    /// earlier version leased and unpublished and leaves its own to the relay, waking it, but the
+    /// relay must leave that teacher until the lane marks the earlier version. The mark wakes the
+    /// relay only if it sees the later row, and a mark whose statement ran before the later
+    /// write committed does not: the row then waited for the relay's poll
+    /// (`relay.poll_interval_millis`, 2 s by default; docs/PERFORMANCE.md, "Ninth round"). The
+    /// relay looks again soon while this holds (`app::relay`). Asked in a statement of its own,
+    /// after the claim, it could see the mark the claim did not, and say nothing waited. It is
+    /// asked only when the claim took fewer rows than its limit: that claim has read every
+    /// pending row already, and a full one is followed by another round.
     pub async fn claim_outbox(
         &self,
         limit: i64,
@@ -194,8 +186,21 @@ impl super::Store {
                    update outbox set published_at = $2, lease_until = null
                    where id in (select id from lowest union all select id from later)
                    returning id, outcome_id, trn, version, routing_key, body, traceparent, created_at
+                 ), waiting as (
+                   select case when (select count(*) from claimed) < $1 then exists (
+                     select 1 from outbox o
+                     where o.published_at is null
+                       and (o.lease_until is null or o.lease_until <= $2)
+                       and exists (
+                         select 1 from outbox e
+                         where e.trn = o.trn and e.version < o.version
+                           and coalesce(e.published_at, 'infinity') = 'infinity'
+                           and e.lease_until > $2)
+                   ) else false end as waiting_on_lease
                  )
-                 select * from claimed order by min(id) over (partition by trn), version",
+                 select claimed.*, waiting.waiting_on_lease
+                 from waiting left join claimed on true
+                 order by min(claimed.id) over (partition by claimed.trn), claimed.version",
             )
             .bind(limit)
             .bind(now)
@@ -203,16 +208,15 @@ impl super::Store {
             .await?;
             let mut rows = Vec::with_capacity(found.len());
             let mut trns = Vec::with_capacity(found.len());
+            let mut waiting_on_lease = false;
             for row in &found {
-                rows.push(OutboxRow::from_row(row)?);
-                trns.push(row.try_get("trn")?);
+                waiting_on_lease = row.try_get("waiting_on_lease")?;
+                // With nothing claimed, the one row says only that.
+                if row.try_get::<Option<i64>, _>("id")?.is_some() {
+                    rows.push(OutboxRow::from_row(row)?);
+                    trns.push(row.try_get("trn")?);
+                }
             }
-            // A full claim is followed by another round; only the last one asks.
-            let waiting_on_lease = found.len() < usize::try_from(limit).unwrap_or(usize::MAX)
-                && sqlx::query_scalar(WAITING_ON_LEASE)
-                    .bind(now)
-                    .fetch_one(&mut *tx)
-                    .await?;
             Ok(OutboxBatch {
                 tx,
                 operation_timeout: self.operation_timeout(),
