@@ -71,6 +71,9 @@ struct BenchOptions {
     /// Snapshots in the migrated backlog of --go-live.
     #[arg(long, default_value_t = 50_000)]
     backlog: usize,
+    /// Worker processes on the same database and queues, as the replicas of a deployment.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
     /// Skip the raw broker-only relay.
     #[arg(long)]
     no_raw: bool,
@@ -118,9 +121,8 @@ struct Rig {
     /// A connection of its own for the outcomes, as a consuming team has (not the one that
     /// publishes the stream).
     outcome_broker: Broker,
-    worker: tokio::process::Child,
-    /// The worker's HTTP port (metrics).
-    worker_port: u16,
+    /// The worker processes (`--workers`), each with its HTTP port (metrics).
+    workers: Vec<(tokio::process::Child, u16)>,
 }
 
 async fn bench(mut options: BenchOptions) -> anyhow::Result<()> {
@@ -164,7 +166,12 @@ async fn measure(rig: &Rig, options: &BenchOptions) -> anyhow::Result<Measured> 
             Some(rig.timed_run(&stream, Some(rate), &arrivals).await?)
         }
     };
-    let rss_kib = rig.worker.id().map(|pid| common::rss_kib(pid, "VmHWM:"));
+    // The largest worker's peak.
+    let rss_kib = rig
+        .worker_pids()
+        .into_iter()
+        .map(|pid| common::rss_kib(pid, "VmHWM:"))
+        .max();
     let raw = match options.no_raw {
         true => None,
         false => Some(
@@ -208,7 +215,12 @@ impl Rig {
             .worker
             .clone()
             .unwrap_or_else(|| std::path::PathBuf::from(WORKER));
-        let (worker, worker_port) = start_worker(&binary, &db_name, &topology).await?;
+        // A worker that cannot start ends the bench; those already started stop with their
+        // handles (`kill_on_drop`).
+        let mut workers = Vec::with_capacity(options.workers.max(1));
+        for _ in 0..options.workers.max(1) {
+            workers.push(start_worker(&binary, &db_name, &topology).await?);
+        }
         Ok(Self {
             id,
             db_name,
@@ -218,8 +230,7 @@ impl Rig {
             channel,
             publisher,
             outcome_broker,
-            worker,
-            worker_port,
+            workers,
         })
     }
 
@@ -261,18 +272,25 @@ impl Rig {
         Ok(arrivals)
     }
 
-    /// Stops the worker and, unless `keep`, drops the database and the topology.
+    /// The worker processes' ids.
+    fn worker_pids(&self) -> Vec<u32> {
+        self.workers.iter().filter_map(|(w, _)| w.id()).collect()
+    }
+
+    /// Stops the workers and, unless `keep`, drops the database and the topology.
     async fn finish(mut self, keep: bool) {
-        if let Some(pid) = self.worker.id() {
+        for pid in self.worker_pids() {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
                 .status();
         }
-        if tokio::time::timeout(Duration::from_secs(60), self.worker.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.worker.kill().await;
+        for (worker, _) in &mut self.workers {
+            if tokio::time::timeout(Duration::from_secs(60), worker.wait())
+                .await
+                .is_err()
+            {
+                let _ = worker.kill().await;
+            }
         }
         if !keep {
             let t = &self.topology;
@@ -331,20 +349,27 @@ async fn start_worker(
 }
 
 impl Rig {
-    /// The acknowledgement frames the worker has sent so far, from its metrics: ranges and
-    /// single ones (none from a worker older than the metric).
+    /// The acknowledgement frames the workers have sent so far, from their metrics, summed:
+    /// ranges and single ones (none from a worker older than the metric).
     async fn ack_frames(&self) -> Option<AckFrames> {
-        let (_, text) = common::http_get(self.worker_port, "/metrics").await?;
-        let count = |kind: &str| {
-            common::find_sample(
-                &text,
-                &format!("induction_reconciler_acknowledgements_sent_total{{kind=\"{kind}\"}} "),
-            )
+        let mut frames = AckFrames {
+            ranges: 0.0,
+            single: 0.0,
         };
-        Some(AckFrames {
-            ranges: count("range")?,
-            single: count("single")?,
-        })
+        for (_, port) in &self.workers {
+            let (_, text) = common::http_get(*port, "/metrics").await?;
+            let count = |kind: &str| {
+                common::find_sample(
+                    &text,
+                    &format!(
+                        "induction_reconciler_acknowledgements_sent_total{{kind=\"{kind}\"}} "
+                    ),
+                )
+            };
+            frames.ranges += count("range")?;
+            frames.single += count("single")?;
+        }
+        Some(frames)
     }
 
     /// Publishes a stream (at `rate` per second, or as fast as confirms allow) and waits until
@@ -359,7 +384,7 @@ impl Rig {
         let inbox_before = self.count("select count(*) from inbox").await?;
         let outbox_before = self.count("select count(*) from outbox").await?;
         let arrived_before = arrivals.lock().expect("not poisoned").len();
-        let cpu_before = common::cpu::Snapshot::take(self.worker.id());
+        let cpu_before = common::cpu::Snapshot::take(&self.worker_pids());
         let started = Instant::now();
         let published_at = self.publish(stream, rate, started).await?;
         let unique_valid: HashSet<&str> = stream
@@ -372,7 +397,7 @@ impl Rig {
         let outcomes = self
             .wait_for_outcomes(target_inbox, outbox_before, arrivals, arrived_before)
             .await?;
-        let cpu_after = common::cpu::Snapshot::take(self.worker.id());
+        let cpu_after = common::cpu::Snapshot::take(&self.worker_pids());
         let arrived = arrivals.lock().expect("not poisoned")[arrived_before..].to_vec();
         let mut figures = figures(stream.len(), outcomes, started, &published_at, &arrived);
         figures.cpu = cpu_before.zip(cpu_after).map(|(b, a)| b.until(&a));

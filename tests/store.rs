@@ -216,6 +216,56 @@ async fn a_stale_snapshot_is_recorded_and_emits_nothing() {
     db.finish().await;
 }
 
+/// Two workers can each hold copies of the same messages (a publisher's retry) and apply them
+/// in batches of their own, in different orders. Both commit, each message is applied once and
+/// is a duplicate in the other batch: inserted in delivery order, each batch's inbox insert
+/// waited on the other's and PostgreSQL failed one of them as a deadlock. A trigger that slows
+/// every inbox insert makes both batches hold their first id before either reaches its second.
+#[tokio::test]
+async fn two_workers_applying_the_same_messages_in_opposite_orders_do_not_deadlock() {
+    let db = Db::new().await;
+    sqlx::raw_sql(
+        "create function slow_inbox() returns trigger language plpgsql as
+           $$ begin perform pg_sleep(0.3); return new; end $$;
+         create trigger slow_inbox before insert on inbox for each row execute function slow_inbox();",
+    )
+    .execute(db.store.pool())
+    .await
+    .unwrap();
+    let (one, two) = (
+        registration(1, "R-1", "1000001"),
+        registration(2, "R-2", "1000002"),
+    );
+    let barrier = Arc::new(Barrier::new(2));
+    let run = |batch: Vec<Value>| {
+        let (store, barrier) = (db.store.clone(), barrier.clone());
+        tokio::spawn(async move {
+            let inputs: Vec<(Input, [u8; 32])> = batch.iter().map(input).collect();
+            barrier.wait().await;
+            store.apply_batch(&items(&inputs), NOW).await
+        })
+    };
+    let (first, second) = (
+        run(vec![one.clone(), two.clone()]),
+        run(vec![two.clone(), one.clone()]),
+    );
+    let first = first.await.unwrap().expect("the first batch commits");
+    let second = second.await.unwrap().expect("the second batch commits");
+    let applied = first
+        .iter()
+        .chain(&second)
+        .filter(|h| matches!(h, Handled::Applied { .. }))
+        .count();
+    let duplicates = first
+        .iter()
+        .chain(&second)
+        .filter(|h| matches!(h, Handled::Duplicate))
+        .count();
+    assert_eq!((applied, duplicates), (2, 2), "{first:?} {second:?}");
+    assert_eq!(db.teachers().await.len(), 2);
+    db.finish().await;
+}
+
 /// Two appliers whose batches touch the same two teachers in opposite orders (and move a record
 /// between them) are started together while a third transaction holds the lower teacher's lock.
 /// Both queue behind it; once it is released both commit at the first attempt (no deadlock), and

@@ -134,7 +134,7 @@ async fn the_cpu_count_gives_a_process_the_time_it_used_and_finds_postgresql() {
         .spawn()
         .expect("bash");
     let pid = shell.id();
-    let before = common::cpu::Snapshot::take(Some(pid)).expect("/proc is readable");
+    let before = common::cpu::Snapshot::take(&[pid]).expect("/proc is readable");
     let mut admin = sqlx::PgConnection::connect(&common::admin_url())
         .await
         .unwrap();
@@ -155,7 +155,7 @@ async fn the_cpu_count_gives_a_process_the_time_it_used_and_finds_postgresql() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let after = common::cpu::Snapshot::take(Some(pid)).unwrap();
+    let after = common::cpu::Snapshot::take(&[pid]).unwrap();
     let output = shell.wait_with_output().unwrap();
     admin.close().await.unwrap();
     let split = before.until(&after);

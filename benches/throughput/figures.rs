@@ -127,8 +127,14 @@ pub fn report(
 ) {
     let ratio = raw.map(|r| full.messages_per_second / r);
     println!(
-        "induction-reconciler bench: {} messages over {} teachers ({} already in the database)",
-        options.messages, options.teachers, options.seed_teachers
+        "induction-reconciler bench: {} messages over {} teachers ({} already in the database){}",
+        options.messages,
+        options.teachers,
+        options.seed_teachers,
+        match options.workers {
+            0 | 1 => String::new(),
+            n => format!(", {n} workers"),
+        }
     );
     println!(
         "  full speed : {:>8.0} msg/s end to end ({} published, {} outcomes, {:.2}s); latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
@@ -183,7 +189,12 @@ pub fn report(
     }
     if let Some(kib) = rss_kib {
         println!(
-            "  worker peak resident memory: {:.1} MiB",
+            "  {} peak resident memory: {:.1} MiB",
+            if options.workers > 1 {
+                "the largest worker's"
+            } else {
+                "worker"
+            },
             kib as f64 / 1024.0
         );
     }
@@ -191,6 +202,7 @@ pub fn report(
         "{}",
         json!({
             "messages": options.messages, "teachers": options.teachers, "seeded_teachers": options.seed_teachers,
+            "workers": options.workers.max(1),
             "full_speed": full, "fixed_rate": rated.map(|r| json!({"offered_per_second": options.rate, "figures": r})),
             "raw_relay_messages_per_second": raw, "ratio_to_raw": ratio,
             "worker_peak_rss_mib": rss_kib.map(|k| k as f64 / 1024.0),

@@ -167,6 +167,12 @@ async fn admit_and_lock(
 /// arrays on each of them made the worker read 25 MB a batch. The inbox goes first: `union all`
 /// runs its branches in order, so a batch waiting on another transaction's insert of the same
 /// id holds no lock meanwhile, as when they were two statements.
+///
+/// The ids are inserted in ascending order (ARCHITECTURE decision 38). Two workers can hold
+/// copies of the same messages (a publisher's retry), each in a batch of its own: inserted in
+/// delivery order, one batch waited on the other's insert of one id while the other waited on
+/// its insert of another, and PostgreSQL broke the deadlock after `deadlock_timeout` (1 s) by
+/// failing one of them. In one order, the second batch waits for the first to finish.
 async fn insert_ids_and_lock(
     conn: &mut PgConnection,
     items: &[BatchItem<'_>],
@@ -192,6 +198,7 @@ async fn insert_ids_and_lock(
         "with ins as (
            insert into inbox (message_id, body_sha256, message_type, admission, received_at)
            select id, digest, kind, 'latest', $4 from unnest($1::uuid[], $2::bytea[], $3::text[]) as t(id, digest, kind)
+           order by id
            on conflict (message_id) do nothing
            returning message_id),
          answer as (

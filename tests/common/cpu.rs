@@ -46,9 +46,9 @@ pub struct CpuSplit {
 }
 
 impl Snapshot {
-    /// Reads every process's times, counting `worker` (a process id) as the worker and this
-    /// process as the bench. `None` where `/proc` cannot be read (not Linux).
-    pub fn take(worker: Option<u32>) -> Option<Self> {
+    /// Reads every process's times, counting `workers` (process ids) together as the worker
+    /// and this process as the bench. `None` where `/proc` cannot be read (not Linux).
+    pub fn take(workers: &[u32]) -> Option<Self> {
         let mut snapshot = Self::default();
         let bench = std::process::id();
         for entry in std::fs::read_dir("/proc").ok()? {
@@ -67,7 +67,7 @@ impl Snapshot {
                 continue;
             };
             let kind = match comm {
-                _ if Some(pid) == worker => Kind::Worker,
+                _ if workers.contains(&pid) => Kind::Worker,
                 _ if pid == bench => Kind::Bench,
                 "postgres" => Kind::Postgres,
                 "beam.smp" | "erl_child_setup" | "epmd" => Kind::RabbitMq,
