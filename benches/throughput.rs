@@ -72,8 +72,8 @@ struct BenchOptions {
     #[arg(long, default_value_t = 50_000)]
     backlog: usize,
     /// Worker processes on the same database and queues, as the replicas of a deployment.
-    #[arg(long, default_value_t = 1)]
-    workers: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    workers: u32,
     /// Skip the raw broker-only relay.
     #[arg(long)]
     no_raw: bool,
@@ -217,8 +217,8 @@ impl Rig {
             .unwrap_or_else(|| std::path::PathBuf::from(WORKER));
         // A worker that cannot start ends the bench; those already started stop with their
         // handles (`kill_on_drop`).
-        let mut workers = Vec::with_capacity(options.workers.max(1));
-        for _ in 0..options.workers.max(1) {
+        let mut workers = Vec::new();
+        for _ in 0..options.workers {
             workers.push(start_worker(&binary, &db_name, &topology).await?);
         }
         Ok(Self {
@@ -352,10 +352,7 @@ impl Rig {
     /// The acknowledgement frames the workers have sent so far, from their metrics, summed:
     /// ranges and single ones (none from a worker older than the metric).
     async fn ack_frames(&self) -> Option<AckFrames> {
-        let mut frames = AckFrames {
-            ranges: 0.0,
-            single: 0.0,
-        };
+        let mut frames = AckFrames::default();
         for (_, port) in &self.workers {
             let (_, text) = common::http_get(*port, "/metrics").await?;
             let count = |kind: &str| {

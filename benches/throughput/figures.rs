@@ -9,9 +9,9 @@ use serde_json::json;
 use super::BenchOptions;
 use crate::common::cpu::CpuSplit;
 
-/// Acknowledgement frames the worker sent for the full-speed run's deliveries (its metric
+/// Acknowledgement frames the workers sent for the full-speed run's deliveries (its metric
 /// `induction_reconciler_acknowledgements_sent_total`).
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct AckFrames {
     /// `basic.ack` frames with `multiple`, each for a run of deliveries.
     pub ranges: f64,
@@ -132,7 +132,7 @@ pub fn report(
         options.teachers,
         options.seed_teachers,
         match options.workers {
-            0 | 1 => String::new(),
+            1 => String::new(),
             n => format!(", {n} workers"),
         }
     );
@@ -202,7 +202,7 @@ pub fn report(
         "{}",
         json!({
             "messages": options.messages, "teachers": options.teachers, "seeded_teachers": options.seed_teachers,
-            "workers": options.workers.max(1),
+            "workers": options.workers,
             "full_speed": full, "fixed_rate": rated.map(|r| json!({"offered_per_second": options.rate, "figures": r})),
             "raw_relay_messages_per_second": raw, "ratio_to_raw": ratio,
             "worker_peak_rss_mib": rss_kib.map(|k| k as f64 / 1024.0),

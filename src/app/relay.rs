@@ -129,12 +129,12 @@ pub async fn relay_until(
     // listener on a connection that went silent hears nothing; after a few such rounds it is
     // replaced (by returning, so that the caller starts again).
     let mut unheard = 0;
-    let mut woken_by_poll = false;
+    // What woke the relay for its first round after a wait.
+    let mut woken = Woken::Notified;
     // While an outcome waits behind a lane's lease, the relay looks again after this; after
     // each look of its own that finds it still waiting, twice as long, up to `poll` (a lease a
     // dead worker left runs for 30 s or more).
     let mut recheck: Option<Duration> = None;
-    let mut woken_to_recheck = false;
     loop {
         // Drain: a full batch means there may be more (including later versions of the same
         // teachers, which become publishable once the earlier ones are marked).
@@ -161,18 +161,19 @@ pub async fn relay_until(
                 },
                 () = abandon.cancelled() => return Ok(()),
             };
+            // Later rounds of the same drain were woken by nothing but the one before.
+            let woke = std::mem::replace(&mut woken, Woken::Notified);
             recheck = match (round.waiting_on_lease, recheck) {
                 (false, _) => None,
-                (true, Some(after)) if woken_to_recheck => Some((after * 2).min(poll)),
+                (true, Some(after)) if woke == Woken::Recheck => Some((after * 2).min(poll)),
                 (true, _) => Some(LEASE_RECHECK.min(poll)),
             };
-            woken_to_recheck = false;
             let published = round.published;
             if published == 0 {
                 break;
             }
             tracing::debug!(outcomes = published, "published outcomes");
-            if std::mem::take(&mut woken_by_poll) {
+            if woke == Woken::Poll {
                 unheard += 1;
                 if unheard >= UNHEARD_ROUNDS {
                     return Err(
@@ -181,7 +182,6 @@ pub async fn relay_until(
                 }
             }
         }
-        woken_by_poll = false;
         tokio::select! {
             notification = listener.recv() => {
                 notification.map_err(StoreError::from)?;
@@ -189,12 +189,22 @@ pub async fn relay_until(
             }
             // A look again behind a lease says nothing about the listener.
             () = tokio::time::sleep(recheck.unwrap_or(poll)) => {
-                woken_to_recheck = recheck.is_some();
-                woken_by_poll = !woken_to_recheck;
+                woken = if recheck.is_some() { Woken::Recheck } else { Woken::Poll };
             }
             () = stop.cancelled() => return Ok(()),
         }
     }
+}
+
+/// What woke the relay after a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Woken {
+    /// A commit's notification (or the start).
+    Notified,
+    /// The poll: a round that then publishes means a notification did not come.
+    Poll,
+    /// A look again while an outcome waits behind a lane's lease.
+    Recheck,
 }
 
 /// Poll-woken rounds with outcomes to publish, in a row, after which the listener is replaced.
