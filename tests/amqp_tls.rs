@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::rabbit::RabbitNode;
 use common::{bytes, mid, registration};
-use induction_reconciler::broker::{Broker, Tls, json_properties};
+use induction_reconciler::broker::{Broker, DEFAULT_RECOVERY, Tls, json_properties};
 use induction_reconciler::config::Settings;
 use lapin::types::FieldTable;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -52,7 +52,7 @@ async fn connect(url: &str, tls: &Tls) -> Result<Broker, String> {
     let url = SecretString::from(url.to_owned());
     match tokio::time::timeout(
         CONNECT_BOUND,
-        Broker::connect_with_tls(&url, "tls test", tls),
+        Broker::connect_with_tls(&url, "tls test", tls, DEFAULT_RECOVERY),
     )
     .await
     {

@@ -382,3 +382,61 @@ async fn a_backlog_is_acknowledged_in_ranges_while_the_worker_runs() {
     assert_eq!(queue_counts(&queue), (0, 0));
     app.teardown().await;
 }
+
+/// A worker given two broker addresses, whose first goes away (every connection closed, each
+/// new one closed as soon as it is accepted), moves to the second within its recovery timeout;
+/// then the connections it gave up stop knocking at the first: lapin's recovery of a connection
+/// the worker has replaced ends with the worker's wait for it, and with it the connection's
+/// thread and its buffers (8 MiB each: docs/RELIABILITY.md). It knocked for about five minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_moved_to_another_broker_node_stops_knocking_at_the_one_it_left() {
+    let app = TestApp::prepare(|_| {}).await;
+    let broker_port: u16 = common::app::amqp_url()
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
+        .expect("the test broker's port");
+    let first = common::proxy::Proxy::start(broker_port).await;
+    let addresses = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f,{}",
+        first.port,
+        common::app::amqp_url()
+    );
+    let recovery = Duration::from_secs(3);
+    let _worker = Running(
+        command(&app.settings, &["run"])
+            .env("AMQP_URL", &addresses)
+            .env(
+                "INDUCTION__AMQP__RECOVERY_TIMEOUT_SECONDS",
+                recovery.as_secs().to_string(),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    app.publish(&registration(1, "r1", "3200001")).await;
+    app.wait_for_inbox(1).await;
+
+    let gone = std::time::Instant::now();
+    first.go_away();
+    app.publish(&registration(2, "r2", "3200002")).await;
+    app.wait_for_inbox(2).await;
+    let moved = gone.elapsed();
+    // lapin's recovery pauses for at most `recovery` in all; a few seconds more for its attempts.
+    tokio::time::sleep((recovery + Duration::from_secs(5)).saturating_sub(moved)).await;
+    let knocks = first.knocks();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        first.knocks(),
+        knocks,
+        "the connections the worker gave up still knock at the address that went away, {:?} \
+         after it went (moved to the second in {moved:?}, {knocks} knocks before)",
+        gone.elapsed()
+    );
+    // It did try to bring them back first: a lost connection is lapin's to recover for a while.
+    assert!(knocks > 0, "no attempt to recover the lost connections");
+    // And the worker still works, on the second address.
+    app.publish(&registration(3, "r3", "3200003")).await;
+    app.wait_for_inbox(3).await;
+    app.teardown().await;
+}

@@ -46,6 +46,10 @@ pub async fn store(settings: &Settings) -> anyhow::Result<Store> {
 struct Target {
     urls: Vec<secrecy::SecretString>,
     tls: Tls,
+    /// How long lapin may try to bring a lost connection back: as long as the worker waits for
+    /// it (`amqp.recovery_timeout_seconds`, shorter with several nodes), after which it gives the
+    /// connection up and opens another.
+    recovery: Duration,
     /// The URL the next attempt starts with: the one after the last that answered, so that a
     /// connection given up moves on to another node.
     next: std::sync::atomic::AtomicUsize,
@@ -59,6 +63,7 @@ impl Target {
                 ca_pem: settings.amqp_tls_ca()?,
                 client: settings.amqp_tls_identity()?,
             },
+            recovery: settings.amqp.recovery_timeout(),
             next: std::sync::atomic::AtomicUsize::new(0),
         })
     }
@@ -71,7 +76,8 @@ impl Target {
         let mut failure = None;
         for i in 0..self.urls.len() {
             let index = (start + i) % self.urls.len();
-            let connecting = Broker::connect_with_tls(&self.urls[index], name, &self.tls);
+            let connecting =
+                Broker::connect_with_tls(&self.urls[index], name, &self.tls, self.recovery);
             let attempt = tokio::time::timeout(BROKER_CONNECT_TIMEOUT, connecting)
                 .await
                 .unwrap_or_else(|_| Err(BrokerError::timed_out("a connection (30 s)")));

@@ -51,26 +51,23 @@ impl Broker {
             ca_pem: ca_pem.map(str::to_owned),
             client: None,
         };
-        Self::connect_with_tls(url, name, &tls).await
+        Self::connect_with_tls(url, name, &tls, DEFAULT_RECOVERY).await
     }
 
     /// Connects with TLS settings for an `amqps://` URL: extra CA certificates, and a client
-    /// certificate for brokers that require mutual TLS.
+    /// certificate for brokers that require mutual TLS. lapin's automatic recovery of the
+    /// connection pauses for at most about `recovery` in all between its attempts, then gives
+    /// the connection up ([`Link::Down`]) and ends its I/O thread.
     pub async fn connect_with_tls(
         url: &SecretString,
         name: &str,
         tls: &Tls,
+        recovery: Duration,
     ) -> Result<Self, BrokerError> {
         let properties = ConnectionProperties::default()
             .with_connection_name(name.into())
             .enable_auto_recover()
-            .with_backoff(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(5))
-                    .with_jitter()
-                    .with_max_times(60),
-            );
+            .with_backoff(recovery_backoff(recovery));
         // lapin retries a first connection that fails, in a thread of its own, until its
         // back-off runs out (minutes). The probe below fails at once instead and leaves nothing
         // running behind it.
@@ -282,6 +279,27 @@ pub enum Link {
     Recovering,
     /// Closed or failed for good: recovery gave up or was not possible.
     Down,
+}
+
+/// How long lapin's automatic recovery of a lost connection goes on, unless the caller says
+/// otherwise: the worker's `amqp.recovery_timeout_seconds` by default.
+pub const DEFAULT_RECOVERY: Duration = Duration::from_secs(60);
+
+/// lapin's back-off between attempts to bring a lost connection back: from 200 ms up to 5 s,
+/// pausing for at most about `recovery` in all. Past that lapin gives the connection up
+/// ([`Link::Down`]) and its I/O thread ends, with the connection's buffers (two of 32 frames
+/// each, 8 MiB at RabbitMQ's default `frame_max`). Without the bound, a connection the worker had
+/// given up and replaced went on knocking at an address that had gone for 60 attempts, about
+/// five minutes, holding its thread and buffers beside its replacement's (docs/RELIABILITY.md).
+/// An attempt lapin has begun is not cut short: at a black-holed address one lasts the system's
+/// TCP connect timeout.
+fn recovery_backoff(recovery: Duration) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .with_max_times(60)
+        .with_total_delay(Some(recovery))
 }
 
 /// The AMQP heartbeat interval asked for when the URL names none (`?heartbeat=N`): a connection

@@ -2,7 +2,9 @@
 //! to black-hole the connections it holds. A black-holed connection stays open at both ends and
 //! forwards nothing more, in either direction: no reset, no close, as when a load balancer, a NAT
 //! or a failover forgets a connection. Connections accepted afterwards pass. The target can be
-//! moved (a standby promoted behind the same address).
+//! moved (a standby promoted behind the same address). Or the address can go away: every
+//! connection closed, and each later one closed as soon as it is accepted (a load balancer with
+//! no node behind it), counted as a knock.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
@@ -10,12 +12,17 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 struct Shared {
     target: AtomicU16,
     /// Connections are numbered as they are accepted; those numbered below this are black-holed.
     holed_below: AtomicU64,
     accepted: AtomicU64,
+    /// Fired when the address goes away.
+    gone: CancellationToken,
+    /// Connections accepted and closed at once since then.
+    knocks: AtomicU64,
 }
 
 /// A running proxy on a loopback port. Dropping it closes every connection it holds.
@@ -35,12 +42,19 @@ impl Proxy {
             target: AtomicU16::new(target),
             holed_below: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
+            gone: CancellationToken::new(),
+            knocks: AtomicU64::new(0),
         });
         let mut tasks = JoinSet::new();
         let accepting = shared.clone();
         tasks.spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
+                if accepting.gone.is_cancelled() {
+                    accepting.knocks.fetch_add(1, Ordering::SeqCst);
+                    drop(client);
+                    continue;
+                }
                 let number = accepting.accepted.fetch_add(1, Ordering::SeqCst);
                 let shared = accepting.clone();
                 connections.spawn(forward(client, number, shared));
@@ -58,6 +72,19 @@ impl Proxy {
     pub fn black_hole(&self) {
         let accepted = self.shared.accepted.load(Ordering::SeqCst);
         self.shared.holed_below.store(accepted, Ordering::SeqCst);
+    }
+
+    /// The address goes away: every connection is closed now, and each new one as soon as it is
+    /// accepted.
+    #[allow(dead_code)]
+    pub fn go_away(&self) {
+        self.shared.gone.cancel();
+    }
+
+    /// How many connections were made to the address since it went away.
+    #[allow(dead_code)]
+    pub fn knocks(&self) -> u64 {
+        self.shared.knocks.load(Ordering::SeqCst)
     }
 
     /// Sends new connections to another port from now on.
@@ -82,13 +109,18 @@ async fn forward(client: TcpStream, number: u64, shared: Arc<Shared>) {
     let _ = server.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
+    let gone = shared.gone.clone();
     let holed = move || shared.holed_below.load(Ordering::SeqCst) > number;
     let holed_too = holed.clone();
     // Each direction ends when its side closes, or stops (holding both sockets open) once the
     // connection is black-holed.
     let up = pump(client_read, server_write, holed);
     let down = pump(server_read, client_write, holed_too);
-    tokio::join!(up, down);
+    // Both sockets are dropped, so closed, when the address goes away.
+    tokio::select! {
+        _ = async { tokio::join!(up, down) } => {}
+        () = gone.cancelled() => {}
+    }
 }
 
 async fn pump(
