@@ -6,8 +6,9 @@
 //! connection closed, and each later one closed as soon as it is accepted (a load balancer with
 //! no node behind it), counted as a knock.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,8 +22,8 @@ struct Shared {
     accepted: AtomicU64,
     /// Fired when the address goes away.
     gone: CancellationToken,
-    /// Connections accepted and closed at once since then.
-    knocks: AtomicU64,
+    /// When each connection accepted since then (and closed at once) was made.
+    knocks: Mutex<Vec<Instant>>,
 }
 
 /// A running proxy on a loopback port. Dropping it closes every connection it holds.
@@ -43,7 +44,7 @@ impl Proxy {
             holed_below: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             gone: CancellationToken::new(),
-            knocks: AtomicU64::new(0),
+            knocks: Mutex::default(),
         });
         let mut tasks = JoinSet::new();
         let accepting = shared.clone();
@@ -51,7 +52,7 @@ impl Proxy {
             let mut connections = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
                 if accepting.gone.is_cancelled() {
-                    accepting.knocks.fetch_add(1, Ordering::SeqCst);
+                    accepting.knocks.lock().unwrap().push(Instant::now());
                     drop(client);
                     continue;
                 }
@@ -81,10 +82,10 @@ impl Proxy {
         self.shared.gone.cancel();
     }
 
-    /// How many connections were made to the address since it went away.
+    /// When each connection to the address since it went away was made.
     #[allow(dead_code)]
-    pub fn knocks(&self) -> u64 {
-        self.shared.knocks.load(Ordering::SeqCst)
+    pub fn knocks(&self) -> Vec<Instant> {
+        self.shared.knocks.lock().unwrap().clone()
     }
 
     /// Sends new connections to another port from now on.
