@@ -383,28 +383,29 @@ async fn a_backlog_is_acknowledged_in_ranges_while_the_worker_runs() {
     app.teardown().await;
 }
 
-/// A worker given two broker addresses, whose first goes away (every connection closed, each
-/// new one closed as soon as it is accepted), moves to the second within its recovery timeout;
-/// then the connections it gave up stop knocking at the first: lapin's recovery of a connection
-/// the worker has replaced ends with the worker's wait for it, and with it the connection's
-/// thread and its buffers (8 MiB each: docs/RELIABILITY.md). It knocked for about five minutes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_that_moved_to_another_broker_node_stops_knocking_at_the_one_it_left() {
-    let app = TestApp::prepare(|_| {}).await;
-    let broker_port: u16 = common::app::amqp_url()
-        .rsplit_once(':')
-        .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
-        .expect("the test broker's port");
-    let first = common::proxy::Proxy::start(broker_port).await;
-    let addresses = format!(
-        "amqp://guest:guest@127.0.0.1:{}/%2f,{}",
-        first.port,
-        common::app::amqp_url()
+/// A proxy to the test broker, and a worker given two addresses: the proxy's (with `query`
+/// added to its URL) and then the broker's own, with `recovery` as its
+/// `amqp.recovery_timeout_seconds`. Returns once the worker has applied a message.
+async fn worker_behind_a_proxy_and_direct(
+    app: &TestApp,
+    query: &str,
+    recovery: Duration,
+) -> (common::proxy::Proxy, Running) {
+    let direct = common::app::amqp_url();
+    let uri: lapin::uri::AMQPUri = direct.parse().expect("the test broker's URL");
+    let proxy = common::proxy::Proxy::start(uri.authority.port).await;
+    let through_proxy = direct.replacen(
+        &format!(":{}/", uri.authority.port),
+        &format!(":{}/", proxy.port),
+        1,
     );
-    let recovery = Duration::from_secs(3);
-    let _worker = Running(
+    assert_ne!(
+        through_proxy, direct,
+        "no port to replace in the test broker's URL"
+    );
+    let worker = Running(
         command(&app.settings, &["run"])
-            .env("AMQP_URL", &addresses)
+            .env("AMQP_URL", format!("{through_proxy}{query},{direct}"))
             .env(
                 "INDUCTION__AMQP__RECOVERY_TIMEOUT_SECONDS",
                 recovery.as_secs().to_string(),
@@ -416,6 +417,19 @@ async fn a_worker_that_moved_to_another_broker_node_stops_knocking_at_the_one_it
     );
     app.publish(&registration(1, "r1", "3200001")).await;
     app.wait_for_inbox(1).await;
+    (proxy, worker)
+}
+
+/// A worker given two broker addresses, whose first goes away (every connection closed, each
+/// new one closed as soon as it is accepted), moves to the second within its recovery timeout;
+/// then the connections it gave up stop knocking at the first: lapin's recovery of a connection
+/// the worker has replaced ends with the worker's wait for it, and with it the connection's
+/// thread and its buffers (8 MiB each: docs/RELIABILITY.md). It knocked for about five minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_moved_to_another_broker_node_stops_knocking_at_the_one_it_left() {
+    let app = TestApp::prepare(|_| {}).await;
+    let recovery = Duration::from_secs(3);
+    let (first, _worker) = worker_behind_a_proxy_and_direct(&app, "", recovery).await;
 
     let gone = std::time::Instant::now();
     first.go_away();
@@ -462,5 +476,28 @@ async fn a_worker_that_moved_to_another_broker_node_stops_knocking_at_the_one_it
     // And the worker still works, on the second address.
     app.publish(&registration(3, "r3", "3200003")).await;
     app.wait_for_inbox(3).await;
+    app.teardown().await;
+}
+
+/// A worker whose broker node goes silent (its connections black-holed, each new one accepted and
+/// never answered, as a hung node) notices by the heartbeat, gives the connections up after its
+/// recovery timeout and carries on at the next node, without first waiting out a connection
+/// attempt at the silent one (30 s): the node after the one given up is tried first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_broker_node_goes_silent_carries_on_at_the_next_without_waiting_on_it() {
+    let app = TestApp::prepare(|_| {}).await;
+    // Heartbeats every 2 s on the first address: its silence is noticed in about 4 s.
+    let (first, _worker) =
+        worker_behind_a_proxy_and_direct(&app, "?heartbeat=2", Duration::from_secs(3)).await;
+    let silent = std::time::Instant::now();
+    first.go_silent();
+    app.publish(&registration(2, "r2", "3200002")).await;
+    // About 4 s to notice, 3 s of recovery, then a connection to the second: well within the
+    // 20 s this waits, which a 30 s attempt at the silent node would not be.
+    app.wait_for_inbox(2).await;
+    println!(
+        "applied at the second address {:?} after the first went silent",
+        silent.elapsed()
+    );
     app.teardown().await;
 }

@@ -17,7 +17,7 @@ const BROKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connects to RabbitMQ once (URL, password file, CA file), naming the connection.
 pub async fn broker(settings: &Settings, name: &str) -> anyhow::Result<Broker> {
-    let target = Target::from_settings(settings)?;
+    let target = BrokerTarget::from_settings(settings)?;
     target
         .attempt(name)
         .await
@@ -41,9 +41,11 @@ pub async fn store(settings: &Settings) -> anyhow::Result<Store> {
         .context("cannot connect to the database")
 }
 
-/// Where and how to connect: the URLs (with the password file applied) and the TLS files, read
-/// once, not on every retry.
-struct Target {
+/// Where and how to connect to RabbitMQ: the URLs (with the password file applied) and the TLS
+/// files, read once, not on every retry. A worker's consumer and relay each keep theirs for the
+/// life of the process, so that the node they start with after giving a connection up is the one
+/// after the node of that connection.
+pub struct BrokerTarget {
     urls: Vec<secrecy::SecretString>,
     tls: Tls,
     /// How long lapin may try to bring a lost connection back: as long as the worker waits for
@@ -51,12 +53,14 @@ struct Target {
     /// connection up and opens another.
     recovery: Duration,
     /// The URL the next attempt starts with: the one after the last that answered, so that a
-    /// connection given up moves on to another node.
+    /// connection given up moves on to another node rather than knocking first at one that may
+    /// have gone silent (each such attempt waits out [`BROKER_CONNECT_TIMEOUT`]).
     next: std::sync::atomic::AtomicUsize,
 }
 
-impl Target {
-    fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
+impl BrokerTarget {
+    /// Reads the URLs, the password file and the TLS files of the settings.
+    pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
         Ok(Self {
             urls: settings.amqp_urls()?,
             tls: Tls {
@@ -68,7 +72,7 @@ impl Target {
         })
     }
 
-    /// Tries each URL once, in turn from [`Target::next`]: the first that answers, or the last
+    /// Tries each URL once, in turn from [`BrokerTarget::next`]: the first that answers, or the last
     /// failure (a permanent one, such as a certificate that cannot be verified, at once).
     async fn attempt(&self, name: &str) -> Result<Broker, BrokerError> {
         use std::sync::atomic::Ordering;
@@ -126,14 +130,14 @@ pub async fn store_waiting(
     }
 }
 
-/// Connects to RabbitMQ, waiting with back-off while it is unavailable. `None` if `stop` fired
-/// first.
+/// Connects to RabbitMQ through `target`, waiting with back-off while it is unavailable. `None`
+/// if `stop` fired first.
 pub async fn broker_waiting(
     settings: &Settings,
+    target: &BrokerTarget,
     name: &str,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<Broker>> {
-    let target = Target::from_settings(settings)?;
     let mut backoff = Backoff::new(settings);
     let mut warned = Quiet::default();
     loop {

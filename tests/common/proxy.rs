@@ -4,9 +4,10 @@
 //! or a failover forgets a connection. Connections accepted afterwards pass. The target can be
 //! moved (a standby promoted behind the same address). Or the address can go away: every
 //! connection closed, and each later one closed as soon as it is accepted (a load balancer with
-//! no node behind it), counted as a knock.
+//! no node behind it), counted as a knock. Or it can go silent: every connection black-holed,
+//! and each new one accepted and never answered (a hung node).
 
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -24,6 +25,8 @@ struct Shared {
     gone: CancellationToken,
     /// When each connection accepted since then (and closed at once) was made.
     knocks: Mutex<Vec<Instant>>,
+    /// Set when the address goes silent.
+    silent: AtomicBool,
 }
 
 /// A running proxy on a loopback port. Dropping it closes every connection it holds.
@@ -45,6 +48,7 @@ impl Proxy {
             accepted: AtomicU64::new(0),
             gone: CancellationToken::new(),
             knocks: Mutex::default(),
+            silent: AtomicBool::new(false),
         });
         let mut tasks = JoinSet::new();
         let accepting = shared.clone();
@@ -54,6 +58,14 @@ impl Proxy {
                 if accepting.gone.is_cancelled() {
                     accepting.knocks.lock().unwrap().push(Instant::now());
                     drop(client);
+                    continue;
+                }
+                if accepting.silent.load(Ordering::SeqCst) {
+                    // Held open, never answered, until the proxy is dropped.
+                    connections.spawn(async move {
+                        let _held = client;
+                        std::future::pending::<()>().await;
+                    });
                     continue;
                 }
                 let number = accepting.accepted.fetch_add(1, Ordering::SeqCst);
@@ -80,6 +92,14 @@ impl Proxy {
     #[allow(dead_code)]
     pub fn go_away(&self) {
         self.shared.gone.cancel();
+    }
+
+    /// The address goes silent: every connection open now is black-holed, and each new one is
+    /// accepted and never answered.
+    #[allow(dead_code)]
+    pub fn go_silent(&self) {
+        self.shared.silent.store(true, Ordering::SeqCst);
+        self.black_hole();
     }
 
     /// When each connection to the address since it went away was made.

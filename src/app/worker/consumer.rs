@@ -59,6 +59,7 @@ pub(super) async fn consume(
     // acknowledgements fail and the broker redelivers) while the next one runs.
     let mut in_flight: JoinSet<()> = JoinSet::new();
     let mut backoff = Backoff::new(settings);
+    let target = connect::BrokerTarget::from_settings(settings)?;
     let mut current: Option<Broker> = None;
     let mut leftover: Option<Consumer> = None;
     let result = loop {
@@ -69,7 +70,7 @@ pub(super) async fn consume(
             Some(broker) => broker,
             None => {
                 let name = "induction-reconciler consumer";
-                match connect::broker_waiting(settings, name, &plan.stop).await? {
+                match connect::broker_waiting(settings, &target, name, &plan.stop).await? {
                     Some(broker) => broker,
                     None => break Ok(()),
                 }

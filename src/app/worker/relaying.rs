@@ -30,6 +30,10 @@ pub(super) async fn relay_task(
     abandon: CancellationToken,
 ) {
     let mut backoff = Backoff::new(&settings);
+    // Settings the consumer reads too: it stops the process with the error.
+    let Ok(target) = connect::BrokerTarget::from_settings(&settings) else {
+        return;
+    };
     let mut flow = Flow::new(Component::Relay, health);
     let mut current: Option<Broker> = None;
     let mut last: Option<(Broker, Publisher)> = None;
@@ -38,9 +42,8 @@ pub(super) async fn relay_task(
         let broker = match current.take() {
             Some(broker) => broker,
             None => {
-                match connect::broker_waiting(&settings, "induction-reconciler relay", &drained)
-                    .await
-                {
+                let name = "induction-reconciler relay";
+                match connect::broker_waiting(&settings, &target, name, &drained).await {
                     Ok(Some(broker)) => broker,
                     _ => break,
                 }

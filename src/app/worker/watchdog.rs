@@ -89,7 +89,12 @@ impl Watchdog {
         if self.progress.waiting() > 0 || self.last_delivery.elapsed() < self.limit {
             return Ok(());
         }
-        let ready = consumer.ready().await?;
+        // Bounded by the watchdog's limit too, not only by the 30 s of any broker operation: a
+        // declare sent as the node went silent gets no answer, and the watchdog sees nothing
+        // else while it waits. A timeout replaces the connection at once.
+        let ready = tokio::time::timeout(self.limit, consumer.ready())
+            .await
+            .map_err(|_| BrokerError::timed_out("the stall check's passive declare"))??;
         self.last_delivery = tokio::time::Instant::now();
         if ready > 0 {
             return Err(BrokerError::lost(
