@@ -72,8 +72,8 @@ impl BrokerTarget {
         })
     }
 
-    /// Tries each URL once, in turn from [`BrokerTarget::next`]: the first that answers, or the last
-    /// failure (a permanent one, such as a certificate that cannot be verified, at once).
+    /// Tries each URL once, in turn from [`BrokerTarget::next`]: the first that answers, or the
+    /// last failure (a permanent one, such as a certificate that cannot be verified, at once).
     async fn attempt(&self, name: &str) -> Result<Broker, BrokerError> {
         use std::sync::atomic::Ordering;
         let start = self.next.load(Ordering::Relaxed);
