@@ -424,7 +424,8 @@ async fn worker_behind_a_proxy_and_direct(
 /// new one closed as soon as it is accepted), moves to the second within its recovery timeout;
 /// then the connections it gave up stop knocking at the first: lapin's recovery of a connection
 /// the worker has replaced ends with the worker's wait for it, and with it the connection's
-/// thread and its buffers (8 MiB each: docs/RELIABILITY.md). It knocked for about five minutes.
+/// thread and its buffers (8 MiB each: docs/RELIABILITY.md). Without that bound lapin's 60
+/// attempts would knock for about five minutes; measured, still knocking 45.8 s after the loss.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_moved_to_another_broker_node_stops_knocking_at_the_one_it_left() {
     let app = TestApp::prepare(|_| {}).await;
