@@ -129,6 +129,18 @@ async fn a_memory_alarm_mid_stream_is_reported_and_the_worker_resumes_losing_not
     alarm_mid_stream(None).await;
 }
 
+/// Parking publishes on the consumer's own connection, so the broker blocks that one too once
+/// it parks during the alarm: its acknowledgements wait, the prefetch fills, and the lane that
+/// parks waits for the unblock instead of retrying. With a 5 s recovery timeout every bound on
+/// the consumer (the watchdog's included) has time to take that silence for a dead connection
+/// within the alarm, and must not. One invalid message, at the 600th teacher, parked once the
+/// alarm is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_alarm_after_a_message_is_parked_blocks_the_consumer_too_and_nothing_is_replaced()
+{
+    alarm_mid_stream(Some(600)).await;
+}
+
 /// A stream of registrations and claims (and, with `invalid_every`, a registration with an
 /// invalid TRN after every so many teachers), an alarm raised once some outcomes have arrived,
 /// held for [`HELD`] and cleared.
@@ -147,6 +159,12 @@ async fn alarm_mid_stream(invalid_every: Option<u64>) {
         settings.http.enabled = true;
         settings.http.listen = format!("127.0.0.1:{port}");
         settings.http.gauge_refresh_seconds = 1;
+        if invalid_every.is_some() {
+            // More deliveries than the prefetch after the one parked, and bounds short enough
+            // to replace the blocked connection while the alarm is held, if they judged it dead.
+            settings.amqp.prefetch = 200;
+            settings.amqp.recovery_timeout_seconds = 5;
+        }
     })
     .await;
     let mut invalid: HashSet<Vec<u8>> = HashSet::new();
@@ -302,6 +320,27 @@ async fn alarm_mid_stream(invalid_every: Option<u64>) {
     }
     assert_eq!(parked, invalid, "parked: exactly the invalid messages");
     assert_eq!(app.parked_waiting().await, 0);
+    // Every delivery is acknowledged once the alarm clears: the acknowledgements queued on a
+    // blocked connection go out with the unblock, and none is left unacknowledged on the
+    // channel (which would hold its messages from every other consumer until it closed).
+    let inbox = app.settings.topology.inbox_queue.clone();
+    eventually(
+        "the inbox queue empty, nothing unacknowledged",
+        Duration::from_secs(30),
+        || {
+            let listing = node.query(&[
+                "list_queues",
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+            ]);
+            let empty = listing
+                .lines()
+                .any(|line| line.split_whitespace().collect::<Vec<_>>() == [&*inbox, "0", "0"]);
+            async move { empty }
+        },
+    )
+    .await;
 
     eventually(
         "the gauge and /readyz recover",

@@ -16,6 +16,7 @@ use lapin::message::Delivery;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::flow::Flow;
 use super::lanes::Lanes;
 use super::watchdog::Watchdog;
 use super::{Shutdown, keep_or_replace};
@@ -44,7 +45,7 @@ pub(super) async fn consume(
     settings: &Settings,
     store: &Store,
     plan: &Shutdown,
-    health: &Health,
+    health: &Arc<Health>,
     direct: &Arc<DirectPublisher>,
 ) -> anyhow::Result<()> {
     let shared = Shared {
@@ -62,6 +63,10 @@ pub(super) async fn consume(
     let target = connect::BrokerTarget::from_settings(settings)?;
     let mut current: Option<Broker> = None;
     let mut leftover: Option<Consumer> = None;
+    // The consumer's connection publishes only to park a message, and the broker blocks it
+    // during an alarm once it has: followed like the relay's, for the log, the gauge and
+    // /readyz (the lane that parks waits for the unblock; see `Handler::park`).
+    let mut flow = Flow::new(Component::Consumer, health.clone());
     let result = loop {
         if plan.stop.is_cancelled() {
             break Ok(());
@@ -76,7 +81,11 @@ pub(super) async fn consume(
                 }
             }
         };
-        match consume_on(&shared, &broker, &mut in_flight, &mut leftover).await {
+        let consumed = tokio::select! {
+            ended = consume_on(&shared, &broker, &mut in_flight, &mut leftover) => ended,
+            never = flow.follow(&broker) => match never {},
+        };
+        match consumed {
             Ok(()) => {
                 current = Some(broker);
                 break Ok(());
@@ -93,6 +102,9 @@ pub(super) async fn consume(
                     break Ok(());
                 }
                 current = keep_or_replace(broker, error.is_timeout(), settings, &plan.stop).await;
+                if current.is_none() {
+                    flow.forget();
+                }
                 // On the connection kept, the failed consumer's channel is closed before a new
                 // one starts; a connection given up takes its channels with it.
                 if let Some(old) = leftover.take()

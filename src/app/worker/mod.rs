@@ -1,5 +1,5 @@
 //! `run`: the worker. Consumes the inbox queue (`consumer`, `lanes`, `watchdog`), relays the
-//! outbox (`relaying`), follows the broker's flow control on the relay's connection (`flow`) and
+//! outbox (`relaying`), follows the broker's flow control on both connections (`flow`) and
 //! sweeps overdue provisional spells (`sweep`) until the shutdown future resolves, then drains
 //! within `worker.shutdown_timeout_seconds`.
 
