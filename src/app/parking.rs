@@ -7,7 +7,7 @@ use time::format_description::well_known::Rfc3339;
 use super::handler::{Disposition, Handler, Job, now};
 use super::retry::Backoff;
 use crate::broker::parking::parked_properties;
-use crate::broker::{BrokerError, Outgoing, requeue};
+use crate::broker::{BrokerError, Outgoing, WhenBlocked, requeue};
 
 impl Handler {
     /// Parks each job and waits for the broker's confirms. Retries a refusal while the channel
@@ -100,7 +100,13 @@ impl Handler {
                 })
             })
             .collect();
-        let results = self.parking.publish_all(messages).await;
+        // A lane that parks waits for the end of an alarm anyway, and a message the broker had
+        // begun to read when it blocked the connection is confirmed after the unblock: waited
+        // for, it is parked once rather than sent again.
+        let results = self
+            .parking
+            .publish_all_with(messages, WhenBlocked::WaitThrough)
+            .await;
         let mut parked: Vec<([u8; 32], &'static str)> = Vec::new();
         let mut again = Vec::new();
         let mut handed_back: Option<(usize, BrokerError)> = None;

@@ -31,6 +31,7 @@ use lapin::Acker;
 use lapin::options::BasicAckOptions;
 use tokio::sync::mpsc;
 
+use super::Broker;
 use super::consumer::SETTLE_TIMEOUT;
 
 /// Settled markers a window keeps above a frontier that does not move; past this, it gives the
@@ -240,17 +241,19 @@ pub struct Acks {
 }
 
 impl Acks {
-    /// The handle and the task (to be spawned) of a new consumer channel's window; a delivery
-    /// settled behind an unsettled one is acknowledged alone after `hold`. Every frame sent is
-    /// counted with `count`.
+    /// The handle and the task (to be spawned) of the window of a new consumer channel on
+    /// `broker`; a delivery settled behind an unsettled one is acknowledged alone after `hold`.
+    /// Every frame sent is counted with `count`.
     pub fn start(
+        broker: &Broker,
         hold: Duration,
         count: CountFrames,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (settled, receiver) = mpsc::unbounded_channel();
+        let flow = broker.connection.status().clone();
         (
             Self { settled },
-            acknowledge(receiver, Window::new(hold), count),
+            acknowledge(receiver, Window::new(hold), count, flow),
         )
     }
 
@@ -272,6 +275,7 @@ async fn acknowledge(
     mut receiver: mpsc::UnboundedReceiver<Vec<Settled>>,
     mut window: Window<Acker>,
     count: CountFrames,
+    flow: lapin::ConnectionStatus,
 ) {
     let record = |window: &mut Window<Acker>, settled: Vec<Settled>| {
         let now = Instant::now();
@@ -300,9 +304,9 @@ async fn acknowledge(
         while let Ok(settled) = receiver.try_recv() {
             record(&mut window, settled);
         }
-        send(window.due(Instant::now()), count).await;
+        send(window.due(Instant::now()), count, &flow).await;
     }
-    send(window.drain(), count).await;
+    send(window.drain(), count, &flow).await;
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -313,7 +317,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// Sends a round's acknowledgements, each bounded; counts them and warns about those that could
 /// not go out.
-async fn send(due: Due<Acker>, count: CountFrames) {
+async fn send(due: Due<Acker>, count: CountFrames, flow: &lapin::ConnectionStatus) {
     if due.is_empty() {
         return;
     }
@@ -321,15 +325,15 @@ async fn send(due: Due<Acker>, count: CountFrames) {
         let Some(acker) = &due.range else { return 0 };
         count("range", 1);
         let multiple = BasicAckOptions { multiple: true };
-        match tokio::time::timeout(SETTLE_TIMEOUT, acker.ack(multiple)).await {
-            Ok(Ok(true)) => 0,
-            _ => due.in_range,
+        if written(flow, acker.ack(multiple)).await {
+            0
+        } else {
+            due.in_range
         }
     };
     let alone = due.alone.iter().map(|acker| async move {
         count("single", 1);
-        let sent = tokio::time::timeout(SETTLE_TIMEOUT, acker.ack(BasicAckOptions::default()));
-        usize::from(!matches!(sent.await, Ok(Ok(true))))
+        usize::from(!written(flow, acker.ack(BasicAckOptions::default())).await)
     });
     let (failed_range, failed_alone) = tokio::join!(range, futures_util::future::join_all(alone));
     let failed = failed_range + failed_alone.iter().sum::<usize>();
@@ -337,6 +341,35 @@ async fn send(due: Due<Acker>, count: CountFrames) {
         unacknowledged(failed);
     }
 }
+
+/// Waits for an acknowledgement to be written, for at most [`SETTLE_TIMEOUT`] of the time the
+/// connection is not blocked. While the broker blocks it (a memory or disk alarm, once the
+/// consumer has parked a message) lapin holds every frame and writes it at the unblock, so an
+/// acknowledgement is late then, not lost: waited for, rather than reported as lost.
+async fn written(
+    flow: &lapin::ConnectionStatus,
+    sending: impl Future<Output = lapin::Result<bool>>,
+) -> bool {
+    let mut sending = std::pin::pin!(sending);
+    let mut left = SETTLE_TIMEOUT;
+    loop {
+        let step = BLOCK_CHECK.min(left);
+        match tokio::time::timeout(step, &mut sending).await {
+            Ok(sent) => return matches!(sent, Ok(true)),
+            Err(_) if flow.blocked() => {}
+            Err(_) => {
+                left = left.saturating_sub(step);
+                if left.is_zero() {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// How often a wait for an acknowledgement to be written checks whether the broker blocks the
+/// connection.
+const BLOCK_CHECK: Duration = Duration::from_millis(100);
 
 fn unacknowledged(messages: usize) {
     tracing::warn!(

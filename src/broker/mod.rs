@@ -23,7 +23,9 @@ use secrecy::{ExposeSecret, SecretString};
 pub use acks::{Acks, CountFrames, Settled};
 pub use consumer::{Consumer, QueueReader, ack, ready, requeue};
 pub use error::BrokerError;
-pub use publisher::{CONFIRM_TIMEOUT, Outgoing, PendingConfirm, Publisher, json_properties};
+pub use publisher::{
+    CONFIRM_TIMEOUT, Outgoing, PendingConfirm, Publisher, WhenBlocked, json_properties,
+};
 pub use topology::{declare_topology, inbox_arguments, subscribe};
 
 /// An AMQP connection that recovers by itself from network failures.

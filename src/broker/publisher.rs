@@ -56,6 +56,20 @@ const CONNECTED_CHECK: std::time::Duration = std::time::Duration::from_millis(10
 /// anything, such as an outbox claim).
 const BLOCKED_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// What a wait for a confirm does once the broker blocks the connection (flow control).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenBlocked {
+    /// Gives up after [`BLOCKED_GRACE`], for a caller that must not hold what it holds for the
+    /// length of an alarm (the relay's outbox claim, an operator's command). A message the
+    /// broker had begun to read is then sent again after the unblock, and published twice.
+    GiveUp,
+    /// Waits for the unblock, the time blocked not counting towards the deadline, for a caller
+    /// that would wait for the unblock anyway (parking). RabbitMQ blocks a connection as it
+    /// reads a message's header and reads its body only after the unblock, so the message is
+    /// confirmed then, once, instead of being sent again.
+    WaitThrough,
+}
+
 impl PendingConfirm {
     /// Waits for the broker: `Ok` only for a positive confirm of a routed message. Gives up
     /// after [`CONFIRM_TIMEOUT`]: lapin rejects the confirms of a lost connection only once its
@@ -76,8 +90,18 @@ impl PendingConfirm {
     /// broker has blocked the connection for [`BLOCKED_GRACE`] (flow control): the message is
     /// sent when the alarm clears and may then be published twice, which consumers de-duplicate.
     pub async fn wait_until(self, deadline: tokio::time::Instant) -> Result<(), BrokerError> {
+        self.wait_until_with(deadline, WhenBlocked::GiveUp).await
+    }
+
+    /// [`PendingConfirm::wait_until`], doing `when` once the broker blocks the connection.
+    pub async fn wait_until_with(
+        self,
+        deadline: tokio::time::Instant,
+        when: WhenBlocked,
+    ) -> Result<(), BrokerError> {
         let (channel, flow) = (self.channel, self.flow);
         let interrupted = async move {
+            let mut deadline = deadline;
             let mut blocked_for = std::time::Duration::ZERO;
             loop {
                 tokio::time::sleep(CONNECTED_CHECK).await;
@@ -89,16 +113,23 @@ impl PendingConfirm {
                 } else {
                     std::time::Duration::ZERO
                 };
-                if blocked_for >= BLOCKED_GRACE {
-                    return BrokerError::blocked("a publisher confirm");
+                match when {
+                    WhenBlocked::GiveUp if blocked_for >= BLOCKED_GRACE => {
+                        return BrokerError::blocked("a publisher confirm");
+                    }
+                    WhenBlocked::WaitThrough if !blocked_for.is_zero() => {
+                        deadline += CONNECTED_CHECK;
+                    }
+                    _ => {}
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return BrokerError::timed_out("a publisher confirm");
                 }
             }
         };
         let confirmed = tokio::select! {
             biased;
-            confirmed = tokio::time::timeout_at(deadline, self.confirm) => {
-                confirmed.map_err(|_| BrokerError::timed_out("a publisher confirm"))?
-            }
+            confirmed = self.confirm => confirmed,
             error = interrupted => return Err(error),
         };
         match confirmed? {
@@ -264,6 +295,16 @@ impl Publisher {
         &self,
         messages: impl IntoIterator<Item = Outgoing<'a>>,
     ) -> Vec<Result<(), BrokerError>> {
+        self.publish_all_with(messages, WhenBlocked::GiveUp).await
+    }
+
+    /// [`Publisher::publish_all`], its confirm waits doing `when` once the broker blocks the
+    /// connection.
+    pub async fn publish_all_with<'a>(
+        &self,
+        messages: impl IntoIterator<Item = Outgoing<'a>>,
+        when: WhenBlocked,
+    ) -> Vec<Result<(), BrokerError>> {
         let pending = self.send_all(messages).await;
         // One bound for the batch: after a connection dies with 500 confirms outstanding, the
         // relay gives up within CONFIRM_TIMEOUT, not 500 times that (seen when a broker address
@@ -272,7 +313,7 @@ impl Publisher {
         let mut results = Vec::with_capacity(pending.len());
         for sent in pending {
             results.push(match sent {
-                Ok(confirm) => confirm.wait_until(deadline).await,
+                Ok(confirm) => confirm.wait_until_with(deadline, when).await,
                 Err(error) => Err(error),
             });
         }

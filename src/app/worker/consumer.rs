@@ -145,7 +145,7 @@ async fn consume_on(
     // One acknowledgement window per channel: tags are the channel's. Its task is one of
     // `in_flight`, so that a graceful stop waits for the last acknowledgements too; it ends once
     // the lanes, which hold the handler's clones, have ended (the one here is dropped below).
-    let (acks, acknowledging) = Acks::start(settings.amqp.ack_hold(), |kind, frames| {
+    let (acks, acknowledging) = Acks::start(broker, settings.amqp.ack_hold(), |kind, frames| {
         crate::telemetry::metrics::metrics().acknowledgements_sent(kind, frames);
     });
     in_flight.spawn(acknowledging);
