@@ -99,46 +99,62 @@ impl PendingConfirm {
         deadline: tokio::time::Instant,
         when: WhenBlocked,
     ) -> Result<(), BrokerError> {
-        let (channel, flow) = (self.channel, self.flow);
-        let interrupted = async move {
-            let mut deadline = deadline;
-            let mut blocked_for = std::time::Duration::ZERO;
-            loop {
-                tokio::time::sleep(CONNECTED_CHECK).await;
-                if !channel.status().connected() {
-                    return BrokerError::lost("the connection a publisher confirm was due on");
+        self.settle(deadline, when).await.0
+    }
+
+    /// Waits as [`PendingConfirm::wait_until_with`] says; also returns the deadline, moved on
+    /// by the time the broker blocked the connection when `when` waits through blocks, for the
+    /// next confirm of the same batch (it comes after the same unblock).
+    async fn settle(
+        self,
+        deadline: tokio::time::Instant,
+        when: WhenBlocked,
+    ) -> (Result<(), BrokerError>, tokio::time::Instant) {
+        let Self {
+            confirm,
+            channel,
+            flow,
+            exchange,
+            routing_key,
+        } = self;
+        let mut confirm = std::pin::pin!(confirm);
+        let mut deadline = deadline;
+        let mut blocked_for = std::time::Duration::ZERO;
+        let confirmed = loop {
+            tokio::select! {
+                biased;
+                confirmed = &mut confirm => break confirmed,
+                () = tokio::time::sleep(CONNECTED_CHECK) => {}
+            }
+            if !channel.status().connected() {
+                let error = BrokerError::lost("the connection a publisher confirm was due on");
+                return (Err(error), deadline);
+            }
+            blocked_for = if flow.blocked() {
+                blocked_for + CONNECTED_CHECK
+            } else {
+                std::time::Duration::ZERO
+            };
+            match when {
+                WhenBlocked::GiveUp if blocked_for >= BLOCKED_GRACE => {
+                    return (Err(BrokerError::blocked("a publisher confirm")), deadline);
                 }
-                blocked_for = if flow.blocked() {
-                    blocked_for + CONNECTED_CHECK
-                } else {
-                    std::time::Duration::ZERO
-                };
-                match when {
-                    WhenBlocked::GiveUp if blocked_for >= BLOCKED_GRACE => {
-                        return BrokerError::blocked("a publisher confirm");
-                    }
-                    WhenBlocked::WaitThrough if !blocked_for.is_zero() => {
-                        deadline += CONNECTED_CHECK;
-                    }
-                    _ => {}
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    return BrokerError::timed_out("a publisher confirm");
-                }
+                WhenBlocked::WaitThrough if !blocked_for.is_zero() => deadline += CONNECTED_CHECK,
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return (Err(BrokerError::timed_out("a publisher confirm")), deadline);
             }
         };
-        let confirmed = tokio::select! {
-            biased;
-            confirmed = self.confirm => confirmed,
-            error = interrupted => return Err(error),
-        };
-        match confirmed? {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
-                Err(BrokerError::unroutable(&self.exchange, &self.routing_key))
+        let result = match confirmed {
+            Err(error) => Err(error.into()),
+            Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(()),
+            Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_))) => {
+                Err(BrokerError::unroutable(&exchange, &routing_key))
             }
-            Confirmation::Nack(None) => Err(BrokerError::nacked("a message")),
-        }
+            Ok(Confirmation::Nack(None)) => Err(BrokerError::nacked("a message")),
+        };
+        (result, deadline)
     }
 }
 
@@ -308,12 +324,17 @@ impl Publisher {
         let pending = self.send_all(messages).await;
         // One bound for the batch: after a connection dies with 500 confirms outstanding, the
         // relay gives up within CONFIRM_TIMEOUT, not 500 times that (seen when a broker address
-        // went away: the relay sat for ten minutes).
-        let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+        // went away: the relay sat for ten minutes). Waiting through blocks, it moves on by the
+        // time the broker blocked the connection, which holds back every confirm alike.
+        let mut deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
         let mut results = Vec::with_capacity(pending.len());
         for sent in pending {
             results.push(match sent {
-                Ok(confirm) => confirm.wait_until_with(deadline, when).await,
+                Ok(confirm) => {
+                    let (result, moved) = confirm.settle(deadline, when).await;
+                    deadline = moved;
+                    result
+                }
                 Err(error) => Err(error),
             });
         }
