@@ -33,6 +33,7 @@ use tokio::sync::mpsc;
 
 use super::Broker;
 use super::consumer::SETTLE_TIMEOUT;
+use super::publisher::STATUS_CHECK;
 
 /// Settled markers a window keeps above a frontier that does not move; past this, it gives the
 /// frontier up and acknowledges each delivery alone (bounded memory if a tag never settles).
@@ -353,7 +354,7 @@ async fn written(
     let mut sending = std::pin::pin!(sending);
     let mut left = SETTLE_TIMEOUT;
     loop {
-        let step = BLOCK_CHECK.min(left);
+        let step = STATUS_CHECK.min(left);
         match tokio::time::timeout(step, &mut sending).await {
             Ok(sent) => return matches!(sent, Ok(true)),
             Err(_) if flow.blocked() => {}
@@ -366,10 +367,6 @@ async fn written(
         }
     }
 }
-
-/// How often a wait for an acknowledgement to be written checks whether the broker blocks the
-/// connection.
-const BLOCK_CHECK: Duration = Duration::from_millis(100);
 
 fn unacknowledged(messages: usize) {
     tracing::warn!(

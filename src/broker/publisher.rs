@@ -47,8 +47,9 @@ pub struct PendingConfirm {
     routing_key: String,
 }
 
-/// How often a wait for a confirm checks that its channel is still connected.
-const CONNECTED_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+/// How often a wait on the broker checks its connection's status: whether the channel is still
+/// connected, whether the broker blocks the connection (here and in `acks`).
+pub(super) const STATUS_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How long a wait for a confirm goes on once the broker has blocked the connection: confirms
 /// of what the broker read before the alarm still come; the rest come only after it clears,
@@ -90,21 +91,13 @@ impl PendingConfirm {
     /// broker has blocked the connection for [`BLOCKED_GRACE`] (flow control): the message is
     /// sent when the alarm clears and may then be published twice, which consumers de-duplicate.
     pub async fn wait_until(self, deadline: tokio::time::Instant) -> Result<(), BrokerError> {
-        self.wait_until_with(deadline, WhenBlocked::GiveUp).await
+        self.settle(deadline, WhenBlocked::GiveUp).await.0
     }
 
-    /// [`PendingConfirm::wait_until`], doing `when` once the broker blocks the connection.
-    pub async fn wait_until_with(
-        self,
-        deadline: tokio::time::Instant,
-        when: WhenBlocked,
-    ) -> Result<(), BrokerError> {
-        self.settle(deadline, when).await.0
-    }
-
-    /// Waits as [`PendingConfirm::wait_until_with`] says; also returns the deadline, moved on
-    /// by the time the broker blocked the connection when `when` waits through blocks, for the
-    /// next confirm of the same batch (it comes after the same unblock).
+    /// Waits as [`PendingConfirm::wait_until`] says, doing `when` once the broker blocks the
+    /// connection; also returns the deadline, moved on by the time the broker blocked the
+    /// connection when `when` waits through blocks, for the next confirm of the same batch (it
+    /// comes after the same unblock).
     async fn settle(
         self,
         deadline: tokio::time::Instant,
@@ -124,14 +117,14 @@ impl PendingConfirm {
             tokio::select! {
                 biased;
                 confirmed = &mut confirm => break confirmed,
-                () = tokio::time::sleep(CONNECTED_CHECK) => {}
+                () = tokio::time::sleep(STATUS_CHECK) => {}
             }
             if !channel.status().connected() {
                 let error = BrokerError::lost("the connection a publisher confirm was due on");
                 return (Err(error), deadline);
             }
             blocked_for = if flow.blocked() {
-                blocked_for + CONNECTED_CHECK
+                blocked_for + STATUS_CHECK
             } else {
                 std::time::Duration::ZERO
             };
@@ -139,7 +132,7 @@ impl PendingConfirm {
                 WhenBlocked::GiveUp if blocked_for >= BLOCKED_GRACE => {
                     return (Err(BrokerError::blocked("a publisher confirm")), deadline);
                 }
-                WhenBlocked::WaitThrough if !blocked_for.is_zero() => deadline += CONNECTED_CHECK,
+                WhenBlocked::WaitThrough if !blocked_for.is_zero() => deadline += STATUS_CHECK,
                 _ => {}
             }
             if tokio::time::Instant::now() >= deadline {
@@ -185,7 +178,7 @@ impl Publisher {
                 return false;
             }
             tokio::select! {
-                () = tokio::time::sleep(CONNECTED_CHECK) => {}
+                () = tokio::time::sleep(STATUS_CHECK) => {}
                 () = stop.cancelled() => return false,
             }
         }
