@@ -8,10 +8,10 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::app::TestApp;
+use common::observe::{eventually, logs, metric, reconnects, scrape};
 use common::rabbit::RabbitNode;
 use common::{bytes, claim, free_port, http_get, registration};
 use futures_lite::FutureExt;
@@ -25,104 +25,8 @@ const TEACHERS: u64 = 1_000;
 /// would otherwise take the blocked connection's silence for a dead one and replace it.
 const HELD: Duration = Duration::from_secs(65);
 
-/// The worker's log lines, as an operator's collector would receive them (JSON, one per line).
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn install() -> Self {
-        let logs = Self::default();
-        let writer = logs.clone();
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter("induction_reconciler=info")
-            .with_writer(move || writer.clone())
-            .init();
-        logs
-    }
-
-    /// Forgets what was logged so far.
-    fn clear(&self) {
-        self.0.lock().unwrap().clear();
-    }
-
-    /// The log lines whose message contains `text`.
-    fn lines(&self, text: &str) -> Vec<serde_json::Value> {
-        let bytes = self.0.lock().unwrap().clone();
-        String::from_utf8_lossy(&bytes)
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|line| {
-                line["fields"]["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains(text))
-            })
-            .collect()
-    }
-}
-
-/// The value of an unlabelled metric, or of the one series with `labels`, in a scrape.
-fn metric(scrape: &str, name: &str, labels: &str) -> Option<f64> {
-    let series = format!("{name}{labels} ");
-    scrape
-        .lines()
-        .find_map(|line| line.strip_prefix(&series))
-        .and_then(|value| value.trim().parse().ok())
-}
-
-/// Polls `check` every 100 ms until it holds, for at most `limit`.
-async fn eventually<F>(what: &str, limit: Duration, mut check: impl FnMut() -> F)
-where
-    F: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// What the worker's endpoint says: `/metrics` and `/readyz` (status and body).
-async fn scrape(port: u16) -> (String, u16, String) {
-    let metrics = http_get(port, "/metrics").await.map(|(_, body)| body);
-    let ready = http_get(port, "/readyz").await;
-    let (status, body) = ready.unwrap_or((0, String::new()));
-    (metrics.unwrap_or_default(), status, body)
-}
-
-fn reconnects(scrape: &str) -> f64 {
-    ["consumer", "relay"]
-        .iter()
-        .map(|c| {
-            let labels = format!("{{component=\"{c}\"}}");
-            metric(
-                scrape,
-                "induction_reconciler_broker_reconnects_total",
-                &labels,
-            )
-            .unwrap_or(0.0)
-        })
-        .sum()
-}
-
 /// The scenarios share the process's metrics and log: one at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn logs() -> &'static Logs {
-    static LOGS: OnceLock<Logs> = OnceLock::new();
-    LOGS.get_or_init(Logs::install)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_alarm_mid_stream_is_reported_and_the_worker_resumes_losing_nothing() {

@@ -188,6 +188,23 @@ impl Handler {
         let mut failures = 0;
         let mut outage_logged = false;
         loop {
+            // Deliveries of a channel that has closed since (the broker closed it, or the
+            // connection was lost) can no longer be acknowledged, and the broker has put them
+            // back in the queue for another consumer: applying them now would only race the
+            // lanes of the channel that replaced this one, holding a second copy of the batch
+            // (ARCHITECTURE decision 41).
+            if !which.is_empty() && which.iter().all(|&i| jobs[i].delivery.acker.poisoned()) {
+                if outage_logged {
+                    tracing::info!(
+                        messages = which.len(),
+                        "the channel of these messages closed while the database was unavailable; leaving them to their redelivery"
+                    );
+                }
+                for &i in which {
+                    jobs[i].disposition = Some(Disposition::Abandoned);
+                }
+                return Ok(());
+            }
             let error = match self.apply_once(jobs, which, outbox).await {
                 Ok(()) => {
                     if outage_logged {

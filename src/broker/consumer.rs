@@ -25,7 +25,8 @@ pub struct Consumer {
     channel: Channel,
     tag: String,
     queue: String,
-    deliveries: lapin::Consumer,
+    /// `None` only once dropped (see the `Drop` impl).
+    deliveries: Option<lapin::Consumer>,
 }
 
 impl Broker {
@@ -53,7 +54,7 @@ impl Broker {
             channel,
             tag,
             queue: queue.to_owned(),
-            deliveries,
+            deliveries: Some(deliveries),
         })
     }
 }
@@ -62,7 +63,8 @@ impl Consumer {
     /// The next delivery; `None` when the broker cancelled the consumer. lapin reports a
     /// recoverable failure as `Some(Err)` and resumes the stream after its recovery.
     pub async fn next(&mut self) -> Option<Result<Delivery, lapin::Error>> {
-        futures_lite::StreamExt::next(&mut self.deliveries).await
+        let deliveries = self.deliveries.as_mut()?;
+        futures_lite::StreamExt::next(deliveries).await
     }
 
     /// True while the consumer's channel is open.
@@ -75,6 +77,26 @@ impl Consumer {
     pub fn is_recovering(&self) -> bool {
         let status = self.channel.status();
         status.reconnecting() || status.initializing()
+    }
+
+    /// True once the channel is closed for good: neither open, nor closing, nor waiting for
+    /// lapin to recover it. On a connection that is up, the broker closed it (a channel-level
+    /// error, such as a delivery held past its `consumer_timeout`), and lapin does not reopen
+    /// a channel the broker closed. A channel still closing is not: lapin has yet to answer the
+    /// broker's close, and a new channel opened meanwhile is refused (ARCHITECTURE decision 41).
+    pub fn is_closed(&self) -> bool {
+        let status = self.channel.status();
+        !status.connected() && !status.closing() && !status.initializing()
+    }
+
+    /// Why the broker closed the channel, as lapin reported it on the consumer's stream, for a
+    /// consumer that is closed for good and has not been read since (its buffered deliveries
+    /// are dropped: the broker has requeued them).
+    pub fn closing_error(&mut self) -> Option<lapin::Error> {
+        if !self.is_closed() {
+            return None;
+        }
+        drain(self.deliveries.as_mut()?)
     }
 
     /// How many messages the queue holds ready for delivery (a passive declare).
@@ -94,6 +116,40 @@ impl Consumer {
     pub async fn close(self) {
         let closing = self.channel.close(200, "consumer ended".into());
         let _ = tokio::time::timeout(CLOSING_TIMEOUT, closing).await;
+    }
+}
+
+impl Drop for Consumer {
+    /// A consumer whose channel the broker closed is not handed back to lapin. lapin (4.12.3)
+    /// keeps it marked active and, when it is dropped, asks to cancel it on its channel; once
+    /// lapin has forgotten that channel, the request fails with "invalid channel", which lapin
+    /// takes for a failure of the whole connection: it reconnects a connection that worked, and
+    /// its recovery can then deadlock on the channel it is reopening (seen in
+    /// `tests/channel_closed.rs`: no heartbeat sent for 20 s, a runtime thread blocked). So
+    /// its buffered deliveries are dropped (the broker has requeued them) and the rest, a few
+    /// hundred bytes, is kept for the life of the process (ARCHITECTURE decision 41).
+    fn drop(&mut self) {
+        if !self.is_closed() {
+            return;
+        }
+        if let Some(mut deliveries) = self.deliveries.take() {
+            while drain(&mut deliveries).is_some() {}
+            std::mem::forget(deliveries);
+        }
+    }
+}
+
+/// Reads what the stream of a consumer whose channel is closed still holds, without waiting,
+/// until its error: deliveries are dropped (the broker has requeued them). `None` once the
+/// stream is empty or ended.
+fn drain(deliveries: &mut lapin::Consumer) -> Option<lapin::Error> {
+    use futures_util::FutureExt;
+    loop {
+        match futures_lite::StreamExt::next(deliveries).now_or_never() {
+            Some(Some(Ok(_))) => {}
+            Some(Some(Err(error))) => return Some(error),
+            Some(None) | None => return None,
+        }
     }
 }
 

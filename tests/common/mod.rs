@@ -5,6 +5,7 @@ pub mod app;
 pub mod cluster;
 pub mod cpu;
 pub mod ecf1;
+pub mod observe;
 pub mod proxy;
 pub mod rabbit;
 pub mod tools;

@@ -11,7 +11,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_lite::StreamExt;
 use lapin::message::Delivery;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -192,23 +191,18 @@ struct Session<'a> {
 impl Session<'_> {
     /// Hands deliveries to the lanes until `stop` (`Ok`) or a failure the watchdog, lapin or the
     /// broker reports (`Err`).
+    ///
+    /// The connection's events are not read here: lapin hands each event to one of its
+    /// listeners, not to all, and the connection's [`Flow`] listens for flow control. A channel
+    /// the broker closes, or a connection lapin gives up, is seen in their status by the
+    /// watchdog (ARCHITECTURE decision 41).
     async fn receive(&mut self, in_flight: &mut JoinSet<()>) -> Result<(), BrokerError> {
-        let mut events = Box::pin(self.broker.events());
         loop {
             while in_flight.try_join_next().is_some() {}
             let next = tokio::select! {
                 next = self.consumer.next() => next,
-                event = events.next() => match event {
-                    // Only errors lapin cannot recover from are reported here. The consumer
-                    // was working, so even a channel-level reply (406 when a delivery was held
-                    // past the broker's consumer_timeout) means: start again on a new channel.
-                    Some(lapin::Event::Error(error)) => {
-                        return Err(BrokerError::channel_closed(&error));
-                    }
-                    _ => continue,
-                },
                 _ = self.tick.tick() => {
-                    self.watchdog.check(self.broker, &self.consumer, self.shared.health).await?;
+                    self.watchdog.check(self.broker, &mut self.consumer, self.shared.health).await?;
                     continue;
                 }
                 () = self.shared.stop.cancelled() => return Ok(()),
@@ -224,9 +218,9 @@ impl Session<'_> {
                 // recovery; the watchdog decides when to stop waiting for it.
                 Some(Err(error)) => {
                     tracing::debug!(error = %error, "the consumer reported a broker failure");
-                    self.watchdog.lost(self.shared.health);
+                    self.watchdog.lost(self.shared.health, error);
                 }
-                None => return Err(BrokerError::lost("the consumer (the broker cancelled it)")),
+                None => return Err(self.watchdog.cancelled()),
             }
         }
     }
@@ -244,7 +238,7 @@ impl Session<'_> {
                     None => false,
                 }),
                 _ = self.tick.tick() => {
-                    self.watchdog.check(self.broker, &self.consumer, self.shared.health).await?;
+                    self.watchdog.check(self.broker, &mut self.consumer, self.shared.health).await?;
                 }
                 () = self.shared.stop.cancelled() => return Ok(false),
             }

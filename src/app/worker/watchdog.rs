@@ -19,6 +19,8 @@ pub(super) struct Watchdog {
     progress: Arc<Progress>,
     /// `amqp.recovery_timeout_seconds`.
     limit: Duration,
+    /// What the consumer last reported (a channel the broker closed says why), for the log.
+    reason: Option<lapin::Error>,
 }
 
 impl Watchdog {
@@ -28,6 +30,7 @@ impl Watchdog {
             last_delivery: tokio::time::Instant::now(),
             progress,
             limit,
+            reason: None,
         }
     }
 
@@ -36,8 +39,10 @@ impl Watchdog {
         self.last_delivery = tokio::time::Instant::now();
     }
 
-    /// Notes a failure lapin reported and is recovering from: not ready until it is back.
-    pub(super) fn lost(&mut self, health: &Health) {
+    /// Notes a failure the consumer reported: not ready until lapin has it back (or the check
+    /// finds the channel closed for good).
+    pub(super) fn lost(&mut self, health: &Health, error: lapin::Error) {
+        self.reason = Some(error);
         if self.down_since.is_none() {
             tracing::warn!("lost the broker connection; waiting for lapin to recover it");
             health.set_broker_connected(false);
@@ -45,11 +50,22 @@ impl Watchdog {
         }
     }
 
+    /// Why the consumer's stream ended: the broker closed its channel (with the reason the
+    /// consumer reported) or cancelled the consumer.
+    pub(super) fn cancelled(&mut self) -> BrokerError {
+        match self.reason.take() {
+            Some(error) => BrokerError::channel_closed(&error),
+            None => {
+                BrokerError::lost("the consumer (the broker closed its channel or cancelled it)")
+            }
+        }
+    }
+
     /// `Err` when the consumer should end and start again (on a new channel or connection).
     pub(super) async fn check(
         &mut self,
         broker: &Broker,
-        consumer: &Consumer,
+        consumer: &mut Consumer,
         health: &Health,
     ) -> Result<(), BrokerError> {
         let link = broker.link();
@@ -68,6 +84,16 @@ impl Watchdog {
                 self.last_delivery = tokio::time::Instant::now();
             }
             return self.check_stalled(consumer).await;
+        }
+        // The broker closed the channel (lapin does not reopen it), and the connection works:
+        // start again on a new channel now rather than wait out the recovery timeout and give
+        // up a connection that works. This is seen here even when the consumer loop is waiting
+        // for a full lane and so not reading the consumer's stream (ARCHITECTURE decision 41).
+        if link == Link::Up && consumer.is_closed() {
+            if self.reason.is_none() {
+                self.reason = consumer.closing_error();
+            }
+            return Err(self.cancelled());
         }
         let since = *self.down_since.get_or_insert_with(|| {
             tracing::warn!("lost the broker connection; waiting for lapin to recover it");
