@@ -194,14 +194,11 @@ impl Handler {
             // lanes of the channel that replaced this one, holding a second copy of the batch
             // (ARCHITECTURE decision 41).
             if !which.is_empty() && which.iter().all(|&i| jobs[i].delivery.acker.poisoned()) {
-                if outage_logged {
-                    tracing::info!(
-                        messages = which.len(),
-                        "the channel of these messages closed while the database was unavailable; leaving them to their redelivery"
-                    );
-                }
                 for &i in which {
-                    jobs[i].disposition = Some(Disposition::Abandoned);
+                    super::parking::abandoned_with_its_channel(&mut jobs[i]);
+                }
+                if outage_logged {
+                    tracing::info!(messages = which.len(), "{}", super::parking::CHANNEL_CLOSED);
                 }
                 return Ok(());
             }

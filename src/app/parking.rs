@@ -22,6 +22,17 @@ impl Handler {
         let mut remaining = self.not_parked_before(jobs).await;
         let mut backoff = Backoff::new(&self.settings);
         while !remaining.is_empty() {
+            // A message whose channel has closed since (its acknowledgement cannot go out) is
+            // back in the queue: parked now, it would be parked again on its redelivery when
+            // the database cannot record it (ARCHITECTURE decision 41).
+            let before = remaining.len();
+            remaining.retain(|&i| !abandoned_with_its_channel(jobs[i]));
+            if remaining.len() < before {
+                tracing::info!(messages = before - remaining.len(), "{CHANNEL_CLOSED}");
+            }
+            if remaining.is_empty() {
+                break;
+            }
             // While the broker blocks the connection (a resource alarm) nothing can be parked;
             // the lane waits for the unblock (or the shutdown deadline) instead of retrying.
             if self.parking.is_blocked() && !self.parking.until_unblocked(&self.abandon).await {
@@ -157,6 +168,20 @@ impl Handler {
             tracing::warn!(error = %error, "could not record parked messages; a redelivery may be parked twice");
         }
     }
+}
+
+/// What a lane logs when it lets messages go because their channel has closed.
+pub(super) const CHANNEL_CLOSED: &str =
+    "the channel of these messages has closed; leaving them to their redelivery";
+
+/// True, and the job marked abandoned, when the channel of its delivery has closed since it
+/// arrived (the broker has put it back in the queue; an acknowledgement could not go out).
+pub(super) fn abandoned_with_its_channel(job: &mut Job) -> bool {
+    let gone = job.delivery.acker.poisoned();
+    if gone {
+        job.disposition = Some(Disposition::Abandoned);
+    }
+    gone
 }
 
 /// Returns a delivery to the queue (or lets the broker requeue it when its channel goes) and
