@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::app::TestApp;
-use common::observe::{eventually, logs};
+use common::observe::{eventually, every_outcome, inbox_drained, logs};
 use common::rabbit::RabbitNode;
 use common::{claim, registration};
 use futures_lite::FutureExt;
@@ -101,56 +101,17 @@ async fn a_channel_the_broker_closes_is_replaced_at_once_and_its_lane_leaves_its
     lock.rollback().await.unwrap();
 
     // Everything is applied once the lock goes, and every outcome arrives.
-    app.wait_until_within(
-        &format!("select count(*) = {} from inbox", 2 * TEACHERS),
+    let mut received = HashSet::new();
+    let (expected, _) = every_outcome(
+        &mut app,
+        2 * TEACHERS,
         Duration::from_secs(60),
+        &mut received,
     )
     .await;
-    app.wait_until_within(
-        "select count(*) = 0 from outbox where published_at is null",
-        Duration::from_secs(60),
-    )
-    .await;
-    let expected: HashSet<String> =
-        sqlx::query_scalar::<_, uuid::Uuid>("select outcome_id from outbox")
-            .fetch_all(app.store.pool())
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|id| id.to_string())
-            .collect();
-    let mut received: HashSet<String> = HashSet::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !expected.is_subset(&received) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {} outcomes never arrived",
-            expected.difference(&received).count(),
-            expected.len()
-        );
-        let outcome = app.next_outcome().await;
-        received.insert(outcome["outcome_id"].as_str().unwrap().to_owned());
-    }
     assert_eq!(received, expected);
     assert_eq!(app.parked_waiting().await, 0, "nothing parked");
-    let inbox = app.settings.topology.inbox_queue.clone();
-    eventually(
-        "the inbox queue empty, nothing unacknowledged",
-        Duration::from_secs(30),
-        || {
-            let listing = node.query(&[
-                "list_queues",
-                "name",
-                "messages_ready",
-                "messages_unacknowledged",
-            ]);
-            let empty = listing
-                .lines()
-                .any(|line| line.split_whitespace().collect::<Vec<_>>() == [&*inbox, "0", "0"]);
-            async move { empty }
-        },
-    )
-    .await;
+    inbox_drained(&app, &node).await;
 
     // The connection was kept: only the channel was replaced.
     assert_eq!(

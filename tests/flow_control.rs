@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::app::TestApp;
-use common::observe::{eventually, logs, metric, reconnects, scrape};
+use common::observe::{eventually, every_outcome, inbox_drained, logs, metric, reconnects, scrape};
 use common::rabbit::RabbitNode;
 use common::{bytes, claim, free_port, http_get, registration};
 use futures_lite::FutureExt;
@@ -160,38 +160,13 @@ async fn alarm_mid_stream(invalid_every: Option<u64>) {
     // The alarm clears; the worker resumes by itself.
     node.ctl(&["set_vm_memory_high_watermark", "0.4"]);
     let cleared = tokio::time::Instant::now();
-    app.wait_until_within(
-        &format!("select count(*) = {} from inbox", 2 * TEACHERS),
+    let (expected, duplicates) = every_outcome(
+        &mut app,
+        2 * TEACHERS,
         Duration::from_secs(120),
+        &mut received,
     )
     .await;
-    app.wait_until_within(
-        "select count(*) = 0 from outbox where published_at is null",
-        Duration::from_secs(120),
-    )
-    .await;
-    let expected: HashSet<String> =
-        sqlx::query_scalar::<_, uuid::Uuid>("select outcome_id from outbox")
-            .fetch_all(app.store.pool())
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|id| id.to_string())
-            .collect();
-    let mut duplicates = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !expected.is_subset(&received) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {} outcomes never arrived",
-            expected.difference(&received).count(),
-            expected.len()
-        );
-        let outcome = app.next_outcome().await;
-        if !received.insert(outcome["outcome_id"].as_str().unwrap().to_owned()) {
-            duplicates += 1;
-        }
-    }
     eprintln!(
         "all {} outcomes received {:.1} s after the alarm cleared ({duplicates} duplicates)",
         expected.len(),
@@ -230,24 +205,7 @@ async fn alarm_mid_stream(invalid_every: Option<u64>) {
     // Every delivery is acknowledged once the alarm clears: the acknowledgements queued on a
     // blocked connection go out with the unblock, and none is left unacknowledged on the
     // channel (which would hold its messages from every other consumer until it closed).
-    let inbox = app.settings.topology.inbox_queue.clone();
-    eventually(
-        "the inbox queue empty, nothing unacknowledged",
-        Duration::from_secs(30),
-        || {
-            let listing = node.query(&[
-                "list_queues",
-                "name",
-                "messages_ready",
-                "messages_unacknowledged",
-            ]);
-            let empty = listing
-                .lines()
-                .any(|line| line.split_whitespace().collect::<Vec<_>>() == [&*inbox, "0", "0"]);
-            async move { empty }
-        },
-    )
-    .await;
+    inbox_drained(&app, &node).await;
 
     eventually(
         "the gauge and /readyz recover",

@@ -10,7 +10,11 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use std::collections::HashSet;
+
+use super::app::TestApp;
 use super::http_get;
+use super::rabbit::RabbitNode;
 
 /// The worker's log lines, as an operator's collector would receive them (JSON, one per line).
 #[derive(Clone, Default)]
@@ -118,4 +122,69 @@ pub fn reconnects(scrape: &str) -> f64 {
 pub fn logs() -> &'static Logs {
     static LOGS: OnceLock<Logs> = OnceLock::new();
     LOGS.get_or_init(Logs::install)
+}
+
+/// Waits (each step at most `limit`) until the inbox holds `messages` and no outcome is pending
+/// in the outbox, then reads outcomes until every outcome the outbox holds has arrived (at most
+/// 60 s), adding them to `received`. Returns the outbox's outcome ids and how many outcomes
+/// arrived a second time.
+pub async fn every_outcome(
+    app: &mut TestApp,
+    messages: u64,
+    limit: Duration,
+    received: &mut HashSet<String>,
+) -> (HashSet<String>, usize) {
+    app.wait_until_within(&format!("select count(*) = {messages} from inbox"), limit)
+        .await;
+    app.wait_until_within(
+        "select count(*) = 0 from outbox where published_at is null",
+        limit,
+    )
+    .await;
+    let expected: HashSet<String> =
+        sqlx::query_scalar::<_, uuid::Uuid>("select outcome_id from outbox")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|id| id.to_string())
+            .collect();
+    let mut duplicates = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !expected.is_subset(received) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {} outcomes never arrived",
+            expected.difference(received).count(),
+            expected.len()
+        );
+        let outcome = app.next_outcome().await;
+        if !received.insert(outcome["outcome_id"].as_str().unwrap().to_owned()) {
+            duplicates += 1;
+        }
+    }
+    (expected, duplicates)
+}
+
+/// Waits (at most 30 s) until the app's inbox queue on `node` has nothing ready and nothing
+/// unacknowledged: every delivery was acknowledged, none is held on a channel.
+pub async fn inbox_drained(app: &TestApp, node: &RabbitNode) {
+    let inbox = app.settings.topology.inbox_queue.clone();
+    eventually(
+        "the inbox queue empty, nothing unacknowledged",
+        Duration::from_secs(30),
+        || {
+            let listing = node.query(&[
+                "list_queues",
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+            ]);
+            let empty = listing
+                .lines()
+                .any(|line| line.split_whitespace().collect::<Vec<_>>() == [&*inbox, "0", "0"]);
+            async move { empty }
+        },
+    )
+    .await;
 }
