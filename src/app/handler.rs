@@ -195,10 +195,10 @@ impl Handler {
             // (ARCHITECTURE decision 41).
             if !which.is_empty() && which.iter().all(|&i| jobs[i].delivery.acker.poisoned()) {
                 for &i in which {
-                    super::parking::abandoned_with_its_channel(&mut jobs[i]);
+                    abandoned_with_its_channel(&mut jobs[i]);
                 }
                 if outage_logged {
-                    tracing::info!(messages = which.len(), "{}", super::parking::CHANNEL_CLOSED);
+                    tracing::info!(messages = which.len(), "{}", CHANNEL_CLOSED);
                 }
                 return Ok(());
             }
@@ -292,6 +292,20 @@ impl Handler {
             ),
         ));
     }
+}
+
+/// What a lane logs when it lets messages go because their channel has closed.
+pub(super) const CHANNEL_CLOSED: &str =
+    "the channel of these messages has closed; leaving them to their redelivery";
+
+/// True, and the job marked abandoned, when the channel of its delivery has closed since it
+/// arrived (the broker has put it back in the queue; an acknowledgement could not go out).
+pub(super) fn abandoned_with_its_channel(job: &mut Job) -> bool {
+    let gone = job.delivery.acker.poisoned();
+    if gone {
+        job.disposition = Some(Disposition::Abandoned);
+    }
+    gone
 }
 
 /// Decodes a delivery with the batch's clock and opens its span (continuing the publisher's

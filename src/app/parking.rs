@@ -4,7 +4,7 @@
 
 use time::format_description::well_known::Rfc3339;
 
-use super::handler::{Disposition, Handler, Job, now};
+use super::handler::{CHANNEL_CLOSED, Disposition, Handler, Job, abandoned_with_its_channel, now};
 use super::retry::Backoff;
 use crate::broker::parking::parked_properties;
 use crate::broker::{BrokerError, Outgoing, WhenBlocked, requeue};
@@ -168,20 +168,6 @@ impl Handler {
             tracing::warn!(error = %error, "could not record parked messages; a redelivery may be parked twice");
         }
     }
-}
-
-/// What a lane logs when it lets messages go because their channel has closed.
-pub(super) const CHANNEL_CLOSED: &str =
-    "the channel of these messages has closed; leaving them to their redelivery";
-
-/// True, and the job marked abandoned, when the channel of its delivery has closed since it
-/// arrived (the broker has put it back in the queue; an acknowledgement could not go out).
-pub(super) fn abandoned_with_its_channel(job: &mut Job) -> bool {
-    let gone = job.delivery.acker.poisoned();
-    if gone {
-        job.disposition = Some(Disposition::Abandoned);
-    }
-    gone
 }
 
 /// Returns a delivery to the queue (or lets the broker requeue it when its channel goes) and
