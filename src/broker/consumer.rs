@@ -83,7 +83,7 @@ impl Consumer {
     /// lapin to recover it. On a connection that is up, the broker closed it (a channel-level
     /// error, such as a delivery held past its `consumer_timeout`), and lapin does not reopen
     /// a channel the broker closed. A channel still closing is not: lapin has yet to answer the
-    /// broker's close, and a new channel opened meanwhile is refused (ARCHITECTURE decision 41).
+    /// broker's close (ARCHITECTURE decision 41).
     pub fn is_closed(&self) -> bool {
         let status = self.channel.status();
         !status.connected() && !status.closing() && !status.initializing()
