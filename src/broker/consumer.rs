@@ -113,9 +113,13 @@ impl Consumer {
     }
 
     /// Closes the channel: its unacknowledged deliveries go back to the queue.
-    pub async fn close(self) {
+    pub async fn close(mut self) {
         let closing = self.channel.close(200, "consumer ended".into());
-        let _ = tokio::time::timeout(CLOSING_TIMEOUT, closing).await;
+        if let Ok(Ok(())) = tokio::time::timeout(CLOSING_TIMEOUT, closing).await {
+            // Closed by us: lapin has cancelled the consumer, so it is dropped as usual (the
+            // `Drop` impl keeps only one whose channel ended otherwise).
+            drop(self.deliveries.take());
+        }
     }
 }
 
