@@ -13,10 +13,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::app::TestApp;
-use common::observe::{eventually, every_outcome, inbox_drained, logs};
+use common::observe::{eventually, every_outcome, inbox_drained, logs, teardown_within_a_minute};
 use common::rabbit::RabbitNode;
 use common::{claim, registration};
-use futures_lite::FutureExt;
 use secrecy::SecretString;
 
 /// Teachers in the stream; each gets a registration and a claim.
@@ -131,10 +130,5 @@ async fn a_channel_the_broker_closes_is_replaced_at_once_and_its_lane_leaves_its
         Vec::<serde_json::Value>::new(),
         "nothing applied on a closed channel"
     );
-    app.teardown()
-        .or(async {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            panic!("teardown took over 60 s")
-        })
-        .await;
+    teardown_within_a_minute(app).await;
 }

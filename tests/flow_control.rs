@@ -11,10 +11,12 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::app::TestApp;
-use common::observe::{eventually, every_outcome, inbox_drained, logs, metric, reconnects, scrape};
+use common::observe::{
+    eventually, every_outcome, inbox_drained, logs, metric, reconnects, scrape,
+    teardown_within_a_minute,
+};
 use common::rabbit::RabbitNode;
 use common::{bytes, claim, free_port, http_get, registration};
-use futures_lite::FutureExt;
 use secrecy::SecretString;
 
 /// Teachers in the stream; each gets a registration and a claim.
@@ -269,12 +271,7 @@ async fn alarm_mid_stream(invalid_every: Option<u64>) {
         );
     }
     // Leave no worker on the node, whatever happened above.
-    app.teardown()
-        .or(async {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            panic!("teardown took over 60 s")
-        })
-        .await;
+    teardown_within_a_minute(app).await;
 }
 
 async fn count(app: &TestApp, query: &str) -> i64 {

@@ -188,3 +188,15 @@ pub async fn inbox_drained(app: &TestApp, node: &RabbitNode) {
     )
     .await;
 }
+
+/// Tears the app down (its workers stopped, its database and topology removed), failing the
+/// test if that takes over 60 s rather than leaving it hanging with a worker on the node.
+pub async fn teardown_within_a_minute(app: TestApp) {
+    use futures_lite::FutureExt;
+    app.teardown()
+        .or(async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            panic!("teardown took over 60 s")
+        })
+        .await;
+}

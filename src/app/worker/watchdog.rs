@@ -75,6 +75,9 @@ impl Watchdog {
             ));
         }
         if link == Link::Up && consumer.is_open() {
+            // What lapin reported of an outage it has recovered from is no reason for a later
+            // end of the consumer.
+            self.reason = None;
             if self.down_since.take().is_some() {
                 BrokerRecovered {
                     component: Component::Consumer,
