@@ -118,6 +118,11 @@ async fn a_channel_the_broker_closes_is_replaced_at_once_and_its_lane_leaves_its
         Vec::<serde_json::Value>::new(),
         "no connection was given up"
     );
+    assert_eq!(
+        logs.lines("lost the broker connection"),
+        Vec::<serde_json::Value>::new(),
+        "the log does not blame the connection for a closed channel"
+    );
     // The closed channel's lane left the batch it was retrying to the redelivery, and did not
     // apply it later beside the new channel's lanes (whose acknowledgements would then be the
     // only ones that could go out).

@@ -9,6 +9,15 @@ use crate::app::http::{Health, Progress};
 use crate::broker::{Broker, BrokerError, Consumer, Link};
 use crate::telemetry::events::{BrokerRecovered, Component};
 
+/// What went down, for the log line that starts an outage.
+#[derive(Clone, Copy)]
+enum Down {
+    /// The connection: lapin recovers it (and the channel with it).
+    Connection,
+    /// Only the consumer's channel, which the broker is closing: a new one is started.
+    ChannelClosing,
+}
+
 /// Checked every second by the consumer loop.
 pub(super) struct Watchdog {
     /// When the connection or the channel was first seen down, in the current outage.
@@ -40,14 +49,34 @@ impl Watchdog {
     }
 
     /// Notes a failure the consumer reported: not ready until lapin has it back (or the check
-    /// finds the channel closed for good).
+    /// finds the channel closed for good). A channel-level (soft) error is the broker closing
+    /// the consumer's channel on a connection that works, not a lost connection.
     pub(super) fn lost(&mut self, health: &Health, error: lapin::Error) {
+        let down = if error.is_amqp_soft_error() {
+            Down::ChannelClosing
+        } else {
+            Down::Connection
+        };
+        self.down(health, down);
         self.reason = Some(error);
-        if self.down_since.is_none() {
-            tracing::warn!("lost the broker connection; waiting for lapin to recover it");
+    }
+
+    /// Marks the start of an outage, once, with a log line that says what went down. Returns
+    /// when it started.
+    fn down(&mut self, health: &Health, down: Down) -> tokio::time::Instant {
+        *self.down_since.get_or_insert_with(|| {
+            match down {
+                Down::Connection => {
+                    tracing::warn!("lost the broker connection; waiting for lapin to recover it");
+                }
+                Down::ChannelClosing => tracing::warn!(
+                    "the broker is closing the consumer's channel; starting again on a new one \
+                     once it has closed"
+                ),
+            }
             health.set_broker_connected(false);
-            self.down_since = Some(tokio::time::Instant::now());
-        }
+            tokio::time::Instant::now()
+        })
     }
 
     /// Why the consumer's stream ended: the broker closed its channel (with the reason the
@@ -98,11 +127,14 @@ impl Watchdog {
             }
             return Err(self.cancelled());
         }
-        let since = *self.down_since.get_or_insert_with(|| {
-            tracing::warn!("lost the broker connection; waiting for lapin to recover it");
-            health.set_broker_connected(false);
-            tokio::time::Instant::now()
-        });
+        // Down on a connection that is up and not being recovered: the broker is closing the
+        // channel, and lapin has yet to answer its close.
+        let down = if link == Link::Up && !consumer.is_recovering() {
+            Down::ChannelClosing
+        } else {
+            Down::Connection
+        };
+        let since = self.down(health, down);
         if since.elapsed() >= self.limit {
             return Err(BrokerError::timed_out(
                 "the automatic recovery of the broker connection",
