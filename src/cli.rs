@@ -250,9 +250,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             .context("simulate failed to read its input or write its output")?;
         return Ok(());
     }
+    // Before any thread starts: a thread takes its arena at its first allocation.
+    let arenas = cap_malloc_arenas();
     let settings = Settings::load(cli.config.as_deref())?;
     let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry)?;
     crate::telemetry::install_crypto_provider();
+    match arenas {
+        Arenas::Capped(cap) => tracing::info!(
+            arenas = cap,
+            "malloc arenas capped (set MALLOC_ARENA_MAX to choose another number)"
+        ),
+        Arenas::Operator => {
+            tracing::info!("malloc arenas as MALLOC_ARENA_MAX or GLIBC_TUNABLES say")
+        }
+        Arenas::Untouched => {}
+    }
     // At least three runtime threads, whatever the cores. lapin's I/O thread reads its socket
     // through this runtime's I/O driver, and tasks here read lapin's statuses under locks that
     // thread also takes; with one runtime thread per core on a two-core host, two such tasks
@@ -271,6 +283,55 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     // process past its shutdown bound.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     result
+}
+
+/// How many malloc arenas glibc may make, unless the operator says otherwise. glibc's default
+/// is eight a core, one for each thread that allocates: memory a drain frees in one thread's
+/// arena is not reused by another's, so the worker's peak moved by tens of MiB from run to run
+/// (ARCHITECTURE decision 42, docs/RELIABILITY.md).
+const MALLOC_ARENAS: i32 = 2;
+
+/// What start-up did about glibc's malloc arenas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arenas {
+    /// Capped at this many.
+    Capped(i32),
+    /// Left to the operator's `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES`.
+    Operator,
+    /// Not glibc, or glibc refused the setting.
+    Untouched,
+}
+
+/// The cap to set, given the environment: none when the operator chose one (glibc reads
+/// `MALLOC_ARENA_MAX`, and `glibc.malloc.arena_max` in `GLIBC_TUNABLES`, itself).
+fn arena_cap(
+    arena_max: Option<&std::ffi::OsStr>,
+    tunables: Option<&std::ffi::OsStr>,
+) -> Option<i32> {
+    let tuned = tunables.is_some_and(|t| t.to_string_lossy().contains("glibc.malloc.arena_max"));
+    (arena_max.is_none() && !tuned).then_some(MALLOC_ARENAS)
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn cap_malloc_arenas() -> Arenas {
+    let Some(cap) = arena_cap(
+        std::env::var_os("MALLOC_ARENA_MAX").as_deref(),
+        std::env::var_os("GLIBC_TUNABLES").as_deref(),
+    ) else {
+        return Arenas::Operator;
+    };
+    // SAFETY: mallopt sets one of the allocator's parameters, under the allocator's own lock;
+    // it touches no memory of ours.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, cap) } == 1 {
+        Arenas::Capped(cap)
+    } else {
+        Arenas::Untouched
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn cap_malloc_arenas() -> Arenas {
+    Arenas::Untouched
 }
 
 /// Runs every command but `simulate` (which needs no runtime, settings or telemetry).
@@ -360,5 +421,32 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = interrupt.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::{MALLOC_ARENAS, arena_cap};
+
+    #[test]
+    fn the_arenas_are_capped_unless_the_operator_chose() {
+        assert_eq!(arena_cap(None, None), Some(MALLOC_ARENAS));
+        assert_eq!(
+            arena_cap(None, Some(OsStr::new("glibc.malloc.tcache_count=0"))),
+            Some(MALLOC_ARENAS),
+            "other tunables leave the cap"
+        );
+        assert_eq!(arena_cap(Some(OsStr::new("8")), None), None);
+        assert_eq!(
+            arena_cap(
+                None,
+                Some(OsStr::new(
+                    "glibc.malloc.tcache_count=0:glibc.malloc.arena_max=4"
+                ))
+            ),
+            None
+        );
     }
 }

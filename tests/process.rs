@@ -511,3 +511,86 @@ async fn stop_then_teardown(worker: Running, app: TestApp) {
     drop(worker);
     app.teardown().await;
 }
+
+/// glibc's malloc heaps in a process: one or more for each arena but the main one (which grows
+/// with `brk`). glibc reserves a heap as 64 MiB of address space on a 64 MiB boundary and makes
+/// the part in use readable and writable, so a heap is an anonymous read-write mapping on that
+/// boundary, alone or followed by the inaccessible rest of its 64 MiB.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn malloc_heaps(pid: u32) -> usize {
+    const HEAP: u64 = 64 << 20;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    // (start, end, permissions) of each anonymous mapping: inode 0 and no path.
+    let anonymous: Vec<(u64, u64, &str)> = maps
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (start, end) = fields.next()?.split_once('-')?;
+            let perms = fields.next()?;
+            let inode = fields.nth(2)?;
+            (inode == "0" && fields.next().is_none()).then(|| {
+                let address = |hex| u64::from_str_radix(hex, 16).unwrap();
+                (address(start), address(end), perms)
+            })
+        })
+        .collect();
+    anonymous
+        .iter()
+        .enumerate()
+        .filter(|(i, (start, end, perms))| {
+            if start % HEAP != 0 || !perms.starts_with("rw") {
+                return false;
+            }
+            let rest = match anonymous.get(i + 1) {
+                Some((next, next_end, "---p")) if next == end => next_end - next,
+                _ => 0,
+            };
+            end - start + rest == HEAP
+        })
+        .count()
+}
+
+/// The worker caps glibc's malloc arenas at start (ARCHITECTURE decision 42): without the cap
+/// each thread that allocates gets an arena of its own, and memory one frees is not reused by
+/// the others. An operator's `MALLOC_ARENA_MAX` still wins.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_caps_its_malloc_arenas_unless_the_operator_chose() {
+    let app = TestApp::prepare(|_| {}).await;
+    let mut applied = 0;
+    let mut heaps = Vec::new();
+    for arena_max in [None, Some("8")] {
+        let mut worker = command(&app.settings, &["run"]);
+        match arena_max {
+            Some(max) => worker.env("MALLOC_ARENA_MAX", max),
+            None => worker.env_remove("MALLOC_ARENA_MAX"),
+        };
+        let worker = Running(
+            worker
+                .env_remove("GLIBC_TUNABLES")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        // Work for every thread: two lanes, the relay, the acknowledgements.
+        for n in applied..applied + 400 {
+            let trn = format!("{}", 3_200_000 + n % 100);
+            app.publish(&registration(n, &format!("r{n}"), &trn)).await;
+        }
+        applied += 400;
+        app.wait_for_inbox(applied as i64).await;
+        heaps.push(malloc_heaps(worker.0.id()));
+    }
+    assert!(
+        heaps[0] <= 1,
+        "{} malloc heaps with the worker's cap of 2 arenas (the main one has none)",
+        heaps[0]
+    );
+    assert!(
+        heaps[1] >= 2,
+        "{} malloc heaps with MALLOC_ARENA_MAX=8: the operator's setting should win",
+        heaps[1]
+    );
+    app.teardown().await;
+}
