@@ -158,6 +158,37 @@ fn the_shipped_configuration_names_one_user_per_producer() {
     );
 }
 
+/// The shipped lanes get batches, not single messages, and the prefetch fits the container: a
+/// prefetch of 32 shared by eight lanes gave batches of about four and drained a backlog at a
+/// quarter of the speed (docs/PERFORMANCE.md, "Thirteenth round").
+#[test]
+fn the_shipped_prefetch_fills_the_lanes_and_fits_the_memory_limit() {
+    let settings = settings_from_configmap();
+    let deployment = one("kubernetes/deployment.yaml");
+    let limit =
+        deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+            .as_str()
+            .unwrap();
+    let limit_mib: usize = limit
+        .strip_suffix("Mi")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a memory limit in Mi: {limit}"));
+    let (prefetch, lanes) = (
+        usize::from(settings.amqp.prefetch),
+        settings.amqp.concurrency,
+    );
+    assert!(
+        prefetch / lanes >= 100,
+        "prefetch {prefetch} over {lanes} lanes leaves each fewer than 100 messages a batch"
+    );
+    let worst_mib = prefetch * induction_reconciler::messages::MAX_BODY_BYTES / (1 << 20);
+    assert!(
+        worst_mib <= limit_mib / 2,
+        "{prefetch} deliveries of the largest accepted body are {worst_mib} MiB, over half the \
+         container's {limit_mib} MiB"
+    );
+}
+
 #[test]
 fn the_deployment_is_probed_bounded_and_unprivileged() {
     let deployment = one("kubernetes/deployment.yaml");
