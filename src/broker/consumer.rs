@@ -131,8 +131,9 @@ impl Drop for Consumer {
     /// its recovery can then deadlock on the channel it is reopening (seen in
     /// `tests/channel_closed.rs`: no heartbeat sent for 20 s, a runtime thread blocked). So
     /// its buffered deliveries are dropped (the broker has requeued them) and the rest (a few
-    /// hundred bytes by a reading of lapin's structures, not measured) is kept for the life of the process. So is the consumer of a connection
-    /// lapin gave up for good, whose channel ended with it (ARCHITECTURE decision 41).
+    /// hundred bytes by a reading of lapin's structures, not measured) is kept for the life of
+    /// the process. So is the consumer of a connection lapin gave up for good, whose channel
+    /// ended with it (ARCHITECTURE decision 41).
     fn drop(&mut self) {
         if !self.is_closed() {
             return;
