@@ -123,45 +123,22 @@ impl Handler {
             .into_iter()
             .map(|d| prepare(d, clock, &self.publishers))
             .collect();
-        let prepared = started.elapsed();
-        // Apply what decoded, and park what did not beside the transaction: parking waits for
-        // the parking queue's confirms, which the transaction's statements hide. It starts once
-        // the database has begun the transaction (never during an outage, when the parked
-        // messages could not be recorded in `parked_log`) and records them after the commit.
-        let (mut accepted, mut rejected): (Vec<&mut Job>, Vec<&mut Job>) =
-            jobs.iter_mut().partition(|job| job.decoded.is_ok());
-        let parked = rejected.len();
-        let (stage, watching) = tokio::sync::watch::channel(Stage::Waiting);
-        let apply = async {
-            if !accepted.is_empty() {
-                self.apply(&mut accepted, outbox, &stage).await;
-            }
-            stage.send_replace(Stage::Done);
-        };
-        let park = async {
-            if rejected.is_empty() {
-                return Vec::new();
-            }
-            self.park_sends(&mut rejected, watching).await
-        };
-        let ((), unrecorded) = tokio::join!(apply, park);
-        self.remember_parked(&unrecorded).await;
-        // What the store refused, or what kept failing, is parked after the transaction.
-        let mut refused: Vec<&mut Job> = accepted
-            .into_iter()
+        // Apply what decoded; park what did not (and what the store refused).
+        if jobs.iter().any(|job| job.decoded.is_ok()) {
+            self.apply(&mut jobs, outbox).await;
+        }
+        let mut to_park: Vec<&mut Job> = jobs
+            .iter_mut()
             .filter(|job| job.disposition.is_none())
             .collect();
-        let parked = parked + refused.len();
-        if !refused.is_empty() {
-            self.park(&mut refused).await;
+        if !to_park.is_empty() {
+            self.park(&mut to_park).await;
         }
         let decided = started.elapsed();
         let count = jobs.len();
         let results = settle(jobs, started, &self.acks);
         tracing::debug!(
             messages = count,
-            parked,
-            prepare_us = prepared.as_micros() as u64,
             decided_ms = decided.as_millis() as u64,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "batch handled"
@@ -172,30 +149,25 @@ impl Handler {
     /// Applies the accepted jobs in one transaction, retrying while the database is unavailable.
     /// If the batch fails for another reason, each job is retried alone, so that one message that
     /// cannot be processed is parked and the others go through.
-    async fn apply(
-        &self,
-        jobs: &mut [&mut Job],
-        outbox: &mut LaneOutbox,
-        stage: &tokio::sync::watch::Sender<Stage>,
-    ) {
-        let accepted: Vec<usize> = (0..jobs.len()).collect();
+    async fn apply(&self, jobs: &mut [Job], outbox: &mut LaneOutbox) {
+        let accepted: Vec<usize> = (0..jobs.len())
+            .filter(|&i| jobs[i].decoded.is_ok())
+            .collect();
         let alone = accepted.len() == 1;
         match self
-            .apply_with_retries(jobs, &accepted, alone, outbox, stage)
+            .apply_with_retries(jobs, &accepted, alone, outbox)
             .await
         {
             Ok(()) => {}
-            Err(error) if alone => self.give_up(jobs[0], &error),
+            Err(error) if alone => self.give_up(&mut jobs[accepted[0]], &error),
             Err(_) => {
                 tracing::warn!(
                     messages = accepted.len(),
                     "batch failed; retrying its messages one by one"
                 );
                 for &i in &accepted {
-                    let one = [i];
-                    let applied = self.apply_with_retries(jobs, &one, true, outbox, stage);
-                    if let Err(error) = applied.await {
-                        self.give_up(jobs[i], &error);
+                    if let Err(error) = self.apply_with_retries(jobs, &[i], true, outbox).await {
+                        self.give_up(&mut jobs[i], &error);
                     }
                 }
             }
@@ -207,11 +179,10 @@ impl Handler {
     /// when `count_failures`, else once.
     async fn apply_with_retries(
         &self,
-        jobs: &mut [&mut Job],
+        jobs: &mut [Job],
         which: &[usize],
         count_failures: bool,
         outbox: &mut LaneOutbox,
-        stage: &tokio::sync::watch::Sender<Stage>,
     ) -> Result<(), StoreError> {
         let mut backoff = Backoff::new(&self.settings);
         let mut failures = 0;
@@ -224,14 +195,14 @@ impl Handler {
             // (ARCHITECTURE decision 41).
             if !which.is_empty() && which.iter().all(|&i| jobs[i].delivery.acker.poisoned()) {
                 for &i in which {
-                    abandoned_with_its_channel(jobs[i]);
+                    abandoned_with_its_channel(&mut jobs[i]);
                 }
                 if outage_logged {
                     tracing::info!(messages = which.len(), "{}", CHANNEL_CLOSED);
                 }
                 return Ok(());
             }
-            let error = match self.apply_once(jobs, which, outbox, stage).await {
+            let error = match self.apply_once(jobs, which, outbox).await {
                 Ok(()) => {
                     if outage_logged {
                         tracing::info!("database available again");
@@ -263,10 +234,9 @@ impl Handler {
     /// One attempt at the batch `which`; on commit, records how each job ended.
     async fn apply_once(
         &self,
-        jobs: &mut [&mut Job],
+        jobs: &mut [Job],
         which: &[usize],
         outbox: &mut LaneOutbox,
-        stage: &tokio::sync::watch::Sender<Stage>,
     ) -> Result<(), StoreError> {
         let items: Vec<BatchItem<'_>> = which
             .iter()
@@ -282,27 +252,18 @@ impl Handler {
         let attempt = Instant::now();
         let clock = now();
         let publishing = outbox.before_write(&self.store, clock).await;
-        let confirmed = attempt.elapsed();
-        let transaction = self.store.begin_batch().await?;
-        // The database has begun the transaction: the parking beside it may publish.
-        stage.send_if_modified(|stage| {
-            let first = *stage == Stage::Waiting;
-            if first {
-                *stage = Stage::Answered;
-            }
-            first
-        });
-        let locked = transaction.lock(&items, clock).await?;
-        let (results, written) = locked.commit(&publishing).await?;
+        let applied = self
+            .store
+            .apply_batch_publishing(&items, clock, &publishing);
+        let (results, written) = applied.await?;
         outbox.committed(&self.store, written).await;
         tracing::debug!(
             messages = items.len(),
-            confirms_us = confirmed.as_micros() as u64,
             elapsed_ms = attempt.elapsed().as_millis() as u64,
             "batch committed"
         );
         for (&i, handled) in which.iter().zip(results) {
-            let job = &mut *jobs[i];
+            let job = &mut jobs[i];
             job.disposition = match handled {
                 Handled::Applied {
                     admission: Admission::Latest { .. },
@@ -331,18 +292,6 @@ impl Handler {
             ),
         ));
     }
-}
-
-/// How far a batch's transaction has got, for the parking that runs beside it
-/// (`Handler::park_sends`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Stage {
-    /// The database has not answered this batch yet: it may be down.
-    Waiting,
-    /// The database has begun the batch's transaction: it is up.
-    Answered,
-    /// The transaction is over (committed, or given up): its connection is free.
-    Done,
 }
 
 /// What a lane logs when it lets messages go because their channel has closed.

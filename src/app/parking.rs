@@ -4,55 +4,22 @@
 
 use time::format_description::well_known::Rfc3339;
 
-use tokio::sync::watch;
-
-use super::handler::{
-    CHANNEL_CLOSED, Disposition, Handler, Job, Stage, abandoned_with_its_channel, now,
-};
+use super::handler::{CHANNEL_CLOSED, Disposition, Handler, Job, abandoned_with_its_channel, now};
 use super::retry::Backoff;
 use crate::broker::parking::parked_properties;
 use crate::broker::{BrokerError, Outgoing, WhenBlocked, requeue};
 
-/// Messages parked and confirmed, by body digest and reason, for `parked_log`.
-pub(super) type Parked = Vec<([u8; 32], &'static str)>;
-
 impl Handler {
-    /// Parks each job, waits for the broker's confirms and records what was parked. Retries a
-    /// refusal while the channel works; hands a message back for redelivery when the
-    /// connection is down.
+    /// Parks each job and waits for the broker's confirms. Retries a refusal while the channel
+    /// works; hands a message back for redelivery when the connection is down.
     pub(super) async fn park(&self, jobs: &mut [&mut Job]) {
-        let (_done, stage) = watch::channel(Stage::Done);
-        let parked = self.park_sends(jobs, stage).await;
-        self.remember_parked(&parked).await;
-    }
-
-    /// Parks each job beside the batch's transaction, whose progress `stage` follows, and
-    /// returns what it parked and has not recorded yet (the caller records it once the
-    /// transaction is over).
-    ///
-    /// Nothing is published before the database has begun the transaction: during an outage a
-    /// parked message could not be recorded, and if the worker stopped before the outage ended,
-    /// its redelivery would be parked again. Nothing here takes a connection of its own while
-    /// the transaction holds the lane's: what needs the database waits for the transaction's
-    /// end (`Stage::Done`).
-    pub(super) async fn park_sends(
-        &self,
-        jobs: &mut [&mut Job],
-        mut stage: watch::Receiver<Stage>,
-    ) -> Parked {
         for job in jobs.iter() {
             if let Some(rejection) = job.rejection() {
                 let _entered = job.span.enter();
                 tracing::warn!(reason = rejection.reason.as_str(), detail = %rejection.detail, "parking message");
             }
         }
-        // A closed channel means the transaction is over, as `Done` does.
-        let _ = stage.wait_for(|s| *s >= Stage::Answered).await;
-        if jobs.iter().any(|job| job.delivery.redelivered) {
-            let _ = stage.wait_for(|s| *s == Stage::Done).await;
-        }
         let mut remaining = self.not_parked_before(jobs).await;
-        let mut unrecorded = Parked::new();
         let mut backoff = Backoff::new(&self.settings);
         while !remaining.is_empty() {
             // A message whose channel has closed since (its acknowledgement cannot go out) is
@@ -74,24 +41,14 @@ impl Handler {
                 }
                 break;
             }
-            let (again, parked) = self.park_round(jobs, &remaining).await;
-            unrecorded.extend(parked);
-            remaining = again;
-            if remaining.is_empty() {
-                break;
-            }
-            // Before a pause, what is parked is recorded: a redelivery of it (its channel may
-            // go meanwhile) must find it.
-            let _ = stage.wait_for(|s| *s == Stage::Done).await;
-            self.remember_parked(&std::mem::take(&mut unrecorded)).await;
-            if !backoff.pause(&self.abandon).await {
+            remaining = self.park_round(jobs, &remaining).await;
+            if !remaining.is_empty() && !backoff.pause(&self.abandon).await {
                 for &i in &remaining {
                     hand_back(jobs[i]).await;
                 }
                 break;
             }
         }
-        unrecorded
     }
 
     /// A redelivery of a body parked before (the worker stopped between the parking confirm and
@@ -130,9 +87,9 @@ impl Handler {
         remaining
     }
 
-    /// Publishes the jobs `which` to the parking queue, all sent and then all confirmed.
-    /// Returns the indexes to try again, and what was parked.
-    async fn park_round(&self, jobs: &mut [&mut Job], which: &[usize]) -> (Vec<usize>, Parked) {
+    /// Publishes the jobs `which` to the parking queue, all sent and then all confirmed, and
+    /// records what was parked. Returns the indexes to try again.
+    async fn park_round(&self, jobs: &mut [&mut Job], which: &[usize]) -> Vec<usize> {
         let parked_at = now().format(&Rfc3339).unwrap_or_default();
         let queue = self.settings.topology.parking_queue.as_str();
         let messages: Vec<Outgoing<'_>> = which
@@ -161,7 +118,7 @@ impl Handler {
             .parking
             .publish_all_with(messages, WhenBlocked::WaitThrough)
             .await;
-        let mut parked = Parked::new();
+        let mut parked: Vec<([u8; 32], &'static str)> = Vec::new();
         let mut again = Vec::new();
         let mut handed_back: Option<(usize, BrokerError)> = None;
         for (&i, result) in which.iter().zip(results) {
@@ -194,15 +151,16 @@ impl Handler {
                 }
             }
         }
+        // Record what this round parked before anything else can happen: a redelivery of it
+        // (the channel may already be gone) must find it.
+        self.remember_parked(&parked).await;
         if let Some((messages, error)) = handed_back {
             tracing::warn!(messages, error = %error, "cannot park messages while the broker connection is down; handed them back for redelivery");
         }
-        (again, parked)
+        again
     }
 
-    /// Records parked messages in `parked_log`, so that a redelivery of one (the worker
-    /// stopped before its acknowledgement) is not parked twice.
-    pub(super) async fn remember_parked(&self, parked: &[([u8; 32], &str)]) {
+    async fn remember_parked(&self, parked: &[([u8; 32], &str)]) {
         if parked.is_empty() {
             return;
         }

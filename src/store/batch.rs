@@ -56,81 +56,9 @@ impl Store {
         now: OffsetDateTime,
         publishing: &Publishing<'_>,
     ) -> Result<(Vec<Handled>, Written), StoreError> {
-        let locked = self.begin_batch().await?.lock(items, now).await?;
-        locked.commit(publishing).await
-    }
-
-    /// Begins a batch's transaction, the first of the three steps of
-    /// [`Store::apply_batch_publishing`], for a caller that has work of its own to do beside
-    /// the others (`app::handler`): each step is bounded by the operation timeout, and dropping
-    /// the transaction at any step rolls it back.
-    pub async fn begin_batch(&self) -> Result<BatchTransaction, StoreError> {
-        let begin = async { Ok(self.pool().begin_with(BEGIN_BATCH).await?) };
-        let tx = self.bounded("a batch's begin", begin).await?;
-        Ok(BatchTransaction {
-            tx,
-            timeout: self.operation_timeout(),
-        })
-    }
-}
-
-/// A batch's transaction, begun ([`Store::begin_batch`]).
-pub struct BatchTransaction {
-    tx: sqlx::Transaction<'static, sqlx::Postgres>,
-    timeout: std::time::Duration,
-}
-
-impl BatchTransaction {
-    /// The second step: fills the inbox, which decides duplicates and reused ids, then locks
-    /// the batch's records and teachers and reads what those teachers hold.
-    pub async fn lock<'b>(
-        mut self,
-        items: &'b [BatchItem<'b>],
-        now: OffsetDateTime,
-    ) -> Result<LockedBatch<'b>, StoreError> {
-        let (results, held) = super::bounded(
-            self.timeout,
-            "a batch's locks",
-            admit_and_lock(&mut self.tx, items, now),
-        )
-        .await?;
-        Ok(LockedBatch {
-            transaction: self,
-            items,
-            now,
-            results,
-            held,
-        })
-    }
-}
-
-/// A batch admitted and locked ([`BatchTransaction::lock`]).
-pub struct LockedBatch<'b> {
-    transaction: BatchTransaction,
-    items: &'b [BatchItem<'b>],
-    now: OffsetDateTime,
-    /// `None` for the messages to apply.
-    results: Vec<Option<Handled>>,
-    held: Held,
-}
-
-impl LockedBatch<'_> {
-    /// The last step: applies the messages to a ledger seeded with what their teachers hold,
-    /// writes everything that changed with `publishing`'s marks and lease, and commits.
-    /// Returns what happened to each message, in order.
-    pub async fn commit(
-        self,
-        publishing: &Publishing<'_>,
-    ) -> Result<(Vec<Handled>, Written), StoreError> {
-        let Self {
-            transaction: BatchTransaction { mut tx, timeout },
-            items,
-            now,
-            results,
-            held,
-        } = self;
-        super::bounded(timeout, "a batch's write and commit", async {
-            let applied = write_in(&mut tx, items, now, publishing, results, held).await?;
+        self.bounded("a batch", async {
+            let mut tx = self.pool().begin_with(BEGIN_BATCH).await?;
+            let applied = apply_in(&mut tx, items, now, publishing).await?;
             tx.commit().await?;
             Ok(applied)
         })
@@ -162,14 +90,13 @@ impl LockedBatch<'_> {
 const BEGIN_BATCH: &str =
     "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL plan_cache_mode = force_generic_plan";
 
-async fn write_in(
+async fn apply_in(
     conn: &mut PgConnection,
     items: &[BatchItem<'_>],
     now: OffsetDateTime,
     publishing: &Publishing<'_>,
-    mut results: Vec<Option<Handled>>,
-    (snapshots, last): Held,
 ) -> Result<(Vec<Handled>, Written), StoreError> {
+    let (mut results, (snapshots, last)) = admit_and_lock(conn, items, now).await?;
     let to_apply: Vec<usize> = (0..items.len()).filter(|&i| results[i].is_none()).collect();
     let written = if to_apply.is_empty() {
         // Nothing to write (every message a duplicate): the marks still go with this commit.

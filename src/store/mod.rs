@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 pub use audit::{AuditRecord, Published, ResyncFilter, TeacherState};
-pub use batch::{BatchItem, BatchTransaction, LockedBatch};
+pub use batch::BatchItem;
 pub use effects::{LeasedOutcome, Publishing, Written};
 pub use error::StoreError;
 pub use outbox::{OutboxBatch, OutboxRow, OutboxStatus};
