@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use common::workload::{Generated, generate, seed_registrations};
-use figures::{AckFrames, RunFigures, figures, report};
+use figures::{AckFrames, Round, RunFigures, figures, report};
 use futures_lite::StreamExt;
 use induction_reconciler::broker::{
     Broker, Publisher, declare_topology, json_properties, subscribe,
@@ -77,6 +77,12 @@ struct BenchOptions {
     /// Skip the raw broker-only relay.
     #[arg(long)]
     no_raw: bool,
+    /// Rounds of the full-speed run and the raw relay, one after the other, each on a new
+    /// database, topology and worker; the throughput and the ratio to the raw relay are then
+    /// also given as the median of the rounds, which the drift of a shared machine moves less
+    /// than it moves one pair. The fixed-rate run is made in the first round only.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Keep the throwaway database and queues.
     #[arg(long)]
     keep: bool,
@@ -137,10 +143,40 @@ async fn bench(mut options: BenchOptions) -> anyhow::Result<()> {
     }
     let rig = Rig::start(&options).await?;
     // Whether the runs succeed or not, the worker stops and the database and topology go.
-    let measured = measure(&rig, &options).await;
+    let measured = measure(&rig, &options, true).await;
     rig.finish(options.keep).await;
-    let (full, rated, raw, rss_kib, ack_frames) = measured?;
-    report(&options, &full, rated.as_ref(), raw, rss_kib, ack_frames);
+    let (full, rated, raw, mut rss_kib, ack_frames) = measured?;
+    let mut rounds = vec![Round {
+        messages_per_second: full.messages_per_second,
+        raw,
+    }];
+    for round in 2..=options.rounds {
+        let rig = Rig::start(&options).await?;
+        let measured = measure(&rig, &options, false).await;
+        rig.finish(options.keep).await;
+        let (again, _, raw, rss, _) = measured?;
+        eprintln!(
+            "round {round} of {}: {:.0} msg/s{}",
+            options.rounds,
+            again.messages_per_second,
+            raw.map(|r| format!(", raw relay {r:.0} msg/s"))
+                .unwrap_or_default()
+        );
+        rounds.push(Round {
+            messages_per_second: again.messages_per_second,
+            raw,
+        });
+        rss_kib = rss_kib.max(rss);
+    }
+    report(
+        &options,
+        &full,
+        rated.as_ref(),
+        raw,
+        rss_kib,
+        ack_frames,
+        &rounds,
+    );
     Ok(())
 }
 
@@ -153,14 +189,16 @@ type Measured = (
     Option<AckFrames>,
 );
 
-/// The full-speed run, the fixed-rate run, the worker's peak memory and the raw relay.
-async fn measure(rig: &Rig, options: &BenchOptions) -> anyhow::Result<Measured> {
+/// The full-speed run, the fixed-rate run (in the `first` round), the worker's peak memory and
+/// the raw relay.
+async fn measure(rig: &Rig, options: &BenchOptions, first: bool) -> anyhow::Result<Measured> {
     let arrivals = rig.collect_outcomes().await?;
     let full_stream = generate(options.messages, options.teachers, FIRST_TRN, 1);
     let full = rig.timed_run(&full_stream, None, &arrivals).await?;
     let ack_frames = rig.ack_frames().await;
     let rated = match options.rate {
         0 => None,
+        _ if !first => None,
         rate => {
             let stream = generate(options.rate_messages, options.teachers, FIRST_TRN, 2);
             Some(rig.timed_run(&stream, Some(rate), &arrivals).await?)

@@ -116,6 +116,31 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
+/// One round of `--rounds`: the full-speed run's throughput and the raw relay's after it.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Round {
+    pub messages_per_second: f64,
+    #[serde(rename = "raw_relay_messages_per_second")]
+    pub raw: Option<f64>,
+}
+
+impl Round {
+    fn ratio(&self) -> Option<f64> {
+        self.raw.map(|raw| self.messages_per_second / raw)
+    }
+}
+
+/// The median of `values` (the mean of the middle two of an even count); `None` if empty.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
 /// Prints the summary and the JSON line.
 pub fn report(
     options: &BenchOptions,
@@ -124,6 +149,7 @@ pub fn report(
     raw: Option<f64>,
     rss_kib: Option<usize>,
     ack_frames: Option<AckFrames>,
+    rounds: &[Round],
 ) {
     let ratio = raw.map(|r| full.messages_per_second / r);
     println!(
@@ -179,6 +205,32 @@ pub fn report(
             ratio.unwrap_or_default()
         );
     }
+    let speeds: Vec<f64> = rounds.iter().map(|r| r.messages_per_second).collect();
+    let ratios: Vec<f64> = rounds.iter().filter_map(Round::ratio).collect();
+    let median_speed = median(speeds.clone());
+    let median_ratio = median(ratios.clone());
+    if rounds.len() > 1 {
+        let list = |values: &[f64], digits: usize| {
+            values
+                .iter()
+                .map(|v| format!("{v:.digits$}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        println!(
+            "  {} rounds  : full speed {} msg/s, median {:.0}",
+            rounds.len(),
+            list(&speeds, 0),
+            median_speed.unwrap_or_default()
+        );
+        if !ratios.is_empty() {
+            println!(
+                "               worker/raw {}, median {:.2}",
+                list(&ratios, 2),
+                median_ratio.unwrap_or_default()
+            );
+        }
+    }
     if let Some(frames) = ack_frames {
         println!(
             "  acknowledgements after the full-speed run: {:.0} range and {:.0} single frames ({:.1} deliveries a frame)",
@@ -207,6 +259,8 @@ pub fn report(
             "raw_relay_messages_per_second": raw, "ratio_to_raw": ratio,
             "worker_peak_rss_mib": rss_kib.map(|k| k as f64 / 1024.0),
             "ack_frames": ack_frames,
+            "rounds": rounds,
+            "median_messages_per_second": median_speed, "median_ratio_to_raw": median_ratio,
         })
     );
 }
