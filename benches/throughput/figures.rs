@@ -131,7 +131,8 @@ impl Round {
 }
 
 /// The median of `values` (the mean of the middle two of an even count); `None` if empty.
-fn median(mut values: Vec<f64>) -> Option<f64> {
+fn median(values: &[f64]) -> Option<f64> {
+    let mut values = values.to_vec();
     values.sort_by(f64::total_cmp);
     let n = values.len();
     match n {
@@ -207,8 +208,8 @@ pub fn report(
     }
     let speeds: Vec<f64> = rounds.iter().map(|r| r.messages_per_second).collect();
     let ratios: Vec<f64> = rounds.iter().filter_map(Round::ratio).collect();
-    let median_speed = median(speeds.clone());
-    let median_ratio = median(ratios.clone());
+    let median_speed = median(&speeds);
+    let median_ratio = median(&ratios);
     if rounds.len() > 1 {
         let list = |values: &[f64], digits: usize| {
             values
