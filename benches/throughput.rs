@@ -172,7 +172,6 @@ async fn bench(mut options: BenchOptions) -> anyhow::Result<()> {
         &options,
         &full,
         rated.as_ref(),
-        raw,
         rss_kib,
         ack_frames,
         &rounds,

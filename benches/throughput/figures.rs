@@ -147,12 +147,13 @@ pub fn report(
     options: &BenchOptions,
     full: &RunFigures,
     rated: Option<&RunFigures>,
-    raw: Option<f64>,
     rss_kib: Option<usize>,
     ack_frames: Option<AckFrames>,
     rounds: &[Round],
 ) {
-    let ratio = raw.map(|r| full.messages_per_second / r);
+    // The first round is `full`'s, with the raw relay after it.
+    let raw = rounds.first().and_then(|r| r.raw);
+    let ratio = rounds.first().and_then(Round::ratio);
     println!(
         "induction-reconciler bench: {} messages over {} teachers ({} already in the database){}",
         options.messages,
