@@ -1,0 +1,16 @@
+-- An index of the teachers in an overdue provisional spell (issue 15, fifteenth round).
+--
+-- The gauge `induction_reconciler_overdue_provisionals` counts them every
+-- `http.gauge_refresh_seconds` (5 s) on every replica, and no index covered them
+-- (`teachers_awaiting_sweep` holds the ones not yet overdue): each refresh read every teacher, by
+-- a parallel sequential scan of 107 to 128 ms with a million teachers, against about 1 ms through
+-- this index (docs/PERFORMANCE.md, "Fifteenth round"). Overdue spells are few, so the index is
+-- small, and it costs the updates that keep a teacher's row on its page nothing: `status` and
+-- `overdue` are already in `teachers_awaiting_sweep`'s predicate, and its key, `trn`, never
+-- changes.
+--
+-- In the migration's transaction, not concurrently: over a million teachers the build took
+-- 220 ms (445 ms concurrently), for which a worker of the release before waits on its writes to
+-- `teachers`; and an interrupted build then leaves nothing behind, where a concurrent one leaves
+-- an invalid index that `if not exists` would skip.
+create index teachers_overdue on teachers (trn) where status = 'provisional' and overdue;
