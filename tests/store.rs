@@ -644,17 +644,7 @@ async fn the_gauges_count_overdue_provisionals_without_reading_every_teacher() {
     let after = scans(&store).await;
     assert_eq!(gauges.overdue_provisionals, 5);
     assert_eq!(gauges.open_conflicts, 0);
-    let (seq_before, idx_before) = before["teachers"];
-    let (seq_after, idx_after) = after["teachers"];
-    assert_eq!(
-        seq_after - seq_before,
-        0,
-        "the gauges read every teacher by a sequential scan"
-    );
-    assert!(
-        idx_after > idx_before,
-        "the gauges used no index of teachers"
-    );
+    read_through_an_index(&before, &after, "teachers");
     store.pool().close().await;
     db.finish().await;
 }
@@ -800,6 +790,26 @@ async fn scans(store: &Store) -> BTreeMap<String, (i64, i64)> {
     .await
 }
 
+/// Asserts that between two readings of [`scans`] `table` was read through an index and never
+/// by a sequential scan.
+fn read_through_an_index(
+    before: &BTreeMap<String, (i64, i64)>,
+    after: &BTreeMap<String, (i64, i64)>,
+    table: &str,
+) {
+    let (seq_before, idx_before) = before[table];
+    let (seq_after, idx_after) = after[table];
+    assert_eq!(
+        seq_after - seq_before,
+        0,
+        "{table} was read by a sequential scan"
+    );
+    assert!(
+        idx_after > idx_before,
+        "{table} was not read through an index"
+    );
+}
+
 /// Keeps autovacuum off the outbox, so that what a test reads of it is what the worker left.
 async fn outbox_without_autovacuum(store: &Store) {
     sqlx::query("alter table outbox set (autovacuum_enabled = false)")
@@ -891,17 +901,7 @@ async fn a_batch_on_tables_never_analysed_finds_its_rows_through_their_indexes_w
         "inbox",
         "outbox",
     ] {
-        let (seq_before, idx_before) = before[table];
-        let (seq_after, idx_after) = after[table];
-        assert_eq!(
-            seq_after - seq_before,
-            0,
-            "{table} was read by a sequential scan"
-        );
-        assert!(
-            idx_after > idx_before,
-            "{table} was not read through an index"
-        );
+        read_through_an_index(&before, &after, table);
     }
     store.pool().close().await;
     db.finish().await;
