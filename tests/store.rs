@@ -93,10 +93,15 @@ fn items(inputs: &[(Input, [u8; 32])]) -> Vec<BatchItem<'_>> {
 }
 
 async fn apply(store: &Store, messages: &[Value]) -> Vec<Handled> {
+    apply_at(store, messages, NOW).await
+}
+
+/// `apply`, with the worker's clock at `now`.
+async fn apply_at(store: &Store, messages: &[Value], now: time::OffsetDateTime) -> Vec<Handled> {
     let inputs: Vec<(Input, [u8; 32])> = messages.iter().map(input).collect();
     let items = items(&inputs);
     store
-        .apply_batch(&items, NOW)
+        .apply_batch(&items, now)
         .await
         .expect("the batch commits")
 }
@@ -621,11 +626,7 @@ async fn the_gauges_count_overdue_provisionals_without_reading_every_teacher() {
     apply(&store, &registered(0..5)).await;
     let later = NOW + time::Duration::days(20);
     for chunk in (5..2_000_u64).step_by(500) {
-        let inputs: Vec<(Input, [u8; 32])> = registered(chunk..(chunk + 500).min(2_000))
-            .iter()
-            .map(input)
-            .collect();
-        store.apply_batch(&items(&inputs), later).await.unwrap();
+        apply_at(&store, &registered(chunk..(chunk + 500).min(2_000)), later).await;
     }
     // Ten days on, with a week allowed, only the first five are overdue.
     let sweep_at = NOW + time::Duration::days(10);
