@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{NOW, bytes, claim, registration, set};
+use common::{Leftovers, NOW, bytes, claim, registration, set};
 use induction_reconciler::domain::{Admission, Ledger, Status, Trn};
 use induction_reconciler::messages::{Input, decode};
 use induction_reconciler::store::{BatchItem, Handled, Limits, Publishing, Store, Written};
@@ -17,10 +17,11 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 use tokio::sync::Barrier;
 
-/// A fresh, migrated database, dropped by `finish`.
+/// A fresh, migrated database, dropped by `finish`, or when the test panics.
 struct Db {
     name: String,
     store: Store,
+    leftovers: Leftovers,
 }
 
 impl Db {
@@ -28,12 +29,17 @@ impl Db {
         induction_reconciler::telemetry::install_crypto_provider();
         let name = format!("st_{}", uuid::Uuid::new_v4().simple());
         common::create_database(&name).await;
+        let leftovers = Leftovers::database(&name);
         let url = secrecy::SecretString::from(common::database_url(&name));
         let store = Store::connect(&url, Limits::new(8, Duration::from_secs(10)))
             .await
             .expect("connect to the test database");
         store.migrate().await.expect("migrate");
-        Self { name, store }
+        Self {
+            name,
+            store,
+            leftovers,
+        }
     }
 
     /// A second store on the same database with one connection, so that `flush_statistics`
@@ -47,7 +53,7 @@ impl Db {
 
     async fn finish(self) {
         self.store.pool().close().await;
-        common::drop_database(&self.name).await;
+        self.leftovers.remove().await;
     }
 
     /// Each teacher's outbox versions in order, and the version and status `teachers` holds.
@@ -144,6 +150,27 @@ fn expected_statuses(messages: &[Value]) -> BTreeMap<String, String> {
             ))
         })
         .collect()
+}
+
+/// A store test that fails still drops its database, so that failed runs leave nothing on the
+/// shared server (`common::Leftovers`).
+#[tokio::test]
+async fn a_test_that_panics_still_drops_its_database() {
+    let (named, name) = tokio::sync::oneshot::channel();
+    let failing = tokio::spawn(async move {
+        let db = Db::new().await;
+        apply(&db.store, &[registration(1, "R-1", "1000001")]).await;
+        assert!(common::database_exists(&db.name).await);
+        named.send(db.name.clone()).unwrap();
+        panic!("this test fails on purpose, before Db::finish");
+    });
+    let failed = failing.await.expect_err("the task panics");
+    assert!(failed.is_panic());
+    let name = name.await.expect("the database was made before the panic");
+    assert!(
+        !common::database_exists(&name).await,
+        "the failed test left its database {name} behind"
+    );
 }
 
 #[tokio::test]

@@ -163,6 +163,71 @@ async fn every_row_of_the_decision_table_through_the_broker() {
     app.teardown().await;
 }
 
+/// A worker test that fails, with its worker running, still removes its queues, exchanges and
+/// database, and no worker of it declares them again afterwards (`common::Leftovers`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_that_panics_leaves_no_queue_exchange_or_database_behind() {
+    let (named, names) = tokio::sync::oneshot::channel();
+    let failing = tokio::spawn(async move {
+        let mut app = TestApp::spawn().await;
+        app.publish(&registration(1, "r1", "1000001")).await;
+        assert_eq!(app.next_outcome().await["version"], 1);
+        named
+            .send((app.db_name.clone(), app.settings.topology.clone()))
+            .unwrap();
+        panic!("this test fails on purpose, before TestApp::teardown");
+    });
+    let failed = failing.await.expect_err("the task panics");
+    assert!(failed.is_panic());
+    let (db_name, t) = names.await.expect("the app was made before the panic");
+    // Long enough for a worker left running to have reconnected and declared its topology.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !common::database_exists(&db_name).await,
+        "the failed test left its database behind"
+    );
+    let broker = induction_reconciler::broker::Broker::connect(
+        &secrecy::SecretString::from(common::app::amqp_url()),
+        "test-leftovers",
+    )
+    .await
+    .unwrap();
+    let queues = [&t.inbox_queue, &t.parking_queue, &t.unrouted_queue];
+    let exchanges = [&t.input_exchange, &t.outcome_exchange, &t.unrouted_exchange];
+    for (name, is_queue) in
+        (queues.iter().map(|q| (q, true))).chain(exchanges.iter().map(|e| (e, false)))
+    {
+        // A passive declaration of what does not exist fails with 404 and closes its channel.
+        let channel = broker.channel().await.unwrap();
+        let found = if is_queue {
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            channel
+                .queue_declare(name.as_str().into(), passive, FieldTable::default())
+                .await
+                .is_ok()
+        } else {
+            let passive = lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            channel
+                .exchange_declare(
+                    name.as_str().into(),
+                    lapin::ExchangeKind::Topic,
+                    passive,
+                    FieldTable::default(),
+                )
+                .await
+                .is_ok()
+        };
+        assert!(!found, "the failed test left {name} on the broker");
+    }
+    broker.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivery_reuse_and_stale_snapshots() {
     let mut app = TestApp::spawn().await;

@@ -149,6 +149,21 @@ pub async fn drop_database(name: &str) {
     }
 }
 
+/// Whether the database `name` exists on the administrative URL's server.
+pub async fn database_exists(name: &str) -> bool {
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&admin_url())
+        .await
+        .expect("an administrative connection to PostgreSQL (TEST_ADMIN_DATABASE_URL)");
+    let found: Option<i32> = sqlx::query_scalar("select 1 from pg_database where datname = $1")
+        .bind(name)
+        .fetch_optional(&mut admin)
+        .await
+        .expect("read pg_database");
+    let _ = admin.close().await;
+    found.is_some()
+}
+
 /// Deletes `queues`, then `exchanges`, from the broker the tests and the benchmark share; says on
 /// standard error what it could not delete and why, and returns those names.
 ///
@@ -218,6 +233,92 @@ pub async fn remove_topology(queues: &[&str], exchanges: &[&str]) -> Vec<String>
     left
 }
 
+/// What a test made on the shared PostgreSQL and RabbitMQ: a database, queues, exchanges. The
+/// test removes them with [`Leftovers::remove`] when it ends well; if it panics first (or returns
+/// without it), dropping the guard removes them on a thread of its own, with a runtime of its
+/// own, since the test's runtime is unwinding and cannot run them. So a failed test leaves no
+/// database and no queue behind for the next run.
+pub struct Leftovers {
+    database: Option<String>,
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+}
+
+impl Leftovers {
+    /// A database made by [`create_database`].
+    pub fn database(name: &str) -> Self {
+        Self {
+            database: Some(name.to_owned()),
+            queues: Vec::new(),
+            exchanges: Vec::new(),
+        }
+    }
+
+    /// Nothing to remove.
+    pub fn none() -> Self {
+        Self {
+            database: None,
+            queues: Vec::new(),
+            exchanges: Vec::new(),
+        }
+    }
+
+    /// Adds queues and exchanges (deleted in that order, before the database is dropped).
+    pub fn with_topology(mut self, queues: &[&str], exchanges: &[&str]) -> Self {
+        self.queues.extend(queues.iter().map(|&q| q.to_owned()));
+        self.exchanges
+            .extend(exchanges.iter().map(|&e| e.to_owned()));
+        self
+    }
+
+    /// Removes everything now; the guard is then spent.
+    pub async fn remove(mut self) {
+        remove_leftovers(self.take()).await;
+    }
+
+    fn take(&mut self) -> (Option<String>, Vec<String>, Vec<String>) {
+        (
+            self.database.take(),
+            std::mem::take(&mut self.queues),
+            std::mem::take(&mut self.exchanges),
+        )
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let leftovers = self.take();
+        if leftovers == (None, Vec::new(), Vec::new()) {
+            return;
+        }
+        // Never panic here: a panic while unwinding aborts the test binary.
+        let removing =
+            std::thread::spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(remove_leftovers(leftovers)),
+                    Err(error) => eprintln!("cannot remove a failed test's leftovers: {error}"),
+                }
+            });
+        let _ = removing.join();
+    }
+}
+
+async fn remove_leftovers(
+    (database, queues, exchanges): (Option<String>, Vec<String>, Vec<String>),
+) {
+    if !(queues.is_empty() && exchanges.is_empty()) {
+        let queues: Vec<&str> = queues.iter().map(String::as_str).collect();
+        let exchanges: Vec<&str> = exchanges.iter().map(String::as_str).collect();
+        remove_topology(&queues, &exchanges).await;
+    }
+    if let Some(name) = database {
+        drop_database(&name).await;
+    }
+}
+
 /// The contract's topology with every exchange and queue name under `prefix`, so that runs on a
 /// shared broker do not meet.
 pub fn prefixed_topology(prefix: &str) -> induction_reconciler::config::Topology {
@@ -285,7 +386,7 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 pub struct LoneWorker {
     /// The worker's database.
     pub store: induction_reconciler::store::Store,
-    db_name: String,
+    leftovers: Leftovers,
     stop: tokio::sync::oneshot::Sender<()>,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -296,6 +397,7 @@ impl LoneWorker {
     pub async fn start(mut settings: induction_reconciler::config::Settings) -> Self {
         let db_name = format!("lw_{}", uuid::Uuid::new_v4().simple());
         create_database(&db_name).await;
+        let leftovers = Leftovers::database(&db_name);
         settings.database.url = secrecy::SecretString::from(database_url(&db_name));
         settings.http.enabled = false;
         settings.sweep.enabled = false;
@@ -312,7 +414,7 @@ impl LoneWorker {
         }));
         Self {
             store,
-            db_name,
+            leftovers,
             stop,
             handle,
         }
@@ -327,7 +429,7 @@ impl LoneWorker {
             .expect("the worker task did not panic")
             .expect("the worker stops without error");
         self.store.pool().close().await;
-        drop_database(&self.db_name).await;
+        self.leftovers.remove().await;
     }
 }
 
