@@ -31,13 +31,15 @@ fn wait_with_timeout(child: &mut Child, limit: Duration) -> std::process::ExitSt
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_finishes_in_flight_work_and_exits_zero() {
     let mut app = TestApp::prepare(|_| {}).await;
-    let mut worker = command(&app.settings, &["run"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut worker = Running(
+        command(&app.settings, &["run"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // Read the logs as they come, so that a full pipe never blocks the worker.
-    let mut stderr = worker.stderr.take().unwrap();
+    let mut stderr = worker.0.stderr.take().unwrap();
     let log_reader = std::thread::spawn(move || {
         let mut logs = String::new();
         std::io::Read::read_to_string(&mut stderr, &mut logs).unwrap();
@@ -55,10 +57,10 @@ async fn sigterm_under_load_finishes_in_flight_work_and_exits_zero() {
     }
     // Mid-burst: some messages are done, others are in flight or queued.
     app.wait_for_inbox(50).await;
-    let pid = worker.id() as i32;
+    let pid = worker.0.id() as i32;
     assert_eq!(unsafe { libc_kill(pid, 15) }, 0);
     let status = tokio::task::spawn_blocking(move || {
-        let status = wait_with_timeout(&mut worker, PATIENCE);
+        let status = wait_with_timeout(&mut worker.0, PATIENCE);
         (status, log_reader.join().unwrap())
     })
     .await
@@ -142,15 +144,17 @@ unsafe extern "C" {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_watch_show_a_newcomer_the_outcomes() {
     let mut app = TestApp::spawn().await;
-    let mut watch = command(&app.settings, &["watch", "--count", "2"])
-        .env("INDUCTION__LOG__FORMAT", "compact")
-        .env("INDUCTION__LOG__FILTER", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = Running(
+        command(&app.settings, &["watch", "--count", "2"])
+            .env("INDUCTION__LOG__FORMAT", "compact")
+            .env("INDUCTION__LOG__FILTER", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // Wait until watch says its queue is bound.
-    let stderr = watch.stderr.take().unwrap();
+    let stderr = watch.0.stderr.take().unwrap();
     tokio::task::spawn_blocking(move || {
         let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
         assert!(lines.any(|l| l.unwrap().contains("watching outcomes")));
@@ -183,9 +187,9 @@ async fn publish_and_watch_show_a_newcomer_the_outcomes() {
         "{summary}"
     );
     let out = tokio::task::spawn_blocking(move || {
-        let status = wait_with_timeout(&mut watch, PATIENCE);
+        let status = wait_with_timeout(&mut watch.0, PATIENCE);
         let mut text = String::new();
-        std::io::Read::read_to_string(watch.stdout.as_mut().unwrap(), &mut text).unwrap();
+        std::io::Read::read_to_string(watch.0.stdout.as_mut().unwrap(), &mut text).unwrap();
         (status, text)
     })
     .await
@@ -259,8 +263,9 @@ async fn a_consumer_that_fails_for_good_ends_the_process() {
     app.teardown().await;
 }
 
-/// A worker process that is killed when the test ends, however it ends: a stray worker on the
-/// shared broker would consume the next run's messages.
+/// A worker (or `watch`) process that is killed when the test ends, however it ends: a stray
+/// worker on the shared broker would consume the next run's messages, and declare the queues
+/// its failed test's clean-up deleted.
 struct Running(Child);
 
 impl Drop for Running {
