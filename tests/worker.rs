@@ -194,35 +194,9 @@ async fn a_test_that_panics_leaves_no_queue_exchange_or_database_behind() {
     .unwrap();
     let queues = [&t.inbox_queue, &t.parking_queue, &t.unrouted_queue];
     let exchanges = [&t.input_exchange, &t.outcome_exchange, &t.unrouted_exchange];
-    for (name, is_queue) in
-        (queues.iter().map(|q| (q, true))).chain(exchanges.iter().map(|e| (e, false)))
-    {
-        // A passive declaration of what does not exist fails with 404 and closes its channel.
-        let channel = broker.channel().await.unwrap();
-        let found = if is_queue {
-            let passive = lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            channel
-                .queue_declare(name.as_str().into(), passive, FieldTable::default())
-                .await
-                .is_ok()
-        } else {
-            let passive = lapin::options::ExchangeDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            channel
-                .exchange_declare(
-                    name.as_str().into(),
-                    lapin::ExchangeKind::Topic,
-                    passive,
-                    FieldTable::default(),
-                )
-                .await
-                .is_ok()
-        };
+    let named = (queues.iter().map(|q| (q, true))).chain(exchanges.iter().map(|e| (e, false)));
+    for (name, is_queue) in named {
+        let found = common::exists(&broker, name, is_queue).await;
         assert!(!found, "the failed test left {name} on the broker");
     }
     broker.close().await;

@@ -44,24 +44,6 @@ fn the_mix_is_as_documented() {
     );
 }
 
-/// Whether `queue` (or, when `is_queue` is false, the exchange) exists, asked on a fresh channel:
-/// a passive declare of one that does not closes the channel with 404.
-async fn exists(broker: &Broker, name: &str, is_queue: bool) -> bool {
-    let channel = broker.channel().await.expect("a channel");
-    if is_queue {
-        return induction_reconciler::broker::ready(&channel, name)
-            .await
-            .is_ok();
-    }
-    let options = ExchangeDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let kind = lapin::ExchangeKind::Topic;
-    let declaring = channel.exchange_declare(name.into(), kind, options, FieldTable::default());
-    declaring.await.is_ok()
-}
-
 #[tokio::test]
 async fn the_clean_up_removes_the_rest_of_a_topology_when_the_broker_refuses_one_delete() {
     let url = SecretString::from(amqp_url());
@@ -104,8 +86,8 @@ async fn the_clean_up_removes_the_rest_of_a_topology_when_the_broker_refuses_one
     let left = common::remove_topology(&[&locked, &queue], &[&exchange]).await;
 
     let looking = Broker::connect(&url, "clean-up test").await.unwrap();
-    let queue_exists = exists(&looking, &queue, true).await;
-    let exchange_exists = exists(&looking, &exchange, false).await;
+    let queue_exists = common::exists(&looking, &queue, true).await;
+    let exchange_exists = common::exists(&looking, &exchange, false).await;
     looking.close().await;
     holder.close().await;
     assert_eq!(

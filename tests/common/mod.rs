@@ -164,6 +164,33 @@ pub async fn database_exists(name: &str) -> bool {
     found.is_some()
 }
 
+/// Whether `queue` (or, when `is_queue` is false, the exchange) exists, asked on a fresh channel:
+/// a passive declare of one that does not closes the channel with 404.
+pub async fn exists(
+    broker: &induction_reconciler::broker::Broker,
+    name: &str,
+    is_queue: bool,
+) -> bool {
+    let channel = broker.channel().await.expect("a channel");
+    if is_queue {
+        return induction_reconciler::broker::ready(&channel, name)
+            .await
+            .is_ok();
+    }
+    let options = lapin::options::ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let kind = lapin::ExchangeKind::Topic;
+    let declaring = channel.exchange_declare(
+        name.into(),
+        kind,
+        options,
+        lapin::types::FieldTable::default(),
+    );
+    declaring.await.is_ok()
+}
+
 /// Deletes `queues`, then `exchanges`, from the broker the tests and the benchmark share; says on
 /// standard error what it could not delete and why, and returns those names.
 ///
