@@ -77,6 +77,12 @@ struct BenchOptions {
     /// Skip the raw broker-only relay.
     #[arg(long)]
     no_raw: bool,
+    /// Time the full-speed run as the drain of a backlog: publish the whole stream while no
+    /// worker runs, then start the workers and time them from their start to the last outcome
+    /// (and the raw relay likewise, from its start). Without it the stream is published while
+    /// the worker consumes, and timed from the first publish.
+    #[arg(long)]
+    drain: bool,
     /// Rounds of the full-speed run and the raw relay, one after the other, each on a new
     /// database, topology and worker; the throughput and the ratio to the raw relay are then
     /// also given as the median of the rounds, which the drift of a shared machine moves less
@@ -141,9 +147,9 @@ async fn bench(mut options: BenchOptions) -> anyhow::Result<()> {
         rig.finish(options.keep).await;
         return result;
     }
-    let rig = Rig::start(&options).await?;
+    let mut rig = Rig::start(&options).await?;
     // Whether the runs succeed or not, the worker stops and the database and topology go.
-    let measured = measure(&rig, &options, true).await;
+    let measured = measure(&mut rig, &options, true).await;
     rig.finish(options.keep).await;
     let (full, rated, raw, mut rss_kib, ack_frames) = measured?;
     let mut rounds = vec![Round {
@@ -151,8 +157,8 @@ async fn bench(mut options: BenchOptions) -> anyhow::Result<()> {
         raw,
     }];
     for round in 2..=options.rounds {
-        let rig = Rig::start(&options).await?;
-        let measured = measure(&rig, &options, false).await;
+        let mut rig = Rig::start(&options).await?;
+        let measured = measure(&mut rig, &options, false).await;
         rig.finish(options.keep).await;
         let (again, _, raw, rss, _) = measured?;
         eprintln!(
@@ -190,10 +196,13 @@ type Measured = (
 
 /// The full-speed run, the fixed-rate run (in the `first` round), the worker's peak memory and
 /// the raw relay.
-async fn measure(rig: &Rig, options: &BenchOptions, first: bool) -> anyhow::Result<Measured> {
+async fn measure(rig: &mut Rig, options: &BenchOptions, first: bool) -> anyhow::Result<Measured> {
     let arrivals = rig.collect_outcomes().await?;
     let full_stream = generate(options.messages, options.teachers, FIRST_TRN, 1);
-    let full = rig.timed_run(&full_stream, None, &arrivals).await?;
+    let full = match options.drain {
+        true => rig.drain(&full_stream, options, &arrivals).await?,
+        false => rig.timed_run(&full_stream, None, &arrivals).await?,
+    };
     let ack_frames = rig.ack_frames().await;
     let rated = match options.rate {
         0 => None,
@@ -212,9 +221,14 @@ async fn measure(rig: &Rig, options: &BenchOptions, first: bool) -> anyhow::Resu
     let raw = match options.no_raw {
         true => None,
         false => Some(
-            raw::relay(&rig.broker, &format!("bench-{}", rig.id), &full_stream)
-                .await
-                .context("the raw relay failed")?,
+            raw::relay(
+                &rig.broker,
+                &format!("bench-{}", rig.id),
+                &full_stream,
+                options.drain,
+            )
+            .await
+            .context("the raw relay failed")?,
         ),
     };
     Ok((full, rated, raw, rss_kib, ack_frames))
@@ -254,9 +268,12 @@ impl Rig {
             .unwrap_or_else(|| std::path::PathBuf::from(WORKER));
         // A worker that cannot start ends the bench; those already started stop with their
         // handles (`kill_on_drop`).
+        // With `--drain` they start when the backlog is waiting (`Rig::drain`).
         let mut workers = Vec::new();
-        for _ in 0..options.workers {
-            workers.push(start_worker(&binary, &db_name, &topology).await?);
+        if !options.drain {
+            for _ in 0..options.workers {
+                workers.push(start_worker(&binary, &db_name, &topology).await?);
+            }
         }
         Ok(Self {
             id,
@@ -428,6 +445,47 @@ impl Rig {
             .map(|(_, (id, _))| id.as_str())
             .collect();
         let target_inbox = inbox_before + unique_valid.len() as i64;
+        let outcomes = self
+            .wait_for_outcomes(target_inbox, outbox_before, arrivals, arrived_before)
+            .await?;
+        let cpu_after = common::cpu::Snapshot::take(&self.worker_pids());
+        let arrived = arrivals.lock().expect("not poisoned")[arrived_before..].to_vec();
+        let mut figures = figures(stream.len(), outcomes, started, &published_at, &arrived);
+        figures.cpu = cpu_before.zip(cpu_after).map(|(b, a)| b.until(&a));
+        Ok(figures)
+    }
+
+    /// Publishes `stream` with confirms while no worker runs, then starts the workers and waits
+    /// as [`Rig::timed_run`] does; the run is timed from the workers' start, which it includes.
+    async fn drain(
+        &mut self,
+        stream: &[Generated],
+        options: &BenchOptions,
+        arrivals: &Arrivals,
+    ) -> anyhow::Result<RunFigures> {
+        anyhow::ensure!(self.workers.is_empty(), "a worker was already running");
+        let inbox_before = self.count("select count(*) from inbox").await?;
+        let outbox_before = self.count("select count(*) from outbox").await?;
+        let arrived_before = arrivals.lock().expect("not poisoned").len();
+        let published_at = self.publish(stream, None, Instant::now()).await?;
+        let unique_valid: HashSet<&str> = stream
+            .iter()
+            .zip(&published_at)
+            .filter(|(m, _)| m.valid)
+            .map(|(_, (id, _))| id.as_str())
+            .collect();
+        let target_inbox = inbox_before + unique_valid.len() as i64;
+        let binary = options
+            .worker
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from(WORKER));
+        // No worker yet: the broker's and the database's times from here on.
+        let cpu_before = common::cpu::Snapshot::take(&[]);
+        let started = Instant::now();
+        for _ in 0..options.workers {
+            let worker = start_worker(&binary, &self.db_name, &self.topology).await?;
+            self.workers.push(worker);
+        }
         let outcomes = self
             .wait_for_outcomes(target_inbox, outbox_before, arrivals, arrived_before)
             .await?;

@@ -14,16 +14,26 @@ use lapin::types::{AMQPValue, FieldTable};
 use crate::common::remove_topology;
 use crate::common::workload::Generated;
 
-/// Relays `stream` through two quorum queues; returns messages per second.
-pub async fn relay(broker: &Broker, prefix: &str, stream: &[Generated]) -> anyhow::Result<f64> {
+/// Relays `stream` through two quorum queues; returns messages per second. With `backlog`, the
+/// stream is published before the relay starts, and the relay is timed from its start.
+pub async fn relay(
+    broker: &Broker,
+    prefix: &str,
+    stream: &[Generated],
+    backlog: bool,
+) -> anyhow::Result<f64> {
     let input = format!("{prefix}.raw-in");
     let output = format!("{prefix}.raw-out");
     let timed = async {
         let channel = broker.channel().await?;
         declare(&channel, &input, &output).await?;
-        let forwarding = forward(broker, &input, &output, stream.len()).await?;
         let publisher = broker.publisher().await?;
-        let started = Instant::now();
+        let mut forwarding = None;
+        let mut started = Instant::now();
+        if !backlog {
+            forwarding = Some(forward(broker, &input, &output, stream.len()).await?);
+            started = Instant::now();
+        }
         for chunk in stream.chunks(1000) {
             let messages = chunk.iter().map(|message| Outgoing {
                 exchange: "",
@@ -35,6 +45,13 @@ pub async fn relay(broker: &Broker, prefix: &str, stream: &[Generated]) -> anyho
                 result?;
             }
         }
+        let forwarding = match forwarding {
+            Some(forwarding) => forwarding,
+            None => {
+                started = Instant::now();
+                forward(broker, &input, &output, stream.len()).await?
+            }
+        };
         let finished = forwarding.await??;
         Ok::<_, anyhow::Error>(stream.len() as f64 / (finished - started).as_secs_f64())
     };
