@@ -11,7 +11,9 @@ use std::time::Duration;
 use common::{Leftovers, NOW, bytes, claim, registration, set};
 use induction_reconciler::domain::{Admission, Ledger, Status, Trn};
 use induction_reconciler::messages::{Input, decode};
-use induction_reconciler::store::{BatchItem, Handled, Limits, Publishing, Store, Written};
+use induction_reconciler::store::{
+    BatchItem, Contention, Handled, Limits, Publishing, Store, Written,
+};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::Row;
@@ -126,7 +128,7 @@ async fn apply_publishing(
         lease_until: lease.then(|| NOW + Duration::from_secs(30)),
     };
     let (_, written) = store
-        .apply_batch_publishing(&items, NOW, &publishing)
+        .apply_batch_publishing(&items, NOW, &publishing, Contention::Wait)
         .await
         .expect("the batch commits");
     written

@@ -12,7 +12,7 @@ use common::{NOW, bytes, claim, poison_trigger_sql, registration, set};
 use induction_reconciler::broker::json_properties;
 use induction_reconciler::domain::{Ledger, Trn};
 use induction_reconciler::messages::decode;
-use induction_reconciler::store::{BatchItem, Publishing};
+use induction_reconciler::store::{BatchItem, Contention, Publishing};
 use lapin::BasicProperties;
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
@@ -517,7 +517,7 @@ async fn an_outcome_behind_another_lanes_lease_goes_out_once_that_lane_marks_wit
         };
         let (_, written) = app
             .store
-            .apply_batch_publishing(&[item], now, &lease)
+            .apply_batch_publishing(&[item], now, &lease, Contention::Wait)
             .await
             .unwrap();
         assert_eq!(written.leased.len(), leased);

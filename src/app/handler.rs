@@ -17,7 +17,7 @@ use crate::broker::{Acks, Publisher, Settled};
 use crate::config::Settings;
 use crate::domain::{Admission, Status};
 use crate::messages::{Input, Provenance, Publishers, ReasonCode, Rejection, decode_delivery};
-use crate::store::{BatchItem, Handled, Store, StoreError};
+use crate::store::{BatchItem, Contention, Handled, Store, StoreError};
 use crate::telemetry::events::MessageHandled;
 use crate::telemetry::propagation::{continue_trace, outgoing_traceparent};
 
@@ -154,44 +154,77 @@ impl Handler {
         results
     }
 
-    /// Applies the accepted jobs in one transaction, retrying while the database is unavailable.
-    /// If the batch fails for another reason, each job is retried alone, so that one message that
-    /// cannot be processed is parked and the others go through.
+    /// Applies the accepted jobs in one transaction, retrying while the database is unavailable,
+    /// without waiting for a lock another transaction holds (another lane's batch, another
+    /// worker's); the jobs that need one are applied next, in a transaction that waits for it
+    /// (ARCHITECTURE decision 44). If a transaction fails for another reason, each of its jobs
+    /// is retried alone, so that one message that cannot be processed is parked and the others
+    /// go through.
     async fn apply(&self, jobs: &mut [Job], outbox: &mut LaneOutbox) {
         let accepted: Vec<usize> = (0..jobs.len())
             .filter(|&i| jobs[i].decoded.is_ok())
             .collect();
-        let alone = accepted.len() == 1;
+        let deferred = self
+            .apply_some(jobs, &accepted, Contention::Defer, outbox)
+            .await;
+        if !deferred.is_empty() {
+            tracing::debug!(
+                messages = deferred.len(),
+                "applying the messages that waited for another transaction's locks"
+            );
+            self.apply_some(jobs, &deferred, Contention::Wait, outbox)
+                .await;
+        }
+    }
+
+    /// Applies the jobs `which` in one transaction (see [`Handler::apply`]); returns those it
+    /// deferred.
+    async fn apply_some(
+        &self,
+        jobs: &mut [Job],
+        which: &[usize],
+        contention: Contention,
+        outbox: &mut LaneOutbox,
+    ) -> Vec<usize> {
+        let alone = which.len() == 1;
         match self
-            .apply_with_retries(jobs, &accepted, alone, outbox)
+            .apply_with_retries(jobs, which, alone, outbox, contention)
             .await
         {
-            Ok(()) => {}
-            Err(error) if alone => self.give_up(&mut jobs[accepted[0]], &error),
+            Ok(deferred) => deferred,
+            Err(error) if alone => {
+                self.give_up(&mut jobs[which[0]], &error);
+                Vec::new()
+            }
             Err(_) => {
                 tracing::warn!(
-                    messages = accepted.len(),
+                    messages = which.len(),
                     "batch failed; retrying its messages one by one"
                 );
-                for &i in &accepted {
-                    if let Err(error) = self.apply_with_retries(jobs, &[i], true, outbox).await {
+                for &i in which {
+                    if let Err(error) = self
+                        .apply_with_retries(jobs, &[i], true, outbox, Contention::Wait)
+                        .await
+                    {
                         self.give_up(&mut jobs[i], &error);
                     }
                 }
+                Vec::new()
             }
         }
     }
 
     /// Runs one batch until it commits. Transient failures are retried without limit (unless
     /// shutting down gives up, which abandons the batch); other failures up to `max_attempts`
-    /// when `count_failures`, else once.
+    /// when `count_failures`, else once. Returns the jobs it deferred.
     async fn apply_with_retries(
         &self,
         jobs: &mut [Job],
         which: &[usize],
         count_failures: bool,
         outbox: &mut LaneOutbox,
-    ) -> Result<(), StoreError> {
+        contention: Contention,
+    ) -> Result<Vec<usize>, StoreError> {
         let mut backoff = Backoff::new(&self.settings);
         let mut failures = 0;
         let mut outage_logged = false;
@@ -208,14 +241,14 @@ impl Handler {
                 if outage_logged {
                     tracing::info!(messages = which.len(), "{}", CHANNEL_CLOSED);
                 }
-                return Ok(());
+                return Ok(Vec::new());
             }
-            let error = match self.apply_once(jobs, which, outbox).await {
-                Ok(()) => {
+            let error = match self.apply_once(jobs, which, outbox, contention).await {
+                Ok(deferred) => {
                     if outage_logged {
                         tracing::info!("database available again");
                     }
-                    return Ok(());
+                    return Ok(deferred);
                 }
                 Err(error) => error,
             };
@@ -234,18 +267,20 @@ impl Handler {
                 for &i in which {
                     jobs[i].disposition = Some(Disposition::Abandoned);
                 }
-                return Ok(());
+                return Ok(Vec::new());
             }
         }
     }
 
-    /// One attempt at the batch `which`; on commit, records how each job ended.
+    /// One attempt at the batch `which`; on commit, records how each job ended, and returns
+    /// those it deferred (no disposition yet).
     async fn apply_once(
         &self,
         jobs: &mut [Job],
         which: &[usize],
         outbox: &mut LaneOutbox,
-    ) -> Result<(), StoreError> {
+        contention: Contention,
+    ) -> Result<Vec<usize>, StoreError> {
         let items: Vec<BatchItem<'_>> = which
             .iter()
             .filter_map(|&i| {
@@ -263,15 +298,11 @@ impl Handler {
         let confirmed = attempt.elapsed();
         let applied = self
             .store
-            .apply_batch_publishing(&items, clock, &publishing);
+            .apply_batch_publishing(&items, clock, &publishing, contention);
         let (results, written) = applied.await?;
         outbox.committed(&self.store, written).await;
-        tracing::debug!(
-            messages = items.len(),
-            confirms_us = confirmed.as_micros() as u64,
-            elapsed_ms = attempt.elapsed().as_millis() as u64,
-            "batch committed"
-        );
+        let messages = items.len();
+        let mut deferred = Vec::new();
         for (&i, handled) in which.iter().zip(results) {
             let job = &mut jobs[i];
             job.disposition = match handled {
@@ -285,9 +316,21 @@ impl Handler {
                     job.decoded = Err(Rejection::reused_id());
                     None
                 }
+                // Applied by the transaction that waits, next.
+                Handled::Deferred => {
+                    deferred.push(i);
+                    None
+                }
             };
         }
-        Ok(())
+        tracing::debug!(
+            messages,
+            deferred = deferred.len(),
+            confirms_us = confirmed.as_micros() as u64,
+            elapsed_ms = attempt.elapsed().as_millis() as u64,
+            "batch committed"
+        );
+        Ok(deferred)
     }
 
     /// Marks a job that kept failing for parking as `processing_failed`.

@@ -2,7 +2,8 @@
 //! inbox, which decides duplicates and reused ids, and then locks the batch's records and
 //! teachers and reads what those teachers hold; the messages are applied in order to a `Ledger`
 //! seeded with that, exactly as `simulate` applies them; everything that changed is written with
-//! one statement (`effects`).
+//! one statement (`effects`). A batch that defers ([`Contention::Defer`]) takes no lock another
+//! transaction holds, and leaves the messages that need one.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -16,7 +17,9 @@ use super::locks::BatchLocks;
 use super::outbox;
 use super::records;
 use super::{Handled, Store};
-use crate::domain::{Admission, Ledger, Outcome, Receipt, RecordKey, Snapshot, Trn, receipt};
+use crate::domain::{
+    Admission, Ledger, Outcome, Receipt, RecordKey, Snapshot, SourceId, Trn, receipt,
+};
 use crate::messages::{Input, OutcomeMessage};
 
 /// One message of a batch.
@@ -42,23 +45,25 @@ impl Store {
         now: OffsetDateTime,
     ) -> Result<Vec<Handled>, StoreError> {
         let (results, _) = self
-            .apply_batch_publishing(items, now, &Publishing::default())
+            .apply_batch_publishing(items, now, &Publishing::default(), Contention::Wait)
             .await?;
         Ok(results)
     }
 
     /// [`Store::apply_batch`] for a lane that publishes its own outcomes: the same transaction
     /// marks the rows of `publishing.confirmed` published and leases the new outcomes the lane
-    /// may publish once it returns (see [`Publishing`]).
+    /// may publish once it returns (see [`Publishing`]). With [`Contention::Defer`], messages
+    /// that need a lock another transaction holds are left as [`Handled::Deferred`].
     pub async fn apply_batch_publishing(
         &self,
         items: &[BatchItem<'_>],
         now: OffsetDateTime,
         publishing: &Publishing<'_>,
+        contention: Contention,
     ) -> Result<(Vec<Handled>, Written), StoreError> {
         self.bounded("a batch", async {
             let mut tx = self.pool().begin_with(BEGIN_BATCH).await?;
-            let applied = apply_in(&mut tx, items, now, publishing).await?;
+            let applied = apply_in(&mut tx, items, now, publishing, contention).await?;
             tx.commit().await?;
             Ok(applied)
         })
@@ -90,13 +95,37 @@ impl Store {
 const BEGIN_BATCH: &str =
     "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL plan_cache_mode = force_generic_plan";
 
+/// What a batch does about a lock (of a record or a teacher) that another transaction holds:
+/// another lane's batch, another worker's, the sweep or `verify --emit` (ARCHITECTURE decision
+/// 44).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contention {
+    /// Wait for it: every message is processed (`lock_and_load_v2`).
+    Wait,
+    /// Do not wait: the messages that need it, and every later message of the batch about the
+    /// same record, are left as [`Handled::Deferred`] for a transaction that waits, and the
+    /// rest are written now (`try_lock_and_load`).
+    Defer,
+}
+
 async fn apply_in(
     conn: &mut PgConnection,
     items: &[BatchItem<'_>],
     now: OffsetDateTime,
     publishing: &Publishing<'_>,
+    contention: Contention,
 ) -> Result<(Vec<Handled>, Written), StoreError> {
-    let (mut results, (snapshots, last)) = admit_and_lock(conn, items, now).await?;
+    let (mut results, (snapshots, last), blocked) =
+        admit_and_lock(conn, items, now, contention).await?;
+    let deferred = defer(items, &mut results, blocked);
+    if !deferred.is_empty() {
+        // Their ids were inserted with the others': the transaction that applies them decides
+        // them again.
+        sqlx::query("delete from inbox where message_id = any($1)")
+            .bind(&deferred)
+            .execute(&mut *conn)
+            .await?;
+    }
     let to_apply: Vec<usize> = (0..items.len()).filter(|&i| results[i].is_none()).collect();
     let written = if to_apply.is_empty() {
         // Nothing to write (every message a duplicate): the marks still go with this commit.
@@ -121,6 +150,42 @@ async fn apply_in(
 /// What the batch's teachers hold: the snapshots of their records and their last outcomes.
 type Held = (Vec<Snapshot>, Vec<Outcome>);
 
+/// What a batch that defers could not lock: records (their own lock, or the lock of the teacher
+/// they count for now) and teachers. Empty for a batch that waits.
+#[derive(Debug, Default)]
+struct Blocked {
+    records: BTreeSet<RecordKey>,
+    teachers: BTreeSet<Trn>,
+}
+
+/// Marks as deferred, in order, every message still to apply whose record or TRN is blocked,
+/// and blocks its record for the messages after it, so that a record's messages keep their
+/// order. Returns the deferred messages' ids (each the first of its id in the batch, inserted
+/// into the inbox by this transaction).
+fn defer(
+    items: &[BatchItem<'_>],
+    results: &mut [Option<Handled>],
+    mut blocked: Blocked,
+) -> Vec<Uuid> {
+    if blocked.records.is_empty() && blocked.teachers.is_empty() {
+        return Vec::new();
+    }
+    let mut deferred = Vec::new();
+    for (item, result) in items.iter().zip(results.iter_mut()) {
+        if result.is_some() {
+            continue;
+        }
+        let record = &item.input.snapshot.record;
+        let key = record.key();
+        if blocked.records.contains(&key) || blocked.teachers.contains(record.trn()) {
+            blocked.records.insert(key);
+            *result = Some(Handled::Deferred);
+            deferred.push(item.input.message_id());
+        }
+    }
+    deferred
+}
+
 /// Step 1: inserts the batch's new message ids into the inbox and judges the rest, then locks
 /// the batch and reads what its teachers hold, in one round trip. Within the batch the first
 /// occurrence of an id stands for it; later ones compare with the digest accepted for it.
@@ -129,14 +194,16 @@ async fn admit_and_lock(
     conn: &mut PgConnection,
     items: &[BatchItem<'_>],
     now: OffsetDateTime,
-) -> Result<(Vec<Option<Handled>>, Held), StoreError> {
+    contention: Contention,
+) -> Result<(Vec<Option<Handled>>, Held, Blocked), StoreError> {
     let mut first: HashMap<Uuid, usize> = HashMap::new();
     for (i, item) in items.iter().enumerate() {
         first.entry(item.input.message_id()).or_insert(i);
     }
     let mut firsts: Vec<usize> = first.values().copied().collect();
     firsts.sort_unstable();
-    let (inserted, accepted, held) = insert_ids_and_lock(conn, items, &firsts, now).await?;
+    let (inserted, accepted, held, blocked) =
+        insert_ids_and_lock(conn, items, &firsts, now, contention).await?;
     let results = items
         .iter()
         .enumerate()
@@ -152,7 +219,7 @@ async fn admit_and_lock(
             })
         })
         .collect();
-    Ok((results, held))
+    Ok((results, held, blocked))
 }
 
 /// Inserts the ids of `firsts` into the inbox, then locks the records of every message of the
@@ -178,7 +245,8 @@ async fn insert_ids_and_lock(
     items: &[BatchItem<'_>],
     firsts: &[usize],
     now: OffsetDateTime,
-) -> Result<(BTreeSet<Uuid>, HashMap<Uuid, [u8; 32]>, Held), StoreError> {
+    contention: Contention,
+) -> Result<(BTreeSet<Uuid>, HashMap<Uuid, [u8; 32]>, Held, Blocked), StoreError> {
     let mut inserted = BTreeSet::new();
     let mut accepted = HashMap::new();
     let ids: Vec<Uuid> = firsts
@@ -194,41 +262,43 @@ async fn insert_ids_and_lock(
         .map(|item| item.input.snapshot.record.trn().clone())
         .collect();
     let locks = BatchLocks::new(&keys, &snapshot_trns);
-    let rows = sqlx::query(
-        "with ins as (
-           insert into inbox (message_id, body_sha256, message_type, admission, received_at)
-           select id, digest, kind, 'latest', $4 from unnest($1::uuid[], $2::bytea[], $3::text[]) as t(id, digest, kind)
-           order by id
-           on conflict (message_id) do nothing
-           returning message_id),
-         answer as (
-           select coalesce(array_agg(t.id), '{}') as ids,
-                  coalesce(array_agg(ins.message_id is not null), '{}') as inserted,
-                  coalesce(array_agg(coalesce(i.body_sha256, '')), '{}') as digests
-           from unnest($1::uuid[]) as t(id)
-           left join ins on ins.message_id = t.id
-           left join inbox i on i.message_id = t.id)
-         select answer.ids, answer.inserted, answer.digests, (null::held_row_v2).* from answer
-         union all
-         select null, null, null, held.* from lock_and_load_v2($5, $6, $7, $8) as held",
-    )
-    .bind(&ids)
-    .bind(firsts.iter().map(|&i| items[i].digest.to_vec()).collect::<Vec<_>>())
-    .bind(firsts.iter().map(|&i| items[i].input.cause.message_type.as_str()).collect::<Vec<_>>())
-    .bind(now)
-    .bind(&locks.record_names)
-    .bind(&locks.registration_ids)
-    .bind(&locks.induction_period_ids)
-    .bind(&locks.snapshot_trns)
-    .fetch_all(&mut *conn)
-    .await?;
-    // The inbox's answer is the one row with `ids`; the others are what the teachers hold.
+    let statement = match contention {
+        Contention::Wait => INSERT_IDS_AND_LOCK,
+        Contention::Defer => INSERT_IDS_AND_TRY_LOCKS,
+    };
+    let rows = sqlx::query(statement)
+        .bind(&ids)
+        .bind(
+            firsts
+                .iter()
+                .map(|&i| items[i].digest.to_vec())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            firsts
+                .iter()
+                .map(|&i| items[i].input.cause.message_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(now)
+        .bind(&locks.record_names)
+        .bind(&locks.registration_ids)
+        .bind(&locks.induction_period_ids)
+        .bind(&locks.snapshot_trns)
+        .fetch_all(&mut *conn)
+        .await?;
+    // The inbox's answer is the one row with `ids`; the others are what the teachers hold, and
+    // what a batch that defers could not lock.
     let mut answer = None;
     let mut held_rows = Vec::with_capacity(rows.len());
+    let mut blocked = Blocked::default();
     for row in rows {
-        match row.try_get::<Option<Vec<Uuid>>, _>("ids")? {
-            Some(ids) => answer = Some((ids, row)),
-            None => held_rows.push(row),
+        if let Some(ids) = row.try_get::<Option<Vec<Uuid>>, _>("ids")? {
+            answer = Some((ids, row));
+        } else if row.try_get::<&str, _>("kind")? == "blocked" {
+            blocked_from_row(&row, &mut blocked)?;
+        } else {
+            held_rows.push(row);
         }
     }
     let (answered, answer) =
@@ -260,7 +330,64 @@ async fn insert_ids_and_lock(
             accepted.insert(row.try_get("message_id")?, digest_of(&digest)?);
         }
     }
-    Ok((inserted, accepted, held))
+    Ok((inserted, accepted, held, blocked))
+}
+
+/// The statement of [`insert_ids_and_lock`] with the function that locks and loads: `$1..$4`
+/// the inbox's columns and the time, `$5..$8` the [`BatchLocks`].
+macro_rules! insert_ids_and {
+    ($lock_and_load:literal) => {
+        concat!(
+            "with ins as (
+           insert into inbox (message_id, body_sha256, message_type, admission, received_at)
+           select id, digest, kind, 'latest', $4 from unnest($1::uuid[], $2::bytea[], $3::text[]) as t(id, digest, kind)
+           order by id
+           on conflict (message_id) do nothing
+           returning message_id),
+         answer as (
+           select coalesce(array_agg(t.id), '{}') as ids,
+                  coalesce(array_agg(ins.message_id is not null), '{}') as inserted,
+                  coalesce(array_agg(coalesce(i.body_sha256, '')), '{}') as digests
+           from unnest($1::uuid[]) as t(id)
+           left join ins on ins.message_id = t.id
+           left join inbox i on i.message_id = t.id)
+         select answer.ids, answer.inserted, answer.digests, (null::held_row_v2).* from answer
+         union all
+         select null, null, null, held.* from ",
+            $lock_and_load,
+            "($5, $6, $7, $8) as held"
+        )
+    };
+}
+
+/// Waiting for every lock.
+const INSERT_IDS_AND_LOCK: &str = insert_ids_and!("lock_and_load_v2");
+/// Waiting for none: rows of kind `blocked` say what it could not lock (the migration of
+/// `try_lock_and_load`).
+const INSERT_IDS_AND_TRY_LOCKS: &str = insert_ids_and!("try_lock_and_load");
+
+/// A row of kind `blocked`: a record (by its id column) or a teacher (by `trn`).
+fn blocked_from_row(row: &sqlx::postgres::PgRow, blocked: &mut Blocked) -> Result<(), StoreError> {
+    let id = |column: &str| -> Result<Option<SourceId>, StoreError> {
+        row.try_get::<Option<&str>, _>(column)?
+            .map(|v| {
+                SourceId::parse(v).ok_or_else(|| {
+                    StoreError::corrupt(format!("a blocked record has an invalid {column}"))
+                })
+            })
+            .transpose()
+    };
+    if let Some(id) = id("registration_id")? {
+        blocked.records.insert(RecordKey::Registration(id));
+    } else if let Some(id) = id("induction_period_id")? {
+        blocked.records.insert(RecordKey::Claim(id));
+    } else {
+        let trn: &str = row.try_get("trn")?;
+        let trn = Trn::parse(trn)
+            .ok_or_else(|| StoreError::corrupt("a blocked teacher has an invalid trn"))?;
+        blocked.teachers.insert(trn);
+    }
+    Ok(())
 }
 
 fn digest_of(stored: &[u8]) -> Result<[u8; 32], StoreError> {

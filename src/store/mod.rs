@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 pub use audit::{AuditRecord, Published, ResyncFilter, TeacherState};
-pub use batch::BatchItem;
+pub use batch::{BatchItem, Contention};
 pub use effects::{LeasedOutcome, Publishing, Written};
 pub use error::StoreError;
 pub use outbox::{OutboxBatch, OutboxRow, OutboxStatus};
@@ -54,6 +54,9 @@ pub enum Handled {
     Duplicate,
     /// The `message_id` was accepted before with a different body.
     Reused,
+    /// Not processed: a batch that defers ([`Contention::Defer`]) found a lock it needs held by
+    /// another transaction. Nothing of it was written, its id included; apply it again.
+    Deferred,
 }
 
 /// The bounds a [`Store`] keeps: its pool size, the wait for a free connection, and every
