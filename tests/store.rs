@@ -1237,3 +1237,154 @@ async fn the_identifier_checks_admit_the_contracts_identifiers_and_refuse_the_re
     }
     db.finish().await;
 }
+
+/// `apply`, for a batch that defers (a lane's first attempt at its batch).
+async fn apply_deferring(store: &Store, messages: &[Value]) -> Vec<Handled> {
+    let inputs: Vec<(Input, [u8; 32])> = messages.iter().map(input).collect();
+    let items = items(&inputs);
+    let (results, _) = store
+        .apply_batch_publishing(&items, NOW, &Publishing::default(), Contention::Defer)
+        .await
+        .expect("the batch commits");
+    results
+}
+
+/// While another transaction holds one teacher's lock and one record's, a batch that defers
+/// returns at once: it writes the messages it could lock, and leaves as deferred, with nothing of
+/// them written (not even their ids), the message about the held teacher, the move of a record
+/// that counts for that teacher, the message about the held record, and the later messages about
+/// records it deferred (one of them about a free teacher), so that a record's snapshots keep their
+/// order. Applied afterwards by a batch that waits, they give what the ledger
+/// gives for the whole stream.
+#[tokio::test]
+async fn a_batch_that_defers_writes_what_it_can_lock_and_leaves_the_rest() {
+    let db = Db::new().await;
+    let (held_teacher, free, other) = ("1000001", "1000002", "1000003");
+    let before = vec![
+        registration(1, "R-MOVING", held_teacher),
+        registration(2, "R-HELD", other),
+    ];
+    assert!(
+        apply(&db.store, &before)
+            .await
+            .iter()
+            .all(|h| matches!(h, Handled::Applied { .. }))
+    );
+    let at = |message: Value, when: &str| set(message, "occurred_at", json!(when));
+    let batch = vec![
+        registration(10, "R-FREE", free),
+        claim(11, "IP-HELD-TEACHER", held_teacher),
+        at(registration(12, "R-MOVING", free), "2025-09-01T10:00:00Z"),
+        registration(13, "R-HELD", other),
+        claim(14, "IP-FREE", free),
+        at(registration(15, "R-MOVING", other), "2025-09-01T11:00:00Z"),
+        at(claim(16, "IP-HELD-TEACHER", free), "2025-09-01T11:00:00Z"),
+    ];
+    let mut blocker = db.store.pool().begin().await.unwrap();
+    sqlx::query(
+        "select pg_advisory_xact_lock(2, $1), pg_advisory_xact_lock(1, hashtext('registration:R-HELD'))",
+    )
+    .bind(held_teacher.parse::<i32>().unwrap())
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+
+    let results = tokio::time::timeout(Duration::from_secs(20), apply_deferring(&db.store, &batch))
+        .await
+        .expect("a batch that defers does not wait for another transaction's locks");
+    let deferred: Vec<bool> = results
+        .iter()
+        .map(|h| matches!(h, Handled::Deferred))
+        .collect();
+    assert_eq!(
+        deferred,
+        [false, true, true, true, false, true, true],
+        "deferred: the held teacher's claim, the move away from it, the held record, and the \
+         later snapshots of the moving record and of the held teacher's claim; {results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .filter(|h| !matches!(h, Handled::Deferred))
+            .all(|h| matches!(h, Handled::Applied { .. }))
+    );
+    let inbox: Vec<uuid::Uuid> = sqlx::query_scalar("select message_id from inbox")
+        .fetch_all(db.store.pool())
+        .await
+        .unwrap();
+    let ids = |messages: &[Value]| -> Vec<uuid::Uuid> {
+        messages
+            .iter()
+            .map(|m| m["message_id"].as_str().unwrap().parse().unwrap())
+            .collect()
+    };
+    let written: Vec<uuid::Uuid> = ids(&before)
+        .into_iter()
+        .chain(ids(&[batch[0].clone(), batch[4].clone()]))
+        .collect();
+    let mut inbox_sorted = inbox.clone();
+    inbox_sorted.sort();
+    let mut written_sorted = written.clone();
+    written_sorted.sort();
+    assert_eq!(
+        inbox_sorted, written_sorted,
+        "only the written messages' ids"
+    );
+    let owner: String =
+        sqlx::query_scalar("select trn from registrations where registration_id = 'R-MOVING'")
+            .fetch_one(db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(owner, held_teacher, "the move waits with its teacher");
+    let teachers = db.teachers().await;
+    assert_eq!(
+        teachers[held_teacher].0,
+        [1],
+        "no outcome for the held teacher"
+    );
+    assert!(
+        !teachers.contains_key(other) || teachers[other].0 == [1],
+        "nothing new for the teacher of the held record"
+    );
+
+    blocker.commit().await.unwrap();
+    let rest: Vec<Value> = batch
+        .iter()
+        .zip(&deferred)
+        .filter(|(_, d)| **d)
+        .map(|(m, _)| m.clone())
+        .collect();
+    assert!(
+        apply(&db.store, &rest)
+            .await
+            .iter()
+            .all(|h| matches!(h, Handled::Applied { .. }))
+    );
+    let all: Vec<Value> = before.iter().chain(&batch).cloned().collect();
+    let expected = expected_statuses(&all);
+    let teachers = db.teachers().await;
+    for (trn, status) in &expected {
+        let (versions, version, stored) = &teachers[trn];
+        let gap_free: Vec<i64> = (1..=*version).collect();
+        assert_eq!(versions, &gap_free, "teacher {trn}: versions gap-free");
+        assert_eq!(stored, status, "teacher {trn}: the ledger's status");
+    }
+    db.finish().await;
+}
+
+/// With nothing held by another transaction, a batch that defers defers nothing.
+#[tokio::test]
+async fn a_batch_that_defers_defers_nothing_uncontended() {
+    let db = Db::new().await;
+    let batch = vec![
+        registration(1, "R-1", "1000001"),
+        claim(2, "IP-1", "1000001"),
+        registration(3, "R-1", "1000002"),
+    ];
+    let results = apply_deferring(&db.store, &batch).await;
+    assert!(
+        results.iter().all(|h| matches!(h, Handled::Applied { .. })),
+        "{results:?}"
+    );
+    db.finish().await;
+}

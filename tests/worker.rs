@@ -771,3 +771,40 @@ async fn competing_workers_agree_when_a_new_record_arrives_under_different_trns(
     assert_eq!(records, 30);
     app.teardown().await;
 }
+
+/// A teacher whose lock another transaction holds (another worker's batch, the sweep, `verify
+/// --emit`) does not hold up the other teachers of the batch it is in: their outcomes go out at
+/// once, and the held teacher's as soon as the lock is released (ARCHITECTURE decision 44).
+#[tokio::test]
+async fn a_held_teacher_does_not_hold_up_the_rest_of_its_batch() {
+    let mut app = TestApp::prepare(|s| s.amqp.concurrency = 1).await;
+    let (held, free) = ("1000001", "1000002");
+    let mut blocker = app.store.pool().begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock(2, $1)")
+        .bind(held.parse::<i32>().unwrap())
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    // Both wait in the queue before the worker starts: one lane, one batch.
+    app.publish(&registration(1, "r-held", held)).await;
+    app.publish(&registration(2, "r-free", free)).await;
+    app.start_worker().await;
+    let first = app.next_outcome().await;
+    assert_eq!(
+        first["trn"], free,
+        "the free teacher's outcome, while the other is held"
+    );
+    assert!(
+        app.outcomes_until_quiet(Duration::from_millis(500))
+            .await
+            .is_empty(),
+        "nothing for the held teacher while its lock is held"
+    );
+    blocker.commit().await.unwrap();
+    let second = app.next_outcome().await;
+    assert_eq!(
+        second["trn"], held,
+        "the held teacher's outcome once released"
+    );
+    app.teardown().await;
+}
