@@ -224,8 +224,9 @@ async fn admit_and_lock(
 
 /// Inserts the ids of `firsts` into the inbox, then locks the records of every message of the
 /// batch and every teacher they touch and reads what those teachers hold ([`BatchLocks`]), in
-/// one statement. Returns the ids inserted, the digests already accepted for the others, and
-/// what the teachers hold.
+/// one statement. Returns the ids inserted, the digests already accepted for the others, what
+/// the teachers hold, and, with [`Contention::Defer`], what it could not lock because another
+/// transaction holds it (it then reads only the teachers it locked).
 ///
 /// The locks cover the batch's duplicates too, which are known only once the inbox has answered:
 /// one round trip fewer for every batch (a fifth of them), for a few locks more in the batches

@@ -2,8 +2,9 @@
 //! taken in this order: every record a batch carries a snapshot of, then every teacher it
 //! touches, each kind in ascending key order, so that transactions cannot deadlock. A batch
 //! takes both kinds, and reads what its teachers hold, in the round trip that fills the inbox
-//! (`lock_and_load_v2`, a SQL function, with [`BatchLocks`]); a single teacher's operations
-//! (`verify --emit`, the sweep) take only the teacher's.
+//! (`lock_and_load_v2`, a SQL function, with [`BatchLocks`]; or `try_lock_and_load`, which waits
+//! for none of them and says what it could not lock, ARCHITECTURE decision 44); a single
+//! teacher's operations (`verify --emit`, the sweep) take only the teacher's.
 
 use std::collections::BTreeSet;
 
@@ -12,8 +13,8 @@ use sqlx::PgConnection;
 use super::error::StoreError;
 use crate::domain::{RecordKey, Trn};
 
-/// What a batch locks, as the arguments of the SQL function `lock_and_load_v2` (which calls
-/// `lock_batch`): the records' advisory locks (class 1, keyed by a hash of kind and id; a hash
+/// What a batch locks, as the arguments of the SQL functions `lock_and_load_v2` (which calls
+/// `lock_batch`) and `try_lock_and_load`: the records' advisory locks (class 1, keyed by a hash of kind and id; a hash
 /// collision only makes two records share a lock), then every teacher the batch touches: the
 /// TRN of each snapshot and the TRN each record counts for now, read under the records' locks
 /// so that it cannot change before the teachers are locked. Under those locks the function
