@@ -199,17 +199,15 @@ type Measured = (
 async fn measure(rig: &mut Rig, options: &BenchOptions, first: bool) -> anyhow::Result<Measured> {
     let arrivals = rig.collect_outcomes().await?;
     let full_stream = generate(options.messages, options.teachers, FIRST_TRN, 1);
-    let full = match options.drain {
-        true => rig.drain(&full_stream, options, &arrivals).await?,
-        false => rig.timed_run(&full_stream, None, &arrivals).await?,
-    };
+    let drain = options.drain.then_some(options);
+    let full = rig.timed_run(&full_stream, None, &arrivals, drain).await?;
     let ack_frames = rig.ack_frames().await;
     let rated = match options.rate {
         0 => None,
         _ if !first => None,
         rate => {
             let stream = generate(options.rate_messages, options.teachers, FIRST_TRN, 2);
-            Some(rig.timed_run(&stream, Some(rate), &arrivals).await?)
+            Some(rig.timed_run(&stream, Some(rate), &arrivals, None).await?)
         }
     };
     // The largest worker's peak.
@@ -268,7 +266,7 @@ impl Rig {
             .unwrap_or_else(|| std::path::PathBuf::from(WORKER));
         // A worker that cannot start ends the bench; those already started stop with their
         // handles (`kill_on_drop`).
-        // With `--drain` they start when the backlog is waiting (`Rig::drain`).
+        // With `--drain` they start when the backlog is waiting (`Rig::timed_run`).
         let mut workers = Vec::new();
         if !options.drain {
             for _ in 0..options.workers {
@@ -425,19 +423,43 @@ impl Rig {
 
     /// Publishes a stream (at `rate` per second, or as fast as confirms allow) and waits until
     /// every valid message is in the inbox, every outcome is published, and the consumer has them
-    /// all.
+    /// all; timed from the first publish. With `drain` (the options of `--drain`), the stream is
+    /// published while no worker runs, then the workers start, and the run is timed from their
+    /// start, which it includes.
     async fn timed_run(
-        &self,
+        &mut self,
         stream: &[Generated],
         rate: Option<u32>,
         arrivals: &Arrivals,
+        drain: Option<&BenchOptions>,
     ) -> anyhow::Result<RunFigures> {
         let inbox_before = self.count("select count(*) from inbox").await?;
         let outbox_before = self.count("select count(*) from outbox").await?;
         let arrived_before = arrivals.lock().expect("not poisoned").len();
-        let cpu_before = common::cpu::Snapshot::take(&self.worker_pids());
-        let started = Instant::now();
-        let published_at = self.publish(stream, rate, started).await?;
+        let (cpu_before, started, published_at) = match drain {
+            None => {
+                let cpu_before = common::cpu::Snapshot::take(&self.worker_pids());
+                let started = Instant::now();
+                let published_at = self.publish(stream, rate, started).await?;
+                (cpu_before, started, published_at)
+            }
+            Some(options) => {
+                anyhow::ensure!(self.workers.is_empty(), "a worker was already running");
+                let published_at = self.publish(stream, None, Instant::now()).await?;
+                let binary = options
+                    .worker
+                    .clone()
+                    .unwrap_or_else(|| std::path::PathBuf::from(WORKER));
+                // No worker yet: the broker's and the database's times from here on.
+                let cpu_before = common::cpu::Snapshot::take(&[]);
+                let started = Instant::now();
+                for _ in 0..options.workers {
+                    let worker = start_worker(&binary, &self.db_name, &self.topology).await?;
+                    self.workers.push(worker);
+                }
+                (cpu_before, started, published_at)
+            }
+        };
         let unique_valid: HashSet<&str> = stream
             .iter()
             .zip(&published_at)
@@ -445,47 +467,6 @@ impl Rig {
             .map(|(_, (id, _))| id.as_str())
             .collect();
         let target_inbox = inbox_before + unique_valid.len() as i64;
-        let outcomes = self
-            .wait_for_outcomes(target_inbox, outbox_before, arrivals, arrived_before)
-            .await?;
-        let cpu_after = common::cpu::Snapshot::take(&self.worker_pids());
-        let arrived = arrivals.lock().expect("not poisoned")[arrived_before..].to_vec();
-        let mut figures = figures(stream.len(), outcomes, started, &published_at, &arrived);
-        figures.cpu = cpu_before.zip(cpu_after).map(|(b, a)| b.until(&a));
-        Ok(figures)
-    }
-
-    /// Publishes `stream` with confirms while no worker runs, then starts the workers and waits
-    /// as [`Rig::timed_run`] does; the run is timed from the workers' start, which it includes.
-    async fn drain(
-        &mut self,
-        stream: &[Generated],
-        options: &BenchOptions,
-        arrivals: &Arrivals,
-    ) -> anyhow::Result<RunFigures> {
-        anyhow::ensure!(self.workers.is_empty(), "a worker was already running");
-        let inbox_before = self.count("select count(*) from inbox").await?;
-        let outbox_before = self.count("select count(*) from outbox").await?;
-        let arrived_before = arrivals.lock().expect("not poisoned").len();
-        let published_at = self.publish(stream, None, Instant::now()).await?;
-        let unique_valid: HashSet<&str> = stream
-            .iter()
-            .zip(&published_at)
-            .filter(|(m, _)| m.valid)
-            .map(|(_, (id, _))| id.as_str())
-            .collect();
-        let target_inbox = inbox_before + unique_valid.len() as i64;
-        let binary = options
-            .worker
-            .clone()
-            .unwrap_or_else(|| std::path::PathBuf::from(WORKER));
-        // No worker yet: the broker's and the database's times from here on.
-        let cpu_before = common::cpu::Snapshot::take(&[]);
-        let started = Instant::now();
-        for _ in 0..options.workers {
-            let worker = start_worker(&binary, &self.db_name, &self.topology).await?;
-            self.workers.push(worker);
-        }
         let outcomes = self
             .wait_for_outcomes(target_inbox, outbox_before, arrivals, arrived_before)
             .await?;
