@@ -33,7 +33,7 @@ declare
     missed_records int4[];
     owner_names text[];
     owner_trns int4[];
-    teachers int4[];
+    locked text[];
     missed_teachers int4[];
 begin
     -- The records' locks (class 1), tried; the keys another transaction holds.
@@ -52,15 +52,21 @@ begin
         from induction_periods p where p.induction_period_id = any(induction_period_ids)
     ) as o
     where hashtext(o.name) <> all(missed_records);
-    -- The teachers' locks (class 2), tried: every snapshot's TRN and every such record's.
-    select coalesce(array_agg(t order by t), '{}') into teachers
-    from (select unnest(snapshot_trns) as t union select unnest(owner_trns)) as touched;
-    select coalesce(array_agg(t), '{}') into missed_teachers
-    from (select t from unnest(teachers) as t order by t) as sorted
-    where not pg_try_advisory_xact_lock(2, t);
+    -- The teachers' locks (class 2), tried in ascending order: every snapshot's TRN and every
+    -- such record's; the TRNs of those it got, and those another transaction holds.
+    select coalesce(array_agg(lpad(t::text, 7, '0')) filter (where got), '{}'),
+           coalesce(array_agg(t) filter (where not got), '{}')
+    into locked, missed_teachers
+    from (
+        select t, pg_try_advisory_xact_lock(2, t) as got
+        from (select unnest(snapshot_trns) as t union select unnest(owner_trns)) as touched
+        order by t
+    ) as tried;
 
-    return query select * from held_by_v2(array(
-        select lpad(t::text, 7, '0') from unnest(teachers) as t where t <> all(missed_teachers)));
+    return query select * from held_by_v2(locked);
+    if cardinality(missed_records) = 0 and cardinality(missed_teachers) = 0 then
+        return;
+    end if;
     -- What must wait: records whose lock it did not get, records that count for a teacher whose
     -- lock it did not get, and those teachers.
     return query
