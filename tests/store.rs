@@ -1308,28 +1308,18 @@ async fn a_batch_that_defers_writes_what_it_can_lock_and_leaves_the_rest() {
             .filter(|h| !matches!(h, Handled::Deferred))
             .all(|h| matches!(h, Handled::Applied { .. }))
     );
-    let inbox: Vec<uuid::Uuid> = sqlx::query_scalar("select message_id from inbox")
-        .fetch_all(db.store.pool())
-        .await
-        .unwrap();
-    let ids = |messages: &[Value]| -> Vec<uuid::Uuid> {
-        messages
-            .iter()
-            .map(|m| m["message_id"].as_str().unwrap().parse().unwrap())
-            .collect()
-    };
-    let written: Vec<uuid::Uuid> = ids(&before)
-        .into_iter()
-        .chain(ids(&[batch[0].clone(), batch[4].clone()]))
+    let inbox: Vec<uuid::Uuid> =
+        sqlx::query_scalar("select message_id from inbox order by message_id")
+            .fetch_all(db.store.pool())
+            .await
+            .unwrap();
+    let mut written: Vec<uuid::Uuid> = before
+        .iter()
+        .chain([&batch[0], &batch[4]])
+        .map(|m| m["message_id"].as_str().unwrap().parse().unwrap())
         .collect();
-    let mut inbox_sorted = inbox.clone();
-    inbox_sorted.sort();
-    let mut written_sorted = written.clone();
-    written_sorted.sort();
-    assert_eq!(
-        inbox_sorted, written_sorted,
-        "only the written messages' ids"
-    );
+    written.sort();
+    assert_eq!(inbox, written, "only the written messages' ids");
     let owner: String =
         sqlx::query_scalar("select trn from registrations where registration_id = 'R-MOVING'")
             .fetch_one(db.store.pool())
