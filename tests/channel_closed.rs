@@ -97,6 +97,15 @@ async fn a_channel_the_broker_closes_is_replaced_at_once_and_its_lane_leaves_its
         "consuming again {:.1} s after the channel closed",
         closed.elapsed().as_secs_f64()
     );
+    // The lock goes only once the closed channel's lane has let its batch go: released while
+    // that lane's attempt still waits on it (up to the 200 ms lock timeout), the attempt commits
+    // instead, and the lane never gets to its next check of the channel.
+    eventually(
+        "the closed channel's lane lets its batch go",
+        Duration::from_secs(10),
+        || async { !logs.lines("leaving them to their redelivery").is_empty() },
+    )
+    .await;
     lock.rollback().await.unwrap();
 
     // Everything is applied once the lock goes, and every outcome arrives.
