@@ -112,8 +112,11 @@ pub struct AmqpSettings {
     pub concurrency: usize,
     /// Deliveries applied in one database transaction, at most.
     pub batch_size: usize,
-    /// How long a batch waits for more deliveries after its first, in milliseconds.
+    /// How long a batch waits for more deliveries after its first, in milliseconds, at most.
     pub batch_linger_millis: u64,
+    /// Wait only while the lane's recent arrivals make its next delivery due within what is left
+    /// of `batch_linger_millis`; off, a batch always waits that long unless it fills.
+    pub batch_linger_adaptive: bool,
     /// How long a settled delivery may wait for the ones before it (held by other lanes) to be
     /// acknowledged with them in one range, in milliseconds; then it is acknowledged alone.
     pub ack_hold_millis: u64,

@@ -777,7 +777,13 @@ async fn competing_workers_agree_when_a_new_record_arrives_under_different_trns(
 /// once, and the held teacher's as soon as the lock is released (ARCHITECTURE decision 44).
 #[tokio::test]
 async fn a_held_teacher_does_not_hold_up_the_rest_of_its_batch() {
-    let mut app = TestApp::prepare(|s| s.amqp.concurrency = 1).await;
+    let port = common::free_port();
+    let mut app = TestApp::prepare(|s| {
+        s.amqp.concurrency = 1;
+        s.http.enabled = true;
+        s.http.listen = format!("127.0.0.1:{port}");
+    })
+    .await;
     let (held, free) = ("1000001", "1000002");
     let mut blocker = app.store.pool().begin().await.unwrap();
     sqlx::query("select pg_advisory_xact_lock(2, $1)")
@@ -800,6 +806,16 @@ async fn a_held_teacher_does_not_hold_up_the_rest_of_its_batch() {
             .is_empty(),
         "nothing for the held teacher while its lock is held"
     );
+    // Operators see the deferral (the metrics are the process's, shared with the tests that run
+    // beside this one, so it counts at least this one).
+    let deferred = || async {
+        let (_, text) = common::http_get(port, "/metrics").await.unwrap();
+        common::sample(&text, "induction_reconciler_messages_deferred_total")
+    };
+    assert!(
+        deferred().await >= 1.0,
+        "the held teacher's message counted as deferred"
+    );
     blocker.commit().await.unwrap();
     let second = app.next_outcome().await;
     assert_eq!(
@@ -807,4 +823,31 @@ async fn a_held_teacher_does_not_hold_up_the_rest_of_its_batch() {
         "the held teacher's outcome once released"
     );
     app.teardown().await;
+}
+
+/// A lane waits for more deliveries only while its recent arrivals make them due: a lone
+/// message on a quiet worker goes out at once, however long the linger. A fixed linger
+/// (`amqp.batch_linger_adaptive = false`) waits it out.
+#[tokio::test]
+async fn a_quiet_lane_lingers_only_when_the_linger_is_fixed() {
+    const LINGER: Duration = Duration::from_secs(3);
+    for adaptive in [true, false] {
+        let mut app = TestApp::prepare(|s| {
+            s.amqp.batch_linger_millis = LINGER.as_millis() as u64;
+            s.amqp.batch_linger_adaptive = adaptive;
+        })
+        .await;
+        app.start_worker().await;
+        let published = std::time::Instant::now();
+        app.publish(&registration(1, "r-1", "1000001")).await;
+        let outcome = app.next_outcome().await;
+        let took = published.elapsed();
+        assert_eq!(outcome["trn"], "1000001");
+        if adaptive {
+            assert!(took < LINGER / 2, "adaptive: {took:?}, not the linger");
+        } else {
+            assert!(took >= LINGER, "fixed: {took:?}, the whole linger");
+        }
+        app.teardown().await;
+    }
 }

@@ -323,6 +323,11 @@ impl Handler {
                 }
             };
         }
+        if !deferred.is_empty() {
+            crate::telemetry::metrics::metrics()
+                .deferred
+                .inc_by(deferred.len() as u64);
+        }
         tracing::debug!(
             messages,
             deferred = deferred.len(),

@@ -67,6 +67,9 @@ pub struct Metrics {
     pub published: Family<ByLabel, Counter>,
     /// Messages parked, by reason.
     pub parked: Family<ReasonLabel, Counter>,
+    /// Messages a batch left to a second transaction that waits, because another transaction
+    /// (another lane's or replica's batch, the sweep, `verify --emit`) held a lock they needed.
+    pub deferred: Counter,
     /// Acknowledgement frames sent for input deliveries, by kind: `range` (`multiple`, for a
     /// run of deliveries) or `single`.
     pub acknowledgements: Family<KindLabel, Counter>,
@@ -150,6 +153,12 @@ impl Metrics {
                 "messages_parked",
                 "Input messages parked, by reason code",
                 Family::default(),
+            ),
+            deferred: register(
+                &mut r,
+                "messages_deferred",
+                "Input messages a batch left to a second transaction that waits, because another transaction held a lock they needed",
+                Counter::default(),
             ),
             acknowledgements: register(
                 &mut r,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use lapin::message::Delivery;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::app::direct::{LaneOutbox, MARK_IDLE};
 use crate::app::handler::Handler;
@@ -31,7 +32,10 @@ impl Lanes {
     ) -> Self {
         let lanes = settings.amqp.concurrency.max(1);
         let batch_size = settings.amqp.batch_size.max(1);
-        let linger = Duration::from_millis(settings.amqp.batch_linger_millis);
+        let linger = Linger {
+            max: Duration::from_millis(settings.amqp.batch_linger_millis),
+            adaptive: settings.amqp.batch_linger_adaptive,
+        };
         let mut senders = Vec::with_capacity(lanes);
         for _ in 0..lanes {
             let (tx, rx) = mpsc::channel(batch_size);
@@ -58,6 +62,61 @@ fn lane_of(body: &[u8], lanes: usize) -> usize {
     trn.map_or(0, |t| (t % lanes as u64) as usize)
 }
 
+/// How long a lane's batch waits for more deliveries after its first.
+#[derive(Clone, Copy, Debug)]
+struct Linger {
+    /// The longest wait (`amqp.batch_linger_millis`).
+    max: Duration,
+    /// Wait only while the lane's recent arrivals make the next delivery due within the wait
+    /// (`amqp.batch_linger_adaptive`).
+    adaptive: bool,
+}
+
+/// How many deliveries reached a lane lately: a count that decays by `e` every [`Self::TAU`],
+/// so that it reads as the rate of the last half second or so. Pure, so that it is tested with
+/// explicit instants.
+#[derive(Clone, Copy, Debug)]
+struct Arrivals {
+    count: f64,
+    at: Instant,
+}
+
+impl Arrivals {
+    /// The decay's time constant: long enough to span many batches, short enough that a lane
+    /// gone quiet stops lingering within a second.
+    const TAU: Duration = Duration::from_millis(500);
+
+    fn new(now: Instant) -> Self {
+        Self {
+            count: 0.0,
+            at: now,
+        }
+    }
+
+    fn decayed(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.count * (-elapsed / Self::TAU.as_secs_f64()).exp()
+    }
+
+    /// Counts `n` deliveries taken at `now`.
+    fn record(&mut self, n: usize, now: Instant) {
+        self.count = self.decayed(now) + n as f64;
+        self.at = self.at.max(now);
+    }
+
+    /// Deliveries a second, lately.
+    fn per_second(&self, now: Instant) -> f64 {
+        self.decayed(now) / Self::TAU.as_secs_f64()
+    }
+
+    /// Whether, at the recent rate, the next delivery is due before `deadline`: the mean gap
+    /// between deliveries is shorter than what is left of the wait.
+    fn next_due_before(&self, now: Instant, deadline: Instant) -> bool {
+        let left = deadline.saturating_duration_since(now).as_secs_f64();
+        left > 0.0 && self.per_second(now) * left >= 1.0
+    }
+}
+
 /// A lane: takes what is waiting (up to the batch size, after lingering if configured) and
 /// applies it as one batch, one batch at a time, until its sender is dropped and it is empty.
 /// The outcomes a batch committed and published are marked by the next batch's write, or after
@@ -66,10 +125,11 @@ async fn lane(
     handler: Handler,
     mut deliveries: mpsc::Receiver<Delivery>,
     batch_size: usize,
-    linger: Duration,
+    linger: Linger,
     progress: Arc<Progress>,
 ) {
     let mut outbox = LaneOutbox::new(handler.direct.clone());
+    let mut arrivals = Arrivals::new(Instant::now());
     loop {
         let unmarked = !outbox.is_idle();
         let first = tokio::select! {
@@ -80,7 +140,7 @@ async fn lane(
             }
         };
         let Some(first) = first else { break };
-        let batch = take_batch(first, &mut deliveries, batch_size, linger).await;
+        let batch = take_batch(first, &mut deliveries, batch_size, linger, &mut arrivals).await;
         let taken = batch.len();
         handler.handle_batch(batch, &mut outbox).await;
         progress.finished(taken);
@@ -90,33 +150,113 @@ async fn lane(
         .await;
 }
 
-/// `first` and whatever else is waiting, up to `batch_size`, waiting at most `linger` for more.
+/// `first` and whatever else is waiting, up to `batch_size`, waiting at most `linger.max` for
+/// more; with an adaptive linger only while `arrivals` make the next delivery due within what
+/// is left of that wait, so that a quiet lane does not wait for deliveries that will not come
+/// and a busy one gathers a larger batch (docs/PERFORMANCE.md, nineteenth round).
 async fn take_batch(
     first: Delivery,
     deliveries: &mut mpsc::Receiver<Delivery>,
     batch_size: usize,
-    linger: Duration,
+    linger: Linger,
+    arrivals: &mut Arrivals,
 ) -> Vec<Delivery> {
     let mut batch = vec![first];
-    let deadline = tokio::time::Instant::now() + linger;
+    let deadline = Instant::now() + linger.max;
     while batch.len() < batch_size {
-        match deliveries.try_recv() {
-            Ok(delivery) => batch.push(delivery),
+        let next = match deliveries.try_recv() {
+            Ok(delivery) => delivery,
             Err(mpsc::error::TryRecvError::Disconnected) => break,
             Err(mpsc::error::TryRecvError::Empty) => {
+                if linger.adaptive && !arrivals.next_due_before(Instant::now(), deadline) {
+                    break;
+                }
                 match tokio::time::timeout_at(deadline, deliveries.recv()).await {
-                    Ok(Some(delivery)) => batch.push(delivery),
+                    Ok(Some(delivery)) => delivery,
                     Ok(None) | Err(_) => break,
                 }
             }
-        }
+        };
+        arrivals.record(1, Instant::now());
+        batch.push(next);
     }
+    // The first counts only now, so that a lone delivery after a quiet spell finds no recent
+    // rate and does not wait for a second.
+    arrivals.record(1, Instant::now());
     batch
 }
 
 #[cfg(test)]
 mod tests {
-    use super::lane_of;
+    use super::{Arrivals, Instant, lane_of};
+    use std::time::Duration;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// `per_second` deliveries a second, evenly, for `for_` from `start`; returns the last
+    /// delivery's instant.
+    fn steady(arrivals: &mut Arrivals, start: Instant, per_second: u64, for_: Duration) -> Instant {
+        let gap = Duration::from_secs(1) / per_second as u32;
+        let mut at = start;
+        while at < start + for_ {
+            arrivals.record(1, at);
+            at += gap;
+        }
+        at - gap
+    }
+
+    #[test]
+    fn the_rate_reads_what_arrived_lately() {
+        let start = Instant::now();
+        let mut arrivals = Arrivals::new(start);
+        assert_eq!(arrivals.per_second(start), 0.0, "nothing yet");
+        let last = steady(&mut arrivals, start, 500, Duration::from_secs(5));
+        let rate = arrivals.per_second(last);
+        assert!((450.0..=550.0).contains(&rate), "{rate} for 500 a second");
+        // Gone quiet: after two seconds the rate has fallen below a fiftieth.
+        let later = arrivals.per_second(last + Duration::from_secs(2));
+        assert!(later < 10.0, "{later} two seconds after the last");
+        // Counted in bursts (a lane takes several at once), the same rate reads the same.
+        let mut bursts = Arrivals::new(start);
+        let mut at = start;
+        while at < start + Duration::from_secs(5) {
+            bursts.record(10, at);
+            at += ms(20);
+        }
+        let rate = bursts.per_second(at - ms(20));
+        assert!((450.0..=600.0).contains(&rate), "{rate} for 10 every 20 ms");
+    }
+
+    #[test]
+    fn a_busy_lane_lingers_and_a_quiet_one_does_not() {
+        let start = Instant::now();
+        let linger = ms(5);
+        // 500 a second: one every 2 ms, due within a 5 ms linger.
+        let mut busy = Arrivals::new(start);
+        let now = steady(&mut busy, start, 500, Duration::from_secs(3));
+        assert!(busy.next_due_before(now, now + linger));
+        // But not within the last millisecond of it.
+        assert!(!busy.next_due_before(now + ms(4), now + linger));
+        // 150 a second (300 msg/s over two lanes): one every 6.7 ms, not due within 5 ms.
+        let mut quiet = Arrivals::new(start);
+        let now = steady(&mut quiet, start, 150, Duration::from_secs(3));
+        assert!(!quiet.next_due_before(now, now + linger));
+        assert!(quiet.next_due_before(now, now + ms(10)), "due within 10 ms");
+        // A new lane has seen nothing, and a linger of 0 never waits.
+        assert!(!Arrivals::new(start).next_due_before(start, start + linger));
+        assert!(!busy.next_due_before(now, now));
+    }
+
+    #[test]
+    fn an_instant_before_the_last_counts_as_the_last() {
+        let start = Instant::now();
+        let mut arrivals = Arrivals::new(start + ms(100));
+        arrivals.record(5, start);
+        assert!(arrivals.per_second(start) > 0.0);
+        assert_eq!(arrivals.at, start + ms(100));
+    }
 
     #[test]
     fn one_teacher_always_goes_to_one_lane_and_unreadable_bodies_to_lane_zero() {
