@@ -40,7 +40,8 @@ impl Lanes {
         for _ in 0..lanes {
             let (tx, rx) = mpsc::channel(batch_size);
             senders.push(tx);
-            let lane = lane(handler.clone(), rx, batch_size, linger, progress.clone());
+            let batching = Batching::new(batch_size, linger);
+            let lane = lane(handler.clone(), rx, batching, progress.clone());
             tasks.spawn(lane);
         }
         Self { senders, progress }
@@ -67,13 +68,43 @@ fn lane_of(body: &[u8], lanes: usize) -> usize {
 struct Linger {
     /// The longest wait (`amqp.batch_linger_millis`).
     max: Duration,
-    /// Wait only while the lane's recent arrivals make the next delivery due within the wait
-    /// (`amqp.batch_linger_adaptive`).
+    /// Wait only while the batch is small and the lane's recent arrivals make the next
+    /// delivery due within the wait (`amqp.batch_linger_adaptive`).
     adaptive: bool,
 }
 
+impl Linger {
+    /// An adaptive linger waits only for a batch smaller than this. Measured on the bench's
+    /// machine (docs/PERFORMANCE.md, "Nineteenth round"), a batch cost about 4.7 ms and each
+    /// message in it about 0.35 ms more: up to about this size the batch's own cost is most of
+    /// what each message waits for, so gathering more pays; beyond it a batch is mostly its
+    /// messages' work, and waiting for more only adds the wait (at 3,000 msg/s batches held 30
+    /// by themselves, and a 5 ms linger raised p50 by a quarter or more).
+    const SMALL_BATCH: usize = 16;
+
+    /// Whether a batch of `taken` deliveries, the lane's last having held `previous`, should
+    /// wait at `now` for another before `deadline`. A lane whose last batch was large is behind
+    /// (draining a backlog, or at a rate whose batches are large by themselves): it takes what
+    /// is there, as waiting would only idle it (a drain with the linger on whatever the last
+    /// batch was about 7% slower).
+    fn waits(
+        &self,
+        (taken, previous): (usize, usize),
+        arrivals: &Arrivals,
+        now: Instant,
+        deadline: Instant,
+    ) -> bool {
+        if !self.adaptive {
+            return now < deadline;
+        }
+        previous < Self::SMALL_BATCH
+            && taken < Self::SMALL_BATCH
+            && arrivals.next_due_before(now, deadline)
+    }
+}
+
 /// How many deliveries reached a lane lately: a count that decays by `e` every [`Self::TAU`],
-/// so that it reads as the rate of the last half second or so. Pure, so that it is tested with
+/// so that it reads as the rate of the last fifth of a second or so. Pure, so that it is tested with
 /// explicit instants.
 #[derive(Clone, Copy, Debug)]
 struct Arrivals {
@@ -83,8 +114,10 @@ struct Arrivals {
 
 impl Arrivals {
     /// The decay's time constant: long enough to span many batches, short enough that a lane
-    /// gone quiet stops lingering within a second.
-    const TAU: Duration = Duration::from_millis(500);
+    /// that has just drained a burst stops lingering within half a second of it (with 500 ms,
+    /// lanes still lingered in the first second or so of 100 msg/s after a burst, and p99 there
+    /// went from 9 to 15–20 ms).
+    const TAU: Duration = Duration::from_millis(200);
 
     fn new(now: Instant) -> Self {
         Self {
@@ -124,12 +157,10 @@ impl Arrivals {
 async fn lane(
     handler: Handler,
     mut deliveries: mpsc::Receiver<Delivery>,
-    batch_size: usize,
-    linger: Linger,
+    mut batching: Batching,
     progress: Arc<Progress>,
 ) {
     let mut outbox = LaneOutbox::new(handler.direct.clone());
-    let mut arrivals = Arrivals::new(Instant::now());
     loop {
         let unmarked = !outbox.is_idle();
         let first = tokio::select! {
@@ -140,7 +171,7 @@ async fn lane(
             }
         };
         let Some(first) = first else { break };
-        let batch = take_batch(first, &mut deliveries, batch_size, linger, &mut arrivals).await;
+        let batch = batching.take(first, &mut deliveries).await;
         let taken = batch.len();
         handler.handle_batch(batch, &mut outbox).await;
         progress.finished(taken);
@@ -150,45 +181,68 @@ async fn lane(
         .await;
 }
 
-/// `first` and whatever else is waiting, up to `batch_size`, waiting at most `linger.max` for
-/// more; with an adaptive linger only while `arrivals` make the next delivery due within what
-/// is left of that wait, so that a quiet lane does not wait for deliveries that will not come
-/// and a busy one gathers a larger batch (docs/PERFORMANCE.md, nineteenth round).
-async fn take_batch(
-    first: Delivery,
-    deliveries: &mut mpsc::Receiver<Delivery>,
+/// How a lane takes its batches: their largest size, the linger, and what it has seen lately.
+struct Batching {
     batch_size: usize,
     linger: Linger,
-    arrivals: &mut Arrivals,
-) -> Vec<Delivery> {
-    let mut batch = vec![first];
-    let deadline = Instant::now() + linger.max;
-    while batch.len() < batch_size {
-        let next = match deliveries.try_recv() {
-            Ok(delivery) => delivery,
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                if linger.adaptive && !arrivals.next_due_before(Instant::now(), deadline) {
-                    break;
-                }
-                match tokio::time::timeout_at(deadline, deliveries.recv()).await {
-                    Ok(Some(delivery)) => delivery,
-                    Ok(None) | Err(_) => break,
-                }
-            }
-        };
-        arrivals.record(1, Instant::now());
-        batch.push(next);
+    arrivals: Arrivals,
+    /// The size of the lane's last batch.
+    previous: usize,
+}
+
+impl Batching {
+    fn new(batch_size: usize, linger: Linger) -> Self {
+        Self {
+            batch_size,
+            linger,
+            arrivals: Arrivals::new(Instant::now()),
+            previous: 0,
+        }
     }
-    // The first counts only now, so that a lone delivery after a quiet spell finds no recent
-    // rate and does not wait for a second.
-    arrivals.record(1, Instant::now());
-    batch
+
+    /// `first` and whatever else is waiting, up to the batch size, waiting at most the
+    /// linger's length for more; with an adaptive linger only while this batch and the
+    /// previous one are small and the recent arrivals make the next delivery due within what
+    /// is left of that wait. So a quiet lane does not wait for deliveries that will not come, a
+    /// lane at an everyday rate gathers a batch worth its cost, and a busy one, whose batches
+    /// are large by themselves, does not wait at all (docs/PERFORMANCE.md, "Nineteenth round").
+    async fn take(
+        &mut self,
+        first: Delivery,
+        deliveries: &mut mpsc::Receiver<Delivery>,
+    ) -> Vec<Delivery> {
+        let mut batch = vec![first];
+        let deadline = Instant::now() + self.linger.max;
+        while batch.len() < self.batch_size {
+            let next = match deliveries.try_recv() {
+                Ok(delivery) => delivery,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    let small = (batch.len(), self.previous);
+                    if !self.linger.waits(small, &self.arrivals, now, deadline) {
+                        break;
+                    }
+                    match tokio::time::timeout_at(deadline, deliveries.recv()).await {
+                        Ok(Some(delivery)) => delivery,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            };
+            self.arrivals.record(1, Instant::now());
+            batch.push(next);
+        }
+        // The first counts only now, so that a lone delivery after a quiet spell finds no
+        // recent rate and does not wait for a second.
+        self.arrivals.record(1, Instant::now());
+        self.previous = batch.len();
+        batch
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Arrivals, Instant, lane_of};
+    use super::{Arrivals, Instant, Linger, lane_of};
     use std::time::Duration;
 
     fn ms(n: u64) -> Duration {
@@ -247,6 +301,39 @@ mod tests {
         // A new lane has seen nothing, and a linger of 0 never waits.
         assert!(!Arrivals::new(start).next_due_before(start, start + linger));
         assert!(!busy.next_due_before(now, now));
+    }
+
+    #[test]
+    fn an_adaptive_linger_waits_only_for_a_small_batch_that_more_will_soon_join() {
+        let start = Instant::now();
+        let adaptive = Linger {
+            max: ms(5),
+            adaptive: true,
+        };
+        let fixed = Linger {
+            adaptive: false,
+            ..adaptive
+        };
+        let mut busy = Arrivals::new(start);
+        let now = steady(&mut busy, start, 500, Duration::from_secs(3));
+        let deadline = now + adaptive.max;
+        let small = Linger::SMALL_BATCH - 1;
+        assert!(adaptive.waits((1, 1), &busy, now, deadline));
+        assert!(adaptive.waits((small, small), &busy, now, deadline));
+        assert!(
+            !adaptive.waits((Linger::SMALL_BATCH, 1), &busy, now, deadline),
+            "a batch large by itself does not wait"
+        );
+        assert!(
+            !adaptive.waits((1, Linger::SMALL_BATCH), &busy, now, deadline),
+            "a lane behind (its last batch large) does not wait"
+        );
+        let quiet = Arrivals::new(start);
+        assert!(!adaptive.waits((1, 1), &quiet, now, deadline));
+        // A fixed linger waits until its deadline, whatever the batch and the rate.
+        assert!(fixed.waits((1, 1), &quiet, now, deadline));
+        assert!(fixed.waits((500, 500), &busy, now, deadline));
+        assert!(!fixed.waits((1, 1), &busy, deadline, deadline));
     }
 
     #[test]
