@@ -326,12 +326,7 @@ async fn two_appliers_on_the_same_teachers_take_locks_in_one_order() {
             json!("2025-09-01T11:00:00Z"),
         ),
     ];
-    let mut blocker = db.store.pool().begin().await.unwrap();
-    sqlx::query("select pg_advisory_xact_lock(2, $1)")
-        .bind(low.parse::<i32>().unwrap())
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = common::hold_teacher(db.store.pool(), low).await;
     let barrier = Arc::new(Barrier::new(2));
     let run = |batch: Vec<Value>| {
         let (store, barrier) = (db.store.clone(), barrier.clone());
@@ -1280,14 +1275,11 @@ async fn a_batch_that_defers_writes_what_it_can_lock_and_leaves_the_rest() {
         at(registration(15, "R-MOVING", other), "2025-09-01T11:00:00Z"),
         at(claim(16, "IP-HELD-TEACHER", free), "2025-09-01T11:00:00Z"),
     ];
-    let mut blocker = db.store.pool().begin().await.unwrap();
-    sqlx::query(
-        "select pg_advisory_xact_lock(2, $1), pg_advisory_xact_lock(1, hashtext('registration:R-HELD'))",
-    )
-    .bind(held_teacher.parse::<i32>().unwrap())
-    .execute(&mut *blocker)
-    .await
-    .unwrap();
+    let mut blocker = common::hold_teacher(db.store.pool(), held_teacher).await;
+    sqlx::query("select pg_advisory_xact_lock(1, hashtext('registration:R-HELD'))")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
 
     let results = tokio::time::timeout(Duration::from_secs(20), apply_deferring(&db.store, &batch))
         .await

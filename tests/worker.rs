@@ -785,12 +785,7 @@ async fn a_held_teacher_does_not_hold_up_the_rest_of_its_batch() {
     })
     .await;
     let (held, free) = ("1000001", "1000002");
-    let mut blocker = app.store.pool().begin().await.unwrap();
-    sqlx::query("select pg_advisory_xact_lock(2, $1)")
-        .bind(held.parse::<i32>().unwrap())
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = common::hold_teacher(app.store.pool(), held).await;
     // Both wait in the queue before the worker starts: one lane, one batch.
     app.publish(&registration(1, "r-held", held)).await;
     app.publish(&registration(2, "r-free", free)).await;

@@ -23,6 +23,22 @@ pub fn mid(n: u64) -> String {
     format!("00000000-0000-4000-8000-{n:012x}")
 }
 
+/// Another transaction's hold on the teacher `trn`, as a worker's batch, the sweep or `verify
+/// --emit` takes it (`store::locks`: advisory lock class 2, keyed by the TRN as a number), until
+/// the returned transaction commits or rolls back.
+pub async fn hold_teacher(
+    pool: &sqlx::PgPool,
+    trn: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock(2, $1)")
+        .bind(trn.parse::<i32>().expect("a TRN is seven digits"))
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
 /// SQL that makes the database refuse every registration with this id (a trigger raises an
 /// error): a processing failure that is not an outage, for the poison-message tests.
 pub fn poison_trigger_sql(registration_id: &str) -> String {
