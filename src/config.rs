@@ -114,8 +114,9 @@ pub struct AmqpSettings {
     pub batch_size: usize,
     /// How long a batch waits for more deliveries after its first, in milliseconds, at most.
     pub batch_linger_millis: u64,
-    /// Wait only while the lane's recent arrivals make its next delivery due within what is left
-    /// of `batch_linger_millis`; off, a batch always waits that long unless it fills.
+    /// Wait only while the batch and the lane's last one hold fewer than 16 deliveries and the
+    /// lane's recent arrivals make its next delivery due within what is left of
+    /// `batch_linger_millis`; off, a batch always waits that long unless it fills.
     pub batch_linger_adaptive: bool,
     /// How long a settled delivery may wait for the ones before it (held by other lanes) to be
     /// acknowledged with them in one range, in milliseconds; then it is acknowledged alone.

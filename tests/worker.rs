@@ -803,12 +803,9 @@ async fn a_held_teacher_does_not_hold_up_the_rest_of_its_batch() {
     );
     // Operators see the deferral (the metrics are the process's, shared with the tests that run
     // beside this one, so it counts at least this one).
-    let deferred = || async {
-        let (_, text) = common::http_get(port, "/metrics").await.unwrap();
-        common::sample(&text, "induction_reconciler_messages_deferred_total")
-    };
+    let (_, metrics) = common::http_get(port, "/metrics").await.unwrap();
     assert!(
-        deferred().await >= 1.0,
+        common::sample(&metrics, "induction_reconciler_messages_deferred_total") >= 1.0,
         "the held teacher's message counted as deferred"
     );
     blocker.commit().await.unwrap();

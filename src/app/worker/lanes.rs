@@ -68,8 +68,8 @@ fn lane_of(body: &[u8], lanes: usize) -> usize {
 struct Linger {
     /// The longest wait (`amqp.batch_linger_millis`).
     max: Duration,
-    /// Wait only while the batch is small and the lane's recent arrivals make the next
-    /// delivery due within the wait (`amqp.batch_linger_adaptive`).
+    /// Wait only while the batch and the lane's last one are small and the lane's recent
+    /// arrivals make the next delivery due within the wait (`amqp.batch_linger_adaptive`).
     adaptive: bool,
 }
 
@@ -79,7 +79,7 @@ impl Linger {
     /// message in it about 0.35 ms more: up to about this size the batch's own cost is most of
     /// what each message waits for, so gathering more pays; beyond it a batch is mostly its
     /// messages' work, and waiting for more only adds the wait (at 3,000 msg/s batches held 30
-    /// by themselves, and a 5 ms linger raised p50 by a quarter or more).
+    /// by themselves, and a 5 ms linger with no such bound raised p50 from 24–43 ms to 34–64).
     const SMALL_BATCH: usize = 16;
 
     /// Whether a batch of `taken` deliveries, the lane's last having held `previous`, should
@@ -104,8 +104,8 @@ impl Linger {
 }
 
 /// How many deliveries reached a lane lately: a count that decays by `e` every [`Self::TAU`],
-/// so that it reads as the rate of the last fifth of a second or so. Pure, so that it is tested with
-/// explicit instants.
+/// so that it reads as the rate of the last fifth of a second or so. Pure, so that it is
+/// tested with explicit instants.
 #[derive(Clone, Copy, Debug)]
 struct Arrivals {
     count: f64,
