@@ -81,26 +81,6 @@ impl Linger {
     /// messages' work, and waiting for more only adds the wait (at 3,000 msg/s batches held 30
     /// by themselves, and a 5 ms linger with no such bound raised p50 from 24–43 ms to 34–64).
     const SMALL_BATCH: usize = 16;
-
-    /// Whether a batch of `taken` deliveries, the lane's last having held `previous`, should
-    /// wait at `now` for another before `deadline`. A lane whose last batch was large is behind
-    /// (draining a backlog, or at a rate whose batches are large by themselves): it takes what
-    /// is there, as waiting would only idle it (a drain with the linger on whatever the last
-    /// batch was about 7% slower).
-    fn waits(
-        &self,
-        (taken, previous): (usize, usize),
-        arrivals: &Arrivals,
-        now: Instant,
-        deadline: Instant,
-    ) -> bool {
-        if !self.adaptive {
-            return now < deadline;
-        }
-        previous < Self::SMALL_BATCH
-            && taken < Self::SMALL_BATCH
-            && arrivals.next_due_before(now, deadline)
-    }
 }
 
 /// How many deliveries reached a lane lately: a count that decays by `e` every [`Self::TAU`],
@@ -200,6 +180,19 @@ impl Batching {
         }
     }
 
+    /// Whether a batch of `taken` deliveries should wait at `now` for another before
+    /// `deadline`. A lane whose last batch was large is behind (draining a backlog, or at a
+    /// rate whose batches are large by themselves): it takes what is there, as waiting would
+    /// only idle it (a drain with the linger on whatever the last batch was about 7% slower).
+    fn waits(&self, taken: usize, now: Instant, deadline: Instant) -> bool {
+        if !self.linger.adaptive {
+            return now < deadline;
+        }
+        self.previous < Linger::SMALL_BATCH
+            && taken < Linger::SMALL_BATCH
+            && self.arrivals.next_due_before(now, deadline)
+    }
+
     /// `first` and whatever else is waiting, up to the batch size, waiting at most the
     /// linger's length for more; with an adaptive linger only while this batch and the
     /// previous one are small and the recent arrivals make the next delivery due within what
@@ -218,9 +211,7 @@ impl Batching {
                 Ok(delivery) => delivery,
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    let now = Instant::now();
-                    let small = (batch.len(), self.previous);
-                    if !self.linger.waits(small, &self.arrivals, now, deadline) {
+                    if !self.waits(batch.len(), Instant::now(), deadline) {
                         break;
                     }
                     match tokio::time::timeout_at(deadline, deliveries.recv()).await {
@@ -242,7 +233,7 @@ impl Batching {
 
 #[cfg(test)]
 mod tests {
-    use super::{Arrivals, Instant, Linger, lane_of};
+    use super::{Arrivals, Batching, Instant, Linger, lane_of};
     use std::time::Duration;
 
     fn ms(n: u64) -> Duration {
@@ -310,30 +301,37 @@ mod tests {
             max: ms(5),
             adaptive: true,
         };
+        let mut busy = Arrivals::new(start);
+        let now = steady(&mut busy, start, 500, Duration::from_secs(3));
+        let deadline = now + adaptive.max;
+        // A lane with `arrivals` whose last batch held `previous`.
+        let lane = |linger: Linger, arrivals: Arrivals, previous: usize| Batching {
+            batch_size: 500,
+            linger,
+            arrivals,
+            previous,
+        };
+        let small = Linger::SMALL_BATCH - 1;
+        assert!(lane(adaptive, busy, 1).waits(1, now, deadline));
+        assert!(lane(adaptive, busy, small).waits(small, now, deadline));
+        assert!(
+            !lane(adaptive, busy, 1).waits(Linger::SMALL_BATCH, now, deadline),
+            "a batch large by itself does not wait"
+        );
+        assert!(
+            !lane(adaptive, busy, Linger::SMALL_BATCH).waits(1, now, deadline),
+            "a lane behind (its last batch large) does not wait"
+        );
+        let quiet = Arrivals::new(start);
+        assert!(!lane(adaptive, quiet, 1).waits(1, now, deadline));
+        // A fixed linger waits until its deadline, whatever the batch and the rate.
         let fixed = Linger {
             adaptive: false,
             ..adaptive
         };
-        let mut busy = Arrivals::new(start);
-        let now = steady(&mut busy, start, 500, Duration::from_secs(3));
-        let deadline = now + adaptive.max;
-        let small = Linger::SMALL_BATCH - 1;
-        assert!(adaptive.waits((1, 1), &busy, now, deadline));
-        assert!(adaptive.waits((small, small), &busy, now, deadline));
-        assert!(
-            !adaptive.waits((Linger::SMALL_BATCH, 1), &busy, now, deadline),
-            "a batch large by itself does not wait"
-        );
-        assert!(
-            !adaptive.waits((1, Linger::SMALL_BATCH), &busy, now, deadline),
-            "a lane behind (its last batch large) does not wait"
-        );
-        let quiet = Arrivals::new(start);
-        assert!(!adaptive.waits((1, 1), &quiet, now, deadline));
-        // A fixed linger waits until its deadline, whatever the batch and the rate.
-        assert!(fixed.waits((1, 1), &quiet, now, deadline));
-        assert!(fixed.waits((500, 500), &busy, now, deadline));
-        assert!(!fixed.waits((1, 1), &busy, deadline, deadline));
+        assert!(lane(fixed, quiet, 1).waits(1, now, deadline));
+        assert!(lane(fixed, busy, 500).waits(500, now, deadline));
+        assert!(!lane(fixed, busy, 1).waits(1, deadline, deadline));
     }
 
     #[test]
