@@ -128,7 +128,7 @@ async fn apply_publishing(
         lease_until: lease.then(|| NOW + Duration::from_secs(30)),
     };
     let (_, written) = store
-        .apply_batch_publishing(&items, NOW, &publishing, Contention::Wait)
+        .apply_batch_publishing(&items, NOW, publishing, Contention::Wait)
         .await
         .expect("the batch commits");
     written
@@ -1238,7 +1238,7 @@ async fn apply_deferring(store: &Store, messages: &[Value]) -> Vec<Handled> {
     let inputs: Vec<(Input, [u8; 32])> = messages.iter().map(input).collect();
     let items = items(&inputs);
     let (results, _) = store
-        .apply_batch_publishing(&items, NOW, &Publishing::default(), Contention::Defer)
+        .apply_batch_publishing(&items, NOW, Publishing::default(), Contention::Defer)
         .await
         .expect("the batch commits");
     results

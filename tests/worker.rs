@@ -517,7 +517,7 @@ async fn an_outcome_behind_another_lanes_lease_goes_out_once_that_lane_marks_wit
         };
         let (_, written) = app
             .store
-            .apply_batch_publishing(&[item], now, &lease, Contention::Wait)
+            .apply_batch_publishing(&[item], now, lease.clone(), Contention::Wait)
             .await
             .unwrap();
         assert_eq!(written.leased.len(), leased);

@@ -99,6 +99,27 @@ pub(super) struct Job {
     pub(super) publisher: Option<String>,
     traceparent: Option<String>,
     pub(super) disposition: Option<Disposition>,
+    /// Deferred once already, by an earlier batch of the lane or by this one.
+    deferred: bool,
+}
+
+/// The messages a lane's batch deferred to a lock another transaction held, carried into the
+/// lane's next batch, which comes at once (ARCHITECTURE decision 46): there they are applied
+/// with the messages that arrived meanwhile, or, deferred a second time, in a transaction that
+/// waits for the lock.
+#[derive(Default)]
+pub struct Carried(Vec<Job>);
+
+impl Carried {
+    /// True when the lane's next batch need not come at once.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// How many messages are carried.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 impl Job {
@@ -109,44 +130,68 @@ impl Job {
 }
 
 impl Handler {
-    /// Handles a batch of deliveries to the end and settles each: to be acknowledged, or left
-    /// for redelivery; the outcomes it commits are published through `outbox` right after the
-    /// commit when they can be (`app::direct`). Returns how each ended, in order.
+    /// Handles the messages `carried` from the lane's last batch and then `deliveries` as one
+    /// batch, and settles each: to be acknowledged, or left for redelivery; the outcomes it
+    /// commits are published through `outbox` right after the commit when they can be
+    /// (`app::direct`). What it defers for the first time is left in `carried`, for the lane's
+    /// next batch. Returns how each of the others ended, in order.
     pub async fn handle_batch(
         &self,
         deliveries: Vec<Delivery>,
+        carried: &mut Carried,
         outbox: &mut LaneOutbox,
     ) -> Vec<Disposition> {
         let started = Instant::now();
         let clock = now();
-        let mut jobs: Vec<Job> = deliveries
-            .into_iter()
-            .map(|d| prepare(d, clock, &self.publishers))
-            .collect();
+        let mut jobs: Vec<Job> = std::mem::take(&mut carried.0);
+        jobs.extend(
+            deliveries
+                .into_iter()
+                .map(|d| prepare(d, clock, &self.publishers)),
+        );
         let prepared = started.elapsed();
-        // Apply what decoded; park what did not (and what the store refused).
-        if jobs.iter().any(|job| job.decoded.is_ok()) {
-            self.apply(&mut jobs, outbox).await;
-        }
+        // What did not decode is parked while what did is applied: the parking queue's
+        // confirms and the record of what was parked are waited for beside the transaction,
+        // not after it (docs/PERFORMANCE.md, "Twentieth round"). Then what the store refused
+        // is parked too.
+        let (mut accepted, mut rejected, order) = split(jobs);
+        let mut parked = rejected.len();
+        let (park_us, ()) = tokio::join!(
+            async {
+                let parking = Instant::now();
+                self.park_all(&mut rejected).await;
+                parking.elapsed().as_micros() as u64
+            },
+            async {
+                if !accepted.is_empty() {
+                    self.apply(&mut accepted, outbox).await;
+                }
+            },
+        );
         let applied = started.elapsed();
-        let mut to_park: Vec<&mut Job> = jobs
+        // Left undecided and still accepted: deferred for the first time, for the next batch.
+        let (mut accepted, order) = carry(accepted, order, carried);
+        let mut refused: Vec<&mut Job> = accepted
             .iter_mut()
             .filter(|job| job.disposition.is_none())
             .collect();
-        let parked = to_park.len();
-        if !to_park.is_empty() {
-            self.park(&mut to_park).await;
+        parked += refused.len();
+        if !refused.is_empty() {
+            self.park(&mut refused).await;
         }
         let decided = started.elapsed();
+        let jobs = merge(accepted, rejected, &order);
         let count = jobs.len();
         let results = settle(jobs, started, &self.acks);
         // Where the batch's time went: decoding, the transaction (`batch committed` splits it),
-        // parking (the parking queue's confirms, then `parked_log`).
+        // parking (the parking queue's confirms, then `parked_log`; what did not decode beside
+        // the transaction, `park_us`, and what the store refused after it, `refused_us`).
         tracing::debug!(
             messages = count,
             parked,
             prepare_us = prepared.as_micros() as u64,
-            park_us = (decided - applied).as_micros() as u64,
+            park_us,
+            refused_us = (decided - applied).as_micros() as u64,
             decided_ms = decided.as_millis() as u64,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "batch handled"
@@ -154,12 +199,22 @@ impl Handler {
         results
     }
 
+    /// Parks every job of `jobs` (none is accepted).
+    async fn park_all(&self, jobs: &mut [Job]) {
+        if jobs.is_empty() {
+            return;
+        }
+        let mut all: Vec<&mut Job> = jobs.iter_mut().collect();
+        self.park(&mut all).await;
+    }
+
     /// Applies the accepted jobs in one transaction, retrying while the database is unavailable,
     /// without waiting for a lock another transaction holds (another lane's batch, another
-    /// worker's); the jobs that need one are applied next, in a transaction that waits for it
-    /// (ARCHITECTURE decision 44). If a transaction fails for another reason, each of its jobs
-    /// is retried alone, so that one message that cannot be processed is parked and the others
-    /// go through.
+    /// worker's); the jobs that need one are left undecided for the lane's next batch
+    /// ([`Carried`]), unless one of them was deferred before: then they are all applied next,
+    /// in a transaction that waits for it (ARCHITECTURE decisions 44 and 46). If a transaction
+    /// fails for another reason, each of its jobs is retried alone, so that one message that
+    /// cannot be processed is parked and the others go through.
     async fn apply(&self, jobs: &mut [Job], outbox: &mut LaneOutbox) {
         let accepted: Vec<usize> = (0..jobs.len())
             .filter(|&i| jobs[i].decoded.is_ok())
@@ -167,13 +222,25 @@ impl Handler {
         let deferred = self
             .apply_some(jobs, &accepted, Contention::Defer, outbox)
             .await;
-        if !deferred.is_empty() {
+        if deferred.is_empty() {
+            return;
+        }
+        let again = deferred.iter().any(|&i| jobs[i].deferred);
+        for &i in &deferred {
+            jobs[i].deferred = true;
+        }
+        if again {
             tracing::debug!(
                 messages = deferred.len(),
                 "applying the messages that waited for another transaction's locks"
             );
             self.apply_some(jobs, &deferred, Contention::Wait, outbox)
                 .await;
+        } else {
+            tracing::debug!(
+                messages = deferred.len(),
+                "carrying the messages that wait for another transaction's locks to the next batch"
+            );
         }
     }
 
@@ -294,11 +361,17 @@ impl Handler {
             .collect();
         let attempt = Instant::now();
         let clock = now();
-        let publishing = outbox.before_write(&self.store, clock).await;
-        let confirmed = attempt.elapsed();
+        // The confirms of what the lane published last are waited for beside the batch's first
+        // statement: only its write needs them.
+        let mut confirmed = std::time::Duration::ZERO;
+        let publishing = async {
+            let publishing = outbox.before_write(&self.store, clock).await;
+            confirmed = attempt.elapsed();
+            publishing
+        };
         let applied = self
             .store
-            .apply_batch_publishing(&items, clock, &publishing, contention);
+            .apply_batch_publishing(&items, clock, publishing, contention);
         let (results, written) = applied.await?;
         outbox.committed(&self.store, written).await;
         let messages = items.len();
@@ -366,6 +439,51 @@ pub(super) fn abandoned_with_its_channel(job: &mut Job) -> bool {
     gone
 }
 
+/// The jobs that decoded and those that did not, each in delivery order, and for each delivery
+/// whether it decoded (to [`merge`] them back in order).
+fn split(jobs: Vec<Job>) -> (Vec<Job>, Vec<Job>, Vec<bool>) {
+    let order: Vec<bool> = jobs.iter().map(|job| job.decoded.is_ok()).collect();
+    let (accepted, rejected) = jobs.into_iter().partition(|job| job.decoded.is_ok());
+    (accepted, rejected, order)
+}
+
+/// Moves the accepted jobs left undecided (deferred for the first time) into `carried`, and
+/// drops them from `order`.
+fn carry(accepted: Vec<Job>, order: Vec<bool>, carried: &mut Carried) -> (Vec<Job>, Vec<bool>) {
+    let mut kept = Vec::with_capacity(accepted.len());
+    let mut kept_order = Vec::with_capacity(order.len());
+    let mut accepted = accepted.into_iter();
+    for decoded in order {
+        if !decoded {
+            kept_order.push(false);
+            continue;
+        }
+        let job = accepted.next().expect("one accepted job for each");
+        if job.disposition.is_none() && job.decoded.is_ok() {
+            carried.0.push(job);
+        } else {
+            kept.push(job);
+            kept_order.push(true);
+        }
+    }
+    (kept, kept_order)
+}
+
+/// The jobs of [`split`] back in delivery order.
+fn merge(accepted: Vec<Job>, rejected: Vec<Job>, order: &[bool]) -> Vec<Job> {
+    let (mut accepted, mut rejected) = (accepted.into_iter(), rejected.into_iter());
+    order
+        .iter()
+        .filter_map(|&decoded| {
+            if decoded {
+                accepted.next()
+            } else {
+                rejected.next()
+            }
+        })
+        .collect()
+}
+
 /// Decodes a delivery with the batch's clock and opens its span (continuing the publisher's
 /// trace).
 fn prepare(delivery: Delivery, clock: OffsetDateTime, publishers: &Publishers) -> Job {
@@ -407,6 +525,7 @@ fn prepare(delivery: Delivery, clock: OffsetDateTime, publishers: &Publishers) -
         publisher,
         traceparent,
         disposition: None,
+        deferred: false,
     }
 }
 
@@ -450,4 +569,81 @@ fn report(kind: &str, disposition: &Disposition, started: Instant) {
         elapsed: started.elapsed(),
     }
     .emit();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Carried, Disposition, Job, carry, merge, now, split};
+    use crate::messages::{Rejection, decode};
+    use lapin::message::Delivery;
+
+    /// A job for delivery `tag`: accepted (a valid registration) or not (a body that does not
+    /// parse), and decided or not.
+    fn job(tag: u64, accepted: bool, disposition: Option<Disposition>) -> Job {
+        let body = if accepted {
+            format!(
+                r#"{{"message_id":"00000000-0000-4000-8000-{tag:012}","message_type":"school_registration",
+                "schema_version":1,"occurred_at":"2025-09-01T09:00:00Z","payload":{{"registration_id":"r-{tag}",
+                "trn":"100000{tag}","school_urn":123456,"started_on":"2025-09-01","appropriate_body_id":"AB-1",
+                "training_programme":"provider_led","lead_provider_id":"LP-1"}}}}"#
+            )
+            .into_bytes()
+        } else {
+            b"{".to_vec()
+        };
+        let decoded = decode(&body, now());
+        assert_eq!(decoded.is_ok(), accepted, "{decoded:?}");
+        Job {
+            delivery: Delivery::mock(tag, "".into(), "school.registration".into(), false, body),
+            span: tracing::Span::none(),
+            kind: "test",
+            decoded,
+            digest: [0; 32],
+            publisher: None,
+            traceparent: None,
+            disposition,
+            deferred: false,
+        }
+    }
+
+    fn tags(jobs: &[Job]) -> Vec<u64> {
+        jobs.iter().map(|job| job.delivery.delivery_tag).collect()
+    }
+
+    #[test]
+    fn split_jobs_merge_back_in_delivery_order() {
+        let jobs = vec![
+            job(1, false, None),
+            job(2, true, None),
+            job(3, true, None),
+            job(4, false, None),
+            job(5, true, None),
+        ];
+        let (accepted, rejected, order) = split(jobs);
+        assert_eq!(tags(&accepted), [2, 3, 5]);
+        assert_eq!(tags(&rejected), [1, 4]);
+        assert_eq!(tags(&merge(accepted, rejected, &order)), [1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn only_the_accepted_jobs_left_undecided_are_carried_in_their_order() {
+        let applied = || Some(Disposition::Applied(Vec::new()));
+        let jobs = vec![
+            job(1, true, None),
+            job(2, false, None),
+            job(3, true, applied()),
+            job(4, true, None),
+            job(5, true, Some(Disposition::Abandoned)),
+        ];
+        let (mut accepted, rejected, order) = split(jobs);
+        // Refused by the store (a reused id): no longer accepted, to be parked, not carried.
+        assert_eq!(accepted[2].delivery.delivery_tag, 4);
+        accepted[2].decoded = Err(Rejection::reused_id());
+        let mut carried = Carried::default();
+        let (kept, order) = carry(accepted, order, &mut carried);
+        assert_eq!(tags(&carried.0), [1], "the deferred job, alone");
+        assert_eq!(carried.len(), 1);
+        assert_eq!(tags(&kept), [3, 4, 5]);
+        assert_eq!(tags(&merge(kept, rejected, &order)), [2, 3, 4, 5]);
+    }
 }

@@ -45,20 +45,23 @@ impl Store {
         now: OffsetDateTime,
     ) -> Result<Vec<Handled>, StoreError> {
         let (results, _) = self
-            .apply_batch_publishing(items, now, &Publishing::default(), Contention::Wait)
+            .apply_batch_publishing(items, now, Publishing::default(), Contention::Wait)
             .await?;
         Ok(results)
     }
 
     /// [`Store::apply_batch`] for a lane that publishes its own outcomes: the same transaction
     /// marks the rows of `publishing.confirmed` published and leases the new outcomes the lane
-    /// may publish once it returns (see [`Publishing`]). With [`Contention::Defer`], messages
-    /// that need a lock another transaction holds are left as [`Handled::Deferred`].
-    pub async fn apply_batch_publishing(
+    /// may publish once it returns (see [`Publishing`]). `publishing` may be a future (the lane
+    /// waiting for the broker's confirms of what it published last): it runs beside the
+    /// batch's first statement and is needed only by its write (ARCHITECTURE decision 47).
+    /// With [`Contention::Defer`], messages that need a lock another transaction holds are left
+    /// as [`Handled::Deferred`].
+    pub async fn apply_batch_publishing<'p>(
         &self,
         items: &[BatchItem<'_>],
         now: OffsetDateTime,
-        publishing: &Publishing<'_>,
+        publishing: impl IntoFuture<Output = Publishing<'p>>,
         contention: Contention,
     ) -> Result<(Vec<Handled>, Written), StoreError> {
         self.bounded("a batch", async {
@@ -108,15 +111,18 @@ pub enum Contention {
     Defer,
 }
 
-async fn apply_in(
+async fn apply_in<'p>(
     conn: &mut PgConnection,
     items: &[BatchItem<'_>],
     now: OffsetDateTime,
-    publishing: &Publishing<'_>,
+    publishing: impl IntoFuture<Output = Publishing<'p>>,
     contention: Contention,
 ) -> Result<(Vec<Handled>, Written), StoreError> {
-    let (mut results, (snapshots, last), blocked) =
-        admit_and_lock(conn, items, now, contention).await?;
+    let (admitted, publishing) = tokio::join!(
+        admit_and_lock(conn, items, now, contention),
+        publishing.into_future()
+    );
+    let (mut results, (snapshots, last), blocked) = admitted?;
     let deferred = defer(items, &mut results, blocked);
     if !deferred.is_empty() {
         // Their ids were inserted with the others': the transaction that applies them decides
@@ -138,7 +144,7 @@ async fn apply_in(
         for &i in &to_apply {
             results[i] = Some(ledger.apply(&items[i], now)?);
         }
-        ledger.finish().write(conn, now, publishing).await?
+        ledger.finish().write(conn, now, &publishing).await?
     };
     let results = results
         .into_iter()

@@ -224,6 +224,17 @@ pub struct Publishing<'a> {
     pub lease_until: Option<OffsetDateTime>,
 }
 
+/// A `Publishing` known now, for [`Store::apply_batch_publishing`](super::Store), which also
+/// takes one the lane is still waiting for.
+impl<'a> IntoFuture for Publishing<'a> {
+    type Output = Self;
+    type IntoFuture = std::future::Ready<Self>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        std::future::ready(self)
+    }
+}
+
 /// What a write did for a lane that publishes its own outcomes.
 #[derive(Debug, Default)]
 pub struct Written {

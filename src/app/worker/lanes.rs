@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::app::direct::{LaneOutbox, MARK_IDLE};
-use crate::app::handler::Handler;
+use crate::app::handler::{Carried, Handler};
 use crate::app::http::Progress;
 use crate::config::Settings;
 use crate::messages::peek;
@@ -132,8 +132,9 @@ impl Arrivals {
 
 /// A lane: takes what is waiting (up to the batch size, after lingering if configured) and
 /// applies it as one batch, one batch at a time, until its sender is dropped and it is empty.
-/// The outcomes a batch committed and published are marked by the next batch's write, or after
-/// [`MARK_IDLE`] with no next batch, and before the lane ends.
+/// A batch that carries messages its last one deferred ([`Carried`]) comes at once, with what
+/// is waiting then. The outcomes a batch committed and published are marked by the next
+/// batch's write, or after [`MARK_IDLE`] with no next batch, and before the lane ends.
 async fn lane(
     handler: Handler,
     mut deliveries: mpsc::Receiver<Delivery>,
@@ -141,7 +142,14 @@ async fn lane(
     progress: Arc<Progress>,
 ) {
     let mut outbox = LaneOutbox::new(handler.direct.clone());
+    let mut carried = Carried::default();
     loop {
+        if !carried.is_empty() {
+            let batch = batching.take_waiting(carried.len(), &mut deliveries);
+            let finished = handler.handle_batch(batch, &mut carried, &mut outbox).await;
+            progress.finished(finished.len());
+            continue;
+        }
         let unmarked = !outbox.is_idle();
         let first = tokio::select! {
             first = deliveries.recv() => first,
@@ -152,9 +160,8 @@ async fn lane(
         };
         let Some(first) = first else { break };
         let batch = batching.take(first, &mut deliveries).await;
-        let taken = batch.len();
-        handler.handle_batch(batch, &mut outbox).await;
-        progress.finished(taken);
+        let finished = handler.handle_batch(batch, &mut carried, &mut outbox).await;
+        progress.finished(finished.len());
     }
     outbox
         .flush(&handler.store, crate::app::handler::now())
@@ -191,6 +198,25 @@ impl Batching {
         self.previous < Linger::SMALL_BATCH
             && taken < Linger::SMALL_BATCH
             && self.arrivals.next_due_before(now, deadline)
+    }
+
+    /// Whatever is waiting now, up to the batch size less the `carried` messages that go first,
+    /// without lingering: a batch that carries deferred messages does not keep them waiting.
+    fn take_waiting(
+        &mut self,
+        carried: usize,
+        deliveries: &mut mpsc::Receiver<Delivery>,
+    ) -> Vec<Delivery> {
+        let mut batch = Vec::new();
+        while carried + batch.len() < self.batch_size {
+            let Ok(next) = deliveries.try_recv() else {
+                break;
+            };
+            batch.push(next);
+        }
+        self.arrivals.record(batch.len(), Instant::now());
+        self.previous = carried + batch.len();
+        batch
     }
 
     /// `first` and whatever else is waiting, up to the batch size, waiting at most the
