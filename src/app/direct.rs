@@ -6,9 +6,10 @@
 //! - a lane's write leases its new outcomes to it (`outbox.lease_until`) only while the relay's
 //!   publisher is usable, and only for a teacher whose earlier outcomes are all published or
 //!   confirmed to this lane; the relay leaves leased rows, and a teacher's later versions, alone;
-//! - before its next write the lane waits for the confirms of what it sent: the confirmed rows
-//!   are marked published by that write's statement, the others (and the later versions of
-//!   their teacher) are handed back to the relay;
+//! - before its next write statement the lane waits for the confirms of what it sent (beside
+//!   its next batch's first statement, which takes the locks and reads; ARCHITECTURE decision
+//!   47): the confirmed rows are marked published by that write's statement, the others (and
+//!   the later versions of their teacher) are handed back to the relay;
 //! - a lane with nothing more to write marks what it has after [`MARK_IDLE`];
 //! - a lease that runs out (the worker died between the commit and the mark) makes the rows the
 //!   relay's: they may then be published twice, which consumers de-duplicate by `outcome_id`
@@ -100,9 +101,13 @@ impl LaneOutbox {
 
     /// Before a write: waits for the confirms of what was sent, hands what failed back to the
     /// relay (a failure to do that only delays it to the end of its lease), and says what the
-    /// write is to mark and whether it may lease its new outcomes.
+    /// write is to mark and whether it may lease its new outcomes. The wait runs inside the
+    /// write's transaction (ARCHITECTURE decision 47), so it is bounded by half the operation
+    /// bound as well as by [`CONFIRM_BOUND`]: an outcome not confirmed by then is handed back,
+    /// and the transaction keeps the other half for its statements.
     pub async fn before_write(&mut self, store: &Store, now: OffsetDateTime) -> Publishing<'_> {
-        self.settle(store).await;
+        self.settle(store, CONFIRM_BOUND.min(store.operation_timeout() / 2))
+            .await;
         let lease_until = self
             .direct
             .usable()
@@ -155,7 +160,7 @@ impl LaneOutbox {
     /// `now`), in a transaction of its own. What cannot be marked stays leased, and goes to the relay when
     /// its lease runs out (it may then be published twice).
     pub async fn flush(&mut self, store: &Store, now: OffsetDateTime) {
-        self.settle(store).await;
+        self.settle(store, CONFIRM_BOUND).await;
         if self.confirmed.is_empty() {
             return;
         }
@@ -168,14 +173,14 @@ impl LaneOutbox {
         self.confirmed.clear();
     }
 
-    /// Waits for every confirm (within [`CONFIRM_BOUND`] for them all) and sorts the rows into
-    /// confirmed and handed back: a teacher's versions after one that failed are handed back
-    /// too, so that the relay sends them in order again.
-    async fn settle(&mut self, store: &Store) {
+    /// Waits for every confirm (within `bound` for them all) and sorts the rows into confirmed
+    /// and handed back: a teacher's versions after one that failed are handed back too, so that
+    /// the relay sends them in order again.
+    async fn settle(&mut self, store: &Store, bound: Duration) {
         if self.sent.is_empty() {
             return;
         }
-        let deadline = tokio::time::Instant::now() + CONFIRM_BOUND;
+        let deadline = tokio::time::Instant::now() + bound;
         let mut failed_teachers: Vec<String> = Vec::new();
         let mut handed_back = Vec::new();
         for sent in std::mem::take(&mut self.sent) {

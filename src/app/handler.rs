@@ -152,8 +152,7 @@ impl Handler {
         let prepared = started.elapsed();
         // What did not decode is parked while what did is applied: the parking queue's
         // confirms and the record of what was parked are waited for beside the transaction,
-        // not after it (docs/PERFORMANCE.md, "Twentieth round"). Then what the store refused
-        // is parked too.
+        // not after it (ARCHITECTURE decision 48). Then what the store refused is parked too.
         let (mut accepted, mut rejected, order) = split(jobs);
         let mut parked = rejected.len();
         let (park_us, ()) = tokio::join!(

@@ -157,7 +157,7 @@ impl Metrics {
             deferred: register(
                 &mut r,
                 "messages_deferred",
-                "Input messages a batch left to a second transaction that waits, because another transaction held a lock they needed",
+                "Input messages a batch left for a later transaction because another transaction held a lock they needed, counted at each deferral",
                 Counter::default(),
             ),
             acknowledgements: register(
