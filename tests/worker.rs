@@ -772,51 +772,6 @@ async fn competing_workers_agree_when_a_new_record_arrives_under_different_trns(
     app.teardown().await;
 }
 
-/// A teacher whose lock another transaction holds (another worker's batch, the sweep, `verify
-/// --emit`) does not hold up the other teachers of the batch it is in: their outcomes go out at
-/// once, and the held teacher's as soon as the lock is released (ARCHITECTURE decision 44).
-#[tokio::test]
-async fn a_held_teacher_does_not_hold_up_the_rest_of_its_batch() {
-    let port = common::free_port();
-    let mut app = TestApp::prepare(|s| {
-        s.amqp.concurrency = 1;
-        s.http.enabled = true;
-        s.http.listen = format!("127.0.0.1:{port}");
-    })
-    .await;
-    let (held, free) = ("1000001", "1000002");
-    let blocker = common::hold_teacher(app.store.pool(), held).await;
-    // Both wait in the queue before the worker starts: one lane, one batch.
-    app.publish(&registration(1, "r-held", held)).await;
-    app.publish(&registration(2, "r-free", free)).await;
-    app.start_worker().await;
-    let first = app.next_outcome().await;
-    assert_eq!(
-        first["trn"], free,
-        "the free teacher's outcome, while the other is held"
-    );
-    assert!(
-        app.outcomes_until_quiet(Duration::from_millis(500))
-            .await
-            .is_empty(),
-        "nothing for the held teacher while its lock is held"
-    );
-    // Operators see the deferral (the metrics are the process's, shared with the tests that run
-    // beside this one, so it counts at least this one).
-    let (_, metrics) = common::http_get(port, "/metrics").await.unwrap();
-    assert!(
-        common::sample(&metrics, "induction_reconciler_messages_deferred_total") >= 1.0,
-        "the held teacher's message counted as deferred"
-    );
-    blocker.commit().await.unwrap();
-    let second = app.next_outcome().await;
-    assert_eq!(
-        second["trn"], held,
-        "the held teacher's outcome once released"
-    );
-    app.teardown().await;
-}
-
 /// A lane waits for more deliveries only while its recent arrivals make them due: a lone
 /// message on a quiet worker goes out at once, however long the linger. A fixed linger
 /// (`amqp.batch_linger_adaptive = false`) waits it out.

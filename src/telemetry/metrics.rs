@@ -67,8 +67,8 @@ pub struct Metrics {
     pub published: Family<ByLabel, Counter>,
     /// Messages parked, by reason.
     pub parked: Family<ReasonLabel, Counter>,
-    /// Messages a batch left to a second transaction that waits, because another transaction
-    /// (another lane's or replica's batch, the sweep, `verify --emit`) held a lock they needed.
+    /// Messages a batch left for a later transaction because another transaction held a lock
+    /// they needed, counted at each deferral (ARCHITECTURE decisions 44 and 46).
     pub deferred: Counter,
     /// Acknowledgement frames sent for input deliveries, by kind: `range` (`multiple`, for a
     /// run of deliveries) or `single`.
