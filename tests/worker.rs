@@ -798,3 +798,22 @@ async fn a_quiet_lane_lingers_only_when_the_linger_is_fixed() {
         app.teardown().await;
     }
 }
+
+/// A worker opens its pool's connections as it starts, not when a lane first needs one: on a
+/// loaded host opening one took about 95 ms, which the lane waited for (ARCHITECTURE decision
+/// 49). An idle worker otherwise holds only the few its relay, sweep and gauges use.
+#[tokio::test]
+async fn a_worker_opens_its_database_connections_as_it_starts() {
+    const POOL: u32 = 11;
+    let mut app = TestApp::prepare(|s| s.database.max_connections = POOL).await;
+    app.start_worker().await;
+    app.wait_until_within(
+        &format!(
+            "select count(*) >= {POOL} from pg_stat_activity \
+             where datname = current_database() and application_name = 'induction-reconciler'"
+        ),
+        Duration::from_secs(10),
+    )
+    .await;
+    app.teardown().await;
+}

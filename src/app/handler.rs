@@ -361,9 +361,11 @@ impl Handler {
         let attempt = Instant::now();
         let clock = now();
         // The confirms of what the lane published last are waited for beside the batch's first
-        // statement: only its write needs them.
-        let mut confirmed = std::time::Duration::ZERO;
+        // statement: only its write needs them. The wait starts once the transaction has begun
+        // (a pool connection taken, `BEGIN` answered).
+        let (mut begun, mut confirmed) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         let publishing = async {
+            begun = attempt.elapsed();
             let publishing = outbox.before_write(&self.store, clock).await;
             confirmed = attempt.elapsed();
             publishing
@@ -403,6 +405,7 @@ impl Handler {
         tracing::debug!(
             messages,
             deferred = deferred.len(),
+            begun_us = begun.as_micros() as u64,
             confirms_us = confirmed.as_micros() as u64,
             elapsed_ms = attempt.elapsed().as_millis() as u64,
             "batch committed"

@@ -170,6 +170,24 @@ impl Store {
         bounded(self.operation_timeout, what, operation).await
     }
 
+    /// Opens up to `connections` of the pool's connections at once and returns them to it
+    /// idle, within the operation bound; returns how many it held. sqlx opens a connection
+    /// when no idle one is free, and on a loaded host that took about 95 ms (the connection,
+    /// its TLS and its settings), which the lane that needed it waited for in its first
+    /// seconds (ARCHITECTURE decision 49). A connection that cannot be opened now is opened
+    /// later, when needed, as before.
+    pub async fn warm(&self, connections: u32) -> usize {
+        let opening = (0..connections).map(|_| self.pool.acquire());
+        let held = bounded(
+            self.operation_timeout,
+            "opening the pool's connections",
+            async { Ok(futures_util::future::join_all(opening).await) },
+        )
+        .await
+        .unwrap_or_default();
+        held.iter().filter(|c| c.is_ok()).count()
+    }
+
     /// The operation bound (see [`Limits`]).
     pub fn operation_timeout(&self) -> Duration {
         self.operation_timeout

@@ -94,6 +94,10 @@ async fn run_until_drained(settings: &Settings, plan: &Shutdown) -> anyhow::Resu
             .await
             .context("cannot apply database migrations")?;
     }
+    // The pool's connections are opened now, not by the first lanes that need them (decision
+    // 49).
+    let warmed = store.warm(settings.database.max_connections).await;
+    tracing::debug!(connections = warmed, "database connections opened");
     for warning in settings.warnings() {
         tracing::warn!(warning = %warning, "unsafe settings");
     }
