@@ -44,9 +44,8 @@ async fn a_held_teacher_does_not_hold_up_the_rest_of_its_batch() {
     );
     // Operators see the deferrals: once in the batch it arrived in, once in the next batch,
     // which carried it; a worker that waited for the lock after the first would count one.
-    let (_, metrics) = common::http_get(port, "/metrics").await.unwrap();
     assert_eq!(
-        common::sample(&metrics, "induction_reconciler_messages_deferred_total"),
+        deferrals(port).await,
         2.0,
         "the held teacher's message deferred, carried and deferred again"
     );
@@ -56,11 +55,16 @@ async fn a_held_teacher_does_not_hold_up_the_rest_of_its_batch() {
         second["trn"], held,
         "the held teacher's outcome once released"
     );
-    let (_, metrics) = common::http_get(port, "/metrics").await.unwrap();
     assert_eq!(
-        common::sample(&metrics, "induction_reconciler_messages_deferred_total"),
+        deferrals(port).await,
         2.0,
         "applied by the transaction that waited, not deferred a third time"
     );
     app.teardown().await;
+}
+
+/// The worker's count of deferrals, from its `/metrics`.
+async fn deferrals(port: u16) -> f64 {
+    let (_, metrics) = common::http_get(port, "/metrics").await.unwrap();
+    common::sample(&metrics, "induction_reconciler_messages_deferred_total")
 }
