@@ -153,12 +153,13 @@ impl Handler {
         // What did not decode is parked while what did is applied: the parking queue's
         // confirms and the record of what was parked are waited for beside the transaction,
         // not after it (ARCHITECTURE decision 48). Then what the store refused is parked too.
-        let (mut accepted, mut rejected, order) = split(jobs);
+        let (mut accepted, mut rejected): (Vec<&mut Job>, Vec<&mut Job>) =
+            jobs.iter_mut().partition(|job| job.decoded.is_ok());
         let mut parked = rejected.len();
         let (park_us, ()) = tokio::join!(
             async {
                 let parking = Instant::now();
-                self.park_all(&mut rejected).await;
+                self.park(&mut rejected).await;
                 parking.elapsed().as_micros() as u64
             },
             async {
@@ -169,8 +170,8 @@ impl Handler {
         );
         let applied = started.elapsed();
         // Left undecided and still accepted: deferred for the first time, for the next batch.
-        let (mut accepted, order) = carry(accepted, order, carried);
-        let mut refused: Vec<&mut Job> = accepted
+        let mut jobs = carry(jobs, carried);
+        let mut refused: Vec<&mut Job> = jobs
             .iter_mut()
             .filter(|job| job.disposition.is_none())
             .collect();
@@ -179,7 +180,6 @@ impl Handler {
             self.park(&mut refused).await;
         }
         let decided = started.elapsed();
-        let jobs = merge(accepted, rejected, &order);
         let count = jobs.len();
         let results = settle(jobs, started, &self.acks);
         // Where the batch's time went: decoding, the transaction (`batch committed` splits it),
@@ -198,15 +198,6 @@ impl Handler {
         results
     }
 
-    /// Parks every job of `jobs` (none is accepted).
-    async fn park_all(&self, jobs: &mut [Job]) {
-        if jobs.is_empty() {
-            return;
-        }
-        let mut all: Vec<&mut Job> = jobs.iter_mut().collect();
-        self.park(&mut all).await;
-    }
-
     /// Applies the accepted jobs in one transaction, retrying while the database is unavailable,
     /// without waiting for a lock another transaction holds (another lane's batch, another
     /// worker's); the jobs that need one are left undecided for the lane's next batch
@@ -214,7 +205,7 @@ impl Handler {
     /// in a transaction that waits for it (ARCHITECTURE decisions 44 and 46). If a transaction
     /// fails for another reason, each of its jobs is retried alone, so that one message that
     /// cannot be processed is parked and the others go through.
-    async fn apply(&self, jobs: &mut [Job], outbox: &mut LaneOutbox) {
+    async fn apply(&self, jobs: &mut [&mut Job], outbox: &mut LaneOutbox) {
         let accepted: Vec<usize> = (0..jobs.len())
             .filter(|&i| jobs[i].decoded.is_ok())
             .collect();
@@ -247,7 +238,7 @@ impl Handler {
     /// deferred.
     async fn apply_some(
         &self,
-        jobs: &mut [Job],
+        jobs: &mut [&mut Job],
         which: &[usize],
         contention: Contention,
         outbox: &mut LaneOutbox,
@@ -259,7 +250,7 @@ impl Handler {
         {
             Ok(deferred) => deferred,
             Err(error) if alone => {
-                self.give_up(&mut jobs[which[0]], &error);
+                self.give_up(jobs[which[0]], &error);
                 Vec::new()
             }
             Err(_) => {
@@ -272,7 +263,7 @@ impl Handler {
                         .apply_with_retries(jobs, &[i], true, outbox, Contention::Wait)
                         .await
                     {
-                        self.give_up(&mut jobs[i], &error);
+                        self.give_up(jobs[i], &error);
                     }
                 }
                 Vec::new()
@@ -285,7 +276,7 @@ impl Handler {
     /// when `count_failures`, else once. Returns the jobs it deferred.
     async fn apply_with_retries(
         &self,
-        jobs: &mut [Job],
+        jobs: &mut [&mut Job],
         which: &[usize],
         count_failures: bool,
         outbox: &mut LaneOutbox,
@@ -302,7 +293,7 @@ impl Handler {
             // (ARCHITECTURE decision 41).
             if !which.is_empty() && which.iter().all(|&i| jobs[i].delivery.acker.poisoned()) {
                 for &i in which {
-                    abandoned_with_its_channel(&mut jobs[i]);
+                    abandoned_with_its_channel(jobs[i]);
                 }
                 if outage_logged {
                     tracing::info!(messages = which.len(), "{}", CHANNEL_CLOSED);
@@ -342,7 +333,7 @@ impl Handler {
     /// those it deferred (no disposition yet).
     async fn apply_once(
         &self,
-        jobs: &mut [Job],
+        jobs: &mut [&mut Job],
         which: &[usize],
         outbox: &mut LaneOutbox,
         contention: Contention,
@@ -378,7 +369,7 @@ impl Handler {
         let messages = items.len();
         let mut deferred = Vec::new();
         for (&i, handled) in which.iter().zip(results) {
-            let job = &mut jobs[i];
+            let job = &mut *jobs[i];
             job.disposition = match handled {
                 Handled::Applied {
                     admission: Admission::Latest { .. },
@@ -441,49 +432,14 @@ pub(super) fn abandoned_with_its_channel(job: &mut Job) -> bool {
     gone
 }
 
-/// The jobs that decoded and those that did not, each in delivery order, and for each delivery
-/// whether it decoded (to [`merge`] them back in order).
-fn split(jobs: Vec<Job>) -> (Vec<Job>, Vec<Job>, Vec<bool>) {
-    let order: Vec<bool> = jobs.iter().map(|job| job.decoded.is_ok()).collect();
-    let (accepted, rejected) = jobs.into_iter().partition(|job| job.decoded.is_ok());
-    (accepted, rejected, order)
-}
-
-/// Moves the accepted jobs left undecided (deferred for the first time) into `carried`, and
-/// drops them from `order`.
-fn carry(accepted: Vec<Job>, order: Vec<bool>, carried: &mut Carried) -> (Vec<Job>, Vec<bool>) {
-    let mut kept = Vec::with_capacity(accepted.len());
-    let mut kept_order = Vec::with_capacity(order.len());
-    let mut accepted = accepted.into_iter();
-    for decoded in order {
-        if !decoded {
-            kept_order.push(false);
-            continue;
-        }
-        let job = accepted.next().expect("one accepted job for each");
-        if job.disposition.is_none() && job.decoded.is_ok() {
-            carried.0.push(job);
-        } else {
-            kept.push(job);
-            kept_order.push(true);
-        }
-    }
-    (kept, kept_order)
-}
-
-/// The jobs of [`split`] back in delivery order.
-fn merge(accepted: Vec<Job>, rejected: Vec<Job>, order: &[bool]) -> Vec<Job> {
-    let (mut accepted, mut rejected) = (accepted.into_iter(), rejected.into_iter());
-    order
-        .iter()
-        .filter_map(|&decoded| {
-            if decoded {
-                accepted.next()
-            } else {
-                rejected.next()
-            }
-        })
-        .collect()
+/// Moves the jobs left undecided that are still accepted (deferred for the first time) into
+/// `carried`, in order, and returns the others, in order.
+fn carry(jobs: Vec<Job>, carried: &mut Carried) -> Vec<Job> {
+    let (deferred, kept) = jobs
+        .into_iter()
+        .partition(|job| job.disposition.is_none() && job.decoded.is_ok());
+    carried.0 = deferred;
+    kept
 }
 
 /// Decodes a delivery with the batch's clock and opens its span (continuing the publisher's
@@ -575,7 +531,7 @@ fn report(kind: &str, disposition: &Disposition, started: Instant) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Carried, Disposition, Job, carry, merge, now, split};
+    use super::{Carried, Disposition, Job, carry, now};
     use crate::messages::{Rejection, decode};
     use lapin::message::Delivery;
 
@@ -613,39 +569,22 @@ mod tests {
     }
 
     #[test]
-    fn split_jobs_merge_back_in_delivery_order() {
-        let jobs = vec![
-            job(1, false, None),
-            job(2, true, None),
-            job(3, true, None),
-            job(4, false, None),
-            job(5, true, None),
-        ];
-        let (accepted, rejected, order) = split(jobs);
-        assert_eq!(tags(&accepted), [2, 3, 5]);
-        assert_eq!(tags(&rejected), [1, 4]);
-        assert_eq!(tags(&merge(accepted, rejected, &order)), [1, 2, 3, 4, 5]);
-    }
-
-    #[test]
     fn only_the_accepted_jobs_left_undecided_are_carried_in_their_order() {
         let applied = || Some(Disposition::Applied(Vec::new()));
-        let jobs = vec![
+        let mut jobs = vec![
             job(1, true, None),
             job(2, false, None),
             job(3, true, applied()),
             job(4, true, None),
             job(5, true, Some(Disposition::Abandoned)),
+            job(6, true, None),
         ];
-        let (mut accepted, rejected, order) = split(jobs);
         // Refused by the store (a reused id): no longer accepted, to be parked, not carried.
-        assert_eq!(accepted[2].delivery.delivery_tag, 4);
-        accepted[2].decoded = Err(Rejection::reused_id());
+        jobs[3].decoded = Err(Rejection::reused_id());
         let mut carried = Carried::default();
-        let (kept, order) = carry(accepted, order, &mut carried);
-        assert_eq!(tags(&carried.0), [1], "the deferred job, alone");
-        assert_eq!(carried.len(), 1);
-        assert_eq!(tags(&kept), [3, 4, 5]);
-        assert_eq!(tags(&merge(kept, rejected, &order)), [2, 3, 4, 5]);
+        let kept = carry(jobs, &mut carried);
+        assert_eq!(tags(&carried.0), [1, 6], "the deferred jobs, in order");
+        assert_eq!(carried.len(), 2);
+        assert_eq!(tags(&kept), [2, 3, 4, 5], "the others, in delivery order");
     }
 }

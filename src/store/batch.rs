@@ -118,6 +118,10 @@ async fn apply_in<'p>(
     publishing: impl IntoFuture<Output = Publishing<'p>>,
     contention: Contention,
 ) -> Result<(Vec<Handled>, Written), StoreError> {
+    // `join!`, not `try_join!`: the lane's confirm wait is seen through even when the first
+    // statement fails. Cut short, it would drop the confirms it had not yet sorted, and their
+    // outcomes would stay leased, left for the relay until their lease ran out. It is bounded
+    // (`LaneOutbox::before_write`), and a failing statement is rare.
     let (admitted, publishing) = tokio::join!(
         admit_and_lock(conn, items, now, contention),
         publishing.into_future()

@@ -144,22 +144,21 @@ async fn lane(
     let mut outbox = LaneOutbox::new(handler.direct.clone());
     let mut carried = Carried::default();
     loop {
-        if !carried.is_empty() {
-            let batch = batching.take_waiting(carried.len(), &mut deliveries);
-            let finished = handler.handle_batch(batch, &mut carried, &mut outbox).await;
-            progress.finished(finished.len());
-            continue;
-        }
-        let unmarked = !outbox.is_idle();
-        let first = tokio::select! {
-            first = deliveries.recv() => first,
-            () = tokio::time::sleep(MARK_IDLE), if unmarked => {
-                outbox.flush(&handler.store, crate::app::handler::now()).await;
-                continue;
-            }
+        // A batch that carries deferred messages comes at once, with whatever is waiting.
+        let batch = if carried.is_empty() {
+            let unmarked = !outbox.is_idle();
+            let first = tokio::select! {
+                first = deliveries.recv() => first,
+                () = tokio::time::sleep(MARK_IDLE), if unmarked => {
+                    outbox.flush(&handler.store, crate::app::handler::now()).await;
+                    continue;
+                }
+            };
+            let Some(first) = first else { break };
+            batching.take(first, &mut deliveries).await
+        } else {
+            batching.take_waiting(carried.len(), &mut deliveries)
         };
-        let Some(first) = first else { break };
-        let batch = batching.take(first, &mut deliveries).await;
         let finished = handler.handle_batch(batch, &mut carried, &mut outbox).await;
         progress.finished(finished.len());
     }
