@@ -45,9 +45,23 @@ pub struct RunFigures {
     pub to_arrival_p50_ms: f64,
     /// 99th percentile.
     pub to_arrival_p99_ms: f64,
+    /// The slowest message, to tell a spike's kind: where its time went, and when it was
+    /// published (to find it in the worker's debug log).
+    pub slowest: Option<Slowest>,
     /// CPU by process from the first publish until the bench saw the end (up to 250 ms after
     /// the last outcome), from `/proc`; none where that cannot be read.
     pub cpu: Option<CpuSplit>,
+}
+
+/// The run's slowest message (its first outcome's latency is the run's maximum).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Slowest {
+    /// Publish to the worker's decision, in milliseconds (none for an outcome without one).
+    pub to_decision_ms: Option<f64>,
+    /// The decision to the outcome's arrival.
+    pub to_arrival_ms: Option<f64>,
+    /// When it was published, by this host's clock (RFC 3339, to the microsecond).
+    pub published_at: String,
 }
 
 /// The figures of a run: the end is the last outcome's arrival; a message's latency runs from
@@ -79,16 +93,26 @@ pub fn figures(
     let mut latencies = Vec::new();
     let mut to_decision = Vec::new();
     let mut to_arrival = Vec::new();
+    let mut slowest: Option<(f64, Instant, Instant, Option<Instant>)> = None;
     for (cause, (at, decided)) in &first_outcome {
         let Some(sent) = first_publish.get(cause) else {
             continue;
         };
-        latencies.push(ms(*sent, *at));
+        let latency = ms(*sent, *at);
+        latencies.push(latency);
+        if slowest.is_none_or(|(max, ..)| latency > max) {
+            slowest = Some((latency, *sent, *at, *decided));
+        }
         if let Some(decided) = decided {
             to_decision.push(ms(*sent, *decided));
             to_arrival.push(ms(*decided, *at));
         }
     }
+    let slowest = slowest.map(|(_, sent, at, decided)| Slowest {
+        to_decision_ms: decided.map(|decided| ms(sent, decided)),
+        to_arrival_ms: decided.map(|decided| ms(decided, at)),
+        published_at: wall_clock(sent),
+    });
     for series in [&mut latencies, &mut to_decision, &mut to_arrival] {
         series.sort_by(f64::total_cmp);
     }
@@ -104,8 +128,21 @@ pub fn figures(
         to_decision_p99_ms: percentile(&to_decision, 99.0),
         to_arrival_p50_ms: percentile(&to_arrival, 50.0),
         to_arrival_p99_ms: percentile(&to_arrival, 99.0),
+        slowest,
         cpu: None,
     }
+}
+
+/// `at` by the wall clock, as the worker's log prints it.
+fn wall_clock(at: Instant) -> String {
+    let ago =
+        time::Duration::try_from(Instant::now().saturating_duration_since(at)).unwrap_or_default();
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
+    (time::OffsetDateTime::now_utc() - ago)
+        .format(&format)
+        .unwrap_or_default()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -207,6 +244,15 @@ pub fn report(
             "               publish to decision p50 {:.1} ms, p99 {:.1} ms; decision to arrival p50 {:.1} ms, p99 {:.1} ms",
             r.to_decision_p50_ms, r.to_decision_p99_ms, r.to_arrival_p50_ms, r.to_arrival_p99_ms
         );
+        if let Some(slowest) = &r.slowest {
+            let split = |ms: Option<f64>| ms.map_or("-".to_owned(), |ms| format!("{ms:.1} ms"));
+            println!(
+                "               slowest: published {}, to decision {}, to arrival {}",
+                slowest.published_at,
+                split(slowest.to_decision_ms),
+                split(slowest.to_arrival_ms)
+            );
+        }
     }
     if let Some(raw) = raw {
         println!(

@@ -25,9 +25,7 @@ use crate::broker::{Outgoing, PendingConfirm, Publisher};
 use crate::config::Settings;
 use crate::store::{LeasedOutcome, Publishing, Store, Written};
 
-/// How long a lane with confirmed but unmarked outcomes waits for a next batch to mark them
-/// with, before marking them in a transaction of their own.
-pub const MARK_IDLE: Duration = Duration::from_millis(50);
+pub use super::relay::MARK_IDLE;
 
 /// How long a lane waits for the broker to confirm what it sent, before handing it back to the
 /// relay. Shorter than any lease (the settings require a lease of at least three times this).

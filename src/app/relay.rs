@@ -1,7 +1,7 @@
 //! The outbox relay: publishes committed outcomes with publisher confirms, in version order per
 //! teacher, and marks them published only after the broker confirmed them.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use sqlx::postgres::PgListener;
@@ -45,9 +45,29 @@ pub struct Round {
     pub waiting_on_lease: bool,
 }
 
-/// How soon the relay looks again while an outcome waits behind a lane's lease: about when a
-/// lane with nothing more to write marks what it published ([`crate::app::direct::MARK_IDLE`]).
-pub const LEASE_RECHECK: Duration = Duration::from_millis(50);
+/// How long a lane with confirmed but unmarked outcomes waits for a next batch to mark them
+/// with, before marking them in a transaction of their own (`app::direct`): the relay counts on
+/// it while an outcome waits behind a lane's lease.
+pub const MARK_IDLE: Duration = Duration::from_millis(50);
+
+/// How soon the relay looks again while an outcome waits behind a lane's lease, until a lane
+/// with nothing more to write would have marked what it published ([`MARK_IDLE`]): a busy lane
+/// marks with its next write, a few milliseconds later (see [`recheck_after`]).
+pub const LEASE_RECHECK: Duration = Duration::from_millis(10);
+
+/// How long the relay waits before it looks again behind a lane's lease, having waited `waited`
+/// since a round first found an outcome waiting so: [`LEASE_RECHECK`] until the wait is older
+/// than [`MARK_IDLE`] (by then a lane, busy or idle, has marked), then as long again as it has
+/// waited, so that each look doubles the wait, up to `poll` (a lease a dead worker left runs
+/// for 30 s or more).
+pub fn recheck_after(waited: Duration, poll: Duration) -> Duration {
+    let after = if waited <= MARK_IDLE {
+        LEASE_RECHECK
+    } else {
+        waited
+    };
+    after.min(poll)
+}
 
 /// Publishes one batch.
 pub async fn relay_once(
@@ -131,10 +151,9 @@ pub async fn relay_until(
     let mut unheard = 0;
     // What woke the relay for its first round after a wait.
     let mut woken = Woken::Notified;
-    // While an outcome waits behind a lane's lease, the relay looks again after this; after
-    // each look of its own that finds it still waiting, twice as long, up to `poll` (a lease a
-    // dead worker left runs for 30 s or more).
-    let mut recheck: Option<Duration> = None;
+    // Since when an outcome has waited behind a lane's lease, for as long as the relay's own
+    // looks find it still waiting; the relay looks again after `recheck_after` that wait.
+    let mut waiting_since: Option<Instant> = None;
     loop {
         // Drain: a full batch means there may be more (including later versions of the same
         // teachers, which become publishable once the earlier ones are marked).
@@ -163,16 +182,24 @@ pub async fn relay_until(
             };
             // Later rounds of the same drain were woken by nothing but the one before.
             let woke = std::mem::replace(&mut woken, Woken::Notified);
-            recheck = match (round.waiting_on_lease, recheck) {
+            // How long what this round published had waited behind a lease, if it had.
+            let behind_lease = waiting_since
+                .filter(|_| woke == Woken::Recheck)
+                .map(|since| since.elapsed().as_millis() as u64);
+            waiting_since = match (round.waiting_on_lease, waiting_since) {
                 (false, _) => None,
-                (true, Some(after)) if woke == Woken::Recheck => Some((after * 2).min(poll)),
-                (true, _) => Some(LEASE_RECHECK.min(poll)),
+                (true, Some(since)) if woke == Woken::Recheck => Some(since),
+                (true, _) => Some(Instant::now()),
             };
             let published = round.published;
             if published == 0 {
                 break;
             }
-            tracing::debug!(outcomes = published, "published outcomes");
+            tracing::debug!(
+                outcomes = published,
+                behind_lease_ms = behind_lease,
+                "published outcomes"
+            );
             if woke == Woken::Poll {
                 unheard += 1;
                 if unheard >= UNHEARD_ROUNDS {
@@ -182,6 +209,7 @@ pub async fn relay_until(
                 }
             }
         }
+        let recheck = waiting_since.map(|since| recheck_after(since.elapsed(), poll));
         tokio::select! {
             notification = listener.recv() => {
                 notification.map_err(StoreError::from)?;
@@ -237,5 +265,48 @@ pub async fn flush(
             Ok(Ok(_)) => {}
             Ok(Err(error)) => return Err(error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LEASE_RECHECK, MARK_IDLE, recheck_after};
+    use std::time::Duration;
+
+    const POLL: Duration = Duration::from_secs(2);
+
+    /// The looks behind a lease, from the first round that found an outcome waiting.
+    fn looks(poll: Duration, until: Duration) -> Vec<Duration> {
+        let mut waited = Duration::ZERO;
+        let mut after = Vec::new();
+        while waited < until {
+            let next = recheck_after(waited, poll);
+            after.push(next);
+            waited += next;
+        }
+        after
+    }
+
+    #[test]
+    fn the_relay_looks_often_until_an_idle_lane_would_have_marked_then_doubles_its_wait() {
+        let ms = Duration::from_millis;
+        let schedule = looks(POLL, Duration::from_secs(10));
+        // Every 10 ms until the wait is older than a lane's idle mark (50 ms): a busy lane
+        // marks within a few milliseconds, an idle one within 50.
+        assert_eq!(schedule[..6], [LEASE_RECHECK; 6]);
+        assert!(MARK_IDLE < ms(60));
+        // Then as long as it has waited (60 ms), so the wait doubles, up to the poll.
+        assert_eq!(schedule[6..10], [ms(60), ms(120), ms(240), ms(480)]);
+        assert_eq!(schedule[10..12], [ms(960), ms(1920)]);
+        assert!(schedule[12..].iter().all(|&after| after == POLL));
+        // Sixteen looks in the first ten seconds behind a lease a dead worker left.
+        assert_eq!(schedule.len(), 16);
+    }
+
+    #[test]
+    fn a_poll_shorter_than_the_recheck_bounds_it() {
+        let poll = Duration::from_millis(5);
+        assert_eq!(recheck_after(Duration::ZERO, poll), poll);
+        assert_eq!(recheck_after(Duration::from_secs(1), poll), poll);
     }
 }
