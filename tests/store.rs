@@ -175,6 +175,64 @@ async fn a_test_that_panics_still_drops_its_database() {
     );
 }
 
+/// The TCP sockets of this process connected to `port`, and whether each has `TCP_NODELAY`
+/// (Linux: found through `/proc/self/fd`).
+fn nodelay_of_sockets_to(port: u16) -> Vec<bool> {
+    use std::os::fd::BorrowedFd;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: borrowed for two system calls; had the descriptor been closed or reused by
+        // another test's thread since, they fail or read another socket, which only this
+        // test's count can notice, and only upwards.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&fd);
+        let to_port = socket
+            .peer_addr()
+            .ok()
+            .and_then(|address| address.as_socket())
+            .is_some_and(|address| address.port() == port);
+        if to_port && let Ok(nodelay) = socket.tcp_nodelay() {
+            found.push(nodelay);
+        }
+    }
+    found
+}
+
+/// A batch's write statement is larger than one TCP segment: with Nagle's algorithm on, its
+/// last segment waited for the server's delayed acknowledgement of the first, 40 ms on Linux,
+/// and so did the connection's own handshake. sqlx 0.9.0 left `TCP_NODELAY` off (the worker
+/// set it itself until 0.9.1 set it again; ARCHITECTURE decision 23).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn every_database_connection_has_tcp_nodelay() {
+    let db = Db::new().await;
+    assert_eq!(
+        db.store.warm(8).await,
+        8,
+        "the pool opens its eight connections"
+    );
+    let url: sqlx::postgres::PgConnectOptions = common::database_url(&db.name).parse().unwrap();
+    let sockets = nodelay_of_sockets_to(url.get_port());
+    assert!(sockets.len() >= 8, "the pool's connections: {sockets:?}");
+    assert!(
+        sockets.iter().all(|&nodelay| nodelay),
+        "a database connection with Nagle's algorithm on: {sockets:?}"
+    );
+    db.finish().await;
+}
+
 #[tokio::test]
 async fn a_batch_records_its_effects_and_the_inbox_tells_duplicates_from_reused_ids() {
     let db = Db::new().await;

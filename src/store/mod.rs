@@ -10,7 +10,6 @@ mod batch;
 mod effects;
 mod error;
 mod locks;
-mod nodelay;
 mod outbox;
 mod records;
 mod teachers;
@@ -106,7 +105,6 @@ impl Store {
     /// Connects a pool. Fails fast when the database cannot be reached.
     pub async fn connect(url: &SecretString, limits: Limits) -> Result<Self, StoreError> {
         let options: PgConnectOptions = url.expose_secret().parse()?;
-        let port = options.get_port();
         let bound = limits.operation_timeout.as_millis().max(1).to_string();
         // Server-side: end a session idle in a transaction (its client gone) and notice a dead
         // client socket, so that locks held by a vanished worker are released. Every statement
@@ -136,12 +134,6 @@ impl Store {
             .max_connections(limits.max_connections)
             .acquire_timeout(limits.acquire_timeout)
             .test_before_acquire(false)
-            .after_connect(move |_, _| {
-                Box::pin(async move {
-                    nodelay::set_on_sockets_to(port);
-                    Ok(())
-                })
-            })
             .after_release(|conn, _| {
                 Box::pin(async move {
                     use sqlx::Connection;
