@@ -177,6 +177,7 @@ async fn a_test_that_panics_still_drops_its_database() {
 
 /// The TCP sockets of this process connected to `port`, by local address, and whether each has
 /// `TCP_NODELAY` (Linux: found through `/proc/self/fd`).
+#[cfg(target_os = "linux")]
 fn nodelay_of_sockets_to(port: u16) -> Vec<(std::net::SocketAddr, bool)> {
     use std::os::fd::BorrowedFd;
     let mut found = Vec::new();
