@@ -799,9 +799,9 @@ async fn a_quiet_lane_lingers_only_when_the_linger_is_fixed() {
     }
 }
 
-/// A worker opens its pool's connections as it starts, not when a lane first needs one: on a
-/// loaded host opening one took about 95 ms, which the lane waited for (ARCHITECTURE decision
-/// 49). An idle worker otherwise holds only the few its relay, sweep and gauges use.
+/// A worker opens its pool's connections as it starts, not when a lane first needs one, which
+/// would then wait for the opening (ARCHITECTURE decision 49). An idle worker otherwise holds
+/// only the few its relay, sweep and gauges use.
 #[tokio::test]
 async fn a_worker_opens_its_database_connections_as_it_starts() {
     const POOL: u32 = 11;
